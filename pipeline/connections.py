@@ -1,0 +1,50 @@
+"""Redis clients for each side, with every timeout set explicitly.
+
+The web client fails fast (a down Redis is a quick 503, never a hang) and never retries: a
+retried commit after a timeout could run twice. The consumer client's socket timeout stays
+well above the fetch block time, so an idle BRPOP never times out client-side (which would
+drop a reply the server may already have popped).
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from pipeline.settings import Settings
+
+#: Seconds a consumer connection's socket timeout exceeds the BRPOP block time.
+FETCH_SOCKET_MARGIN = 5.0
+
+
+def web_client(settings: Settings) -> aioredis.Redis:
+    """A bounded pool: a burst waits up to ``redis_pool_timeout`` for a connection."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_pool_size,
+        timeout=settings.redis_pool_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        socket_timeout=settings.redis_socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
+    """A pool with room for every fetcher and handler; connection errors are retried with
+    backoff by the runner's loops, not by the client, so a lost BRPOP reply is never retried
+    blindly."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections,
+        timeout=None,
+        socket_connect_timeout=max(settings.redis_connect_timeout, 1.0),
+        socket_timeout=settings.fetch_timeout + FETCH_SOCKET_MARGIN,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 0),
+        retry_on_timeout=False,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)

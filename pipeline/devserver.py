@@ -1,0 +1,140 @@
+"""``make run``: Redis, then the Procfile's web and worker, in the foreground.
+
+Redis is skipped when ``REDIS_URL`` is set (it points at a Redis of yours), and reused when one
+already answers on 127.0.0.1:6379. Otherwise the embedded redis-server (see
+:mod:`pipeline.embedded_redis`) serves on 6379 with its files in ``.run/redis``.
+
+Children run in their own sessions so Ctrl-C reaches only this supervisor, which then stops
+them in order: web and worker with SIGTERM (the worker drains its jobs), then Redis. A second
+Ctrl-C is passed on (the worker stops at once). No process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pipeline.embedded_redis import RedisServerNotFoundError, server_args, wait_until_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REDIS_PORT = 6379
+STOP_TIMEOUT = 20.0
+
+
+def _procfile() -> dict[str, str]:
+    entries = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() and not name.startswith("#"):
+            entries[name.strip()] = command.strip()
+    return entries
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        wait_until_ready(port, time.monotonic() + 0.3)
+    except (TimeoutError, RuntimeError):
+        return False
+    return True
+
+
+async def _pump(name: str, stream: asyncio.StreamReader) -> None:
+    width = 6
+    async for line in stream:
+        sys.stdout.write(f"{name:<{width}}| {line.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+async def _start(name: str, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    asyncio.get_running_loop().create_task(_pump(name, process.stdout))
+    return process
+
+
+async def _stop(process: asyncio.subprocess.Process, timeout: float = STOP_TIMEOUT) -> None:
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def supervise() -> int:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    redis: asyncio.subprocess.Process | None = None
+    if env.get("REDIS_URL"):
+        print(f"run   | REDIS_URL is set: using that Redis, starting none")
+    elif _redis_answers(DEFAULT_REDIS_PORT):
+        print(f"run   | a Redis already answers on 127.0.0.1:{DEFAULT_REDIS_PORT}: using it")
+    else:
+        directory = ROOT / ".run" / "redis"
+        directory.mkdir(parents=True, exist_ok=True)
+        args = server_args(DEFAULT_REDIS_PORT, directory, appendonly=True)
+        print(f"run   | starting {args[0]} on 127.0.0.1:{DEFAULT_REDIS_PORT} (data in {directory})")
+        redis = await _start("redis", args, env)
+        await asyncio.to_thread(wait_until_ready, DEFAULT_REDIS_PORT, time.monotonic() + 15)
+
+    children: dict[str, asyncio.subprocess.Process] = {}
+    for name, command in _procfile().items():
+        children[name] = await _start(name, ["sh", "-c", f"exec {command}"], env)
+    port = env.get("PORT", "8000")
+    print(f"run   | web on http://127.0.0.1:{port}; Ctrl-C stops everything")
+
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+
+    def on_signal() -> None:
+        if interrupted.is_set():  # second Ctrl-C: pass it on, the worker stops at once
+            for child in children.values():
+                if child.returncode is None:
+                    child.send_signal(signal.SIGINT)
+        interrupted.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+
+    waits = {asyncio.create_task(child.wait()): name for name, child in children.items()}
+    stopped = asyncio.create_task(interrupted.wait())
+    done, _ = await asyncio.wait({*waits, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    failed = [waits[task] for task in done if task in waits]
+    if failed:
+        print(f"run   | {', '.join(failed)} exited; stopping the rest")
+    else:
+        print("run   | stopping")
+    await asyncio.gather(*(_stop(child) for child in children.values()))
+    if redis is not None:
+        await _stop(redis)
+    stopped.cancel()
+    codes = {name: child.returncode for name, child in children.items()}
+    print(f"run   | stopped ({', '.join(f'{n} exit {c}' for n, c in codes.items())})")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    try:
+        return asyncio.run(supervise())
+    except RedisServerNotFoundError as exc:
+        print(f"run: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The job envelope: versioned JSON, one per job, unique by id.
+
+``{"v": 1, "id": <uuid hex>, "type": "welcome_email", "attempt": 0, "enqueued_at": <epoch s>,
+"payload": {...}}``. Job ids are unique, so the encoded bytes of two jobs never compare equal.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from pipeline.errors import JobDecodeError
+
+ENVELOPE_VERSION: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One decoded job."""
+
+    id: str
+    type: str
+    payload: dict[str, Any]
+    enqueued_at: float
+    attempt: int = 0
+
+    def encode(self) -> bytes:
+        """The bytes that travel on the queue."""
+        return orjson.dumps(
+            {
+                "v": ENVELOPE_VERSION,
+                "id": self.id,
+                "type": self.type,
+                "attempt": self.attempt,
+                "enqueued_at": self.enqueued_at,
+                "payload": self.payload,
+            }
+        )
+
+
+def new_job(job_type: str, payload: dict[str, Any]) -> Job:
+    """A fresh job with a new id, stamped with the current time."""
+    return Job(id=uuid.uuid4().hex, type=job_type, payload=payload, enqueued_at=time.time())
+
+
+def decode(raw: bytes) -> Job:
+    """Decode queue bytes into a :class:`Job`, or raise :class:`JobDecodeError` saying why."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise JobDecodeError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobDecodeError("the envelope is not a JSON object")
+    if data.get("v") != ENVELOPE_VERSION:
+        raise JobDecodeError(f"unsupported envelope version {data.get('v')!r}")
+    job_id, job_type, payload = data.get("id"), data.get("type"), data.get("payload")
+    attempt, enqueued_at = data.get("attempt", 0), data.get("enqueued_at")
+    if not isinstance(job_id, str) or not job_id:
+        raise JobDecodeError("the envelope has no id")
+    if not isinstance(job_type, str) or not job_type:
+        raise JobDecodeError("the envelope has no type")
+    if not isinstance(payload, dict):
+        raise JobDecodeError("the payload is not a JSON object")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+        raise JobDecodeError("the attempt is not a whole number")
+    if not isinstance(enqueued_at, int | float) or isinstance(enqueued_at, bool):
+        raise JobDecodeError("the envelope has no enqueued_at time")
+    return Job(id=job_id, type=job_type, payload=payload, enqueued_at=float(enqueued_at),
+               attempt=attempt)

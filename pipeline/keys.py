@@ -1,0 +1,69 @@
+"""Every Redis key and queue name, in one place, under the configured prefix.
+
+Keys never contain raw user input: user ids are generated hex, and the uniqueness claims are
+fields of two hashes, not keys of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The queues, by name. A job type belongs to exactly one of them.
+QUEUES: Final = ("email", "marketing", "profile")
+
+#: Job type -> the queue it travels on.
+JOB_QUEUES: Final[dict[str, str]] = {
+    "welcome_email": "email",
+    "marketing_signup": "marketing",
+    "generate_profile": "profile",
+}
+
+#: Counters kept in the stats hash.
+COUNTERS: Final = (
+    "users",
+    "emails_sent",
+    "marketing_list_updates",
+    "profiles_generated",
+    "receiver_errors",
+)
+
+
+class Keys:
+    """The key names for one prefix. Build once per process and pass it around."""
+
+    __slots__ = (
+        "dead",
+        "email_claims",
+        "marketing",
+        "prefix",
+        "queues",
+        "stats",
+        "username_claims",
+    )
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        #: queue name -> list of encoded jobs (LPUSH in, BRPOP out).
+        self.queues = {name: f"{prefix}:queue:{name}" for name in QUEUES}
+        #: list of dead letters, newest first.
+        self.dead = f"{prefix}:dead"
+        #: hash of normalised username -> user id.
+        self.username_claims = f"{prefix}:claims:username"
+        #: hash of normalised email -> user id.
+        self.email_claims = f"{prefix}:claims:email"
+        #: hash of counters (see COUNTERS).
+        self.stats = f"{prefix}:stats"
+        #: sorted set of subscribed addresses, scored by subscription time.
+        self.marketing = f"{prefix}:marketing"
+
+    def queue(self, name: str) -> str:
+        """The list key of queue ``name``."""
+        return self.queues[name]
+
+    def user(self, user_id: str) -> str:
+        """The hash holding one user's record."""
+        return f"{self.prefix}:user:{user_id}"
+
+    def profile(self, user_id: str) -> str:
+        """The JSON string holding one user's generated profile."""
+        return f"{self.prefix}:profile:{user_id}"

@@ -1,0 +1,235 @@
+"""One frozen settings object, read from the environment once per process and validated.
+
+Nothing else in the project reads ``os.environ``. A bad value raises :class:`SettingsError`
+whose message is one line naming the variable and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from typing import Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from pipeline.errors import SettingsError
+from pipeline.keys import QUEUES
+
+T = TypeVar("T")
+SmtpSecurity = Literal["none", "starttls", "tls"]
+
+_SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
+    "smtp": ("none", 25),
+    "smtp+starttls": ("starttls", 587),
+    "smtps": ("tls", 465),
+}
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """Where welcome emails go: parsed from ``SMTP_URL``."""
+
+    host: str
+    port: int
+    security: SmtpSecurity
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of both processes. See the README's configuration table."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "signup"
+    redis_connect_timeout: float = 0.5
+    redis_socket_timeout: float = 1.0
+    redis_pool_size: int = 32
+    redis_pool_timeout: float = 0.5
+    max_body_bytes: int = 16 * 1024
+    smtp: SmtpConfig | None = None
+    email_from: str = "Signup <no-reply@localhost>"
+    smtp_timeout: float = 10.0
+    consumer_queues: tuple[str, ...] = QUEUES
+    consumer_concurrency: Mapping[str, int] = field(
+        default_factory=lambda: dict.fromkeys(QUEUES, 4)
+    )
+    fetch_timeout: float = 1.0
+    shutdown_grace_period: float = 10.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        # Never print a password: the URL is shown with its credentials masked.
+        fields = ", ".join(
+            f"{f.name}={redact_url(self.redis_url)!r}"
+            if f.name == "redis_url"
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"Settings({fields})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (the process environment when None)."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            redis_url=_get(env, "REDIS_URL", _redis_url, defaults.redis_url),
+            key_prefix=_get(env, "KEY_PREFIX", _prefix, defaults.key_prefix),
+            redis_connect_timeout=_get(
+                env, "REDIS_CONNECT_TIMEOUT", _seconds(0.01, 60), defaults.redis_connect_timeout
+            ),
+            redis_socket_timeout=_get(
+                env, "REDIS_SOCKET_TIMEOUT", _seconds(0.01, 60), defaults.redis_socket_timeout
+            ),
+            redis_pool_size=_get(env, "REDIS_POOL_SIZE", _integer(1, 10_000), defaults.redis_pool_size),
+            redis_pool_timeout=_get(
+                env, "REDIS_POOL_TIMEOUT", _seconds(0.0, 60), defaults.redis_pool_timeout
+            ),
+            max_body_bytes=_get(
+                env, "MAX_BODY_BYTES", _integer(64, 16 * 1024 * 1024), defaults.max_body_bytes
+            ),
+            smtp=_get(env, "SMTP_URL", _smtp_url, None),
+            email_from=_get(env, "EMAIL_FROM", _address, defaults.email_from),
+            smtp_timeout=_get(env, "SMTP_TIMEOUT", _seconds(0.1, 300), defaults.smtp_timeout),
+            consumer_queues=_get(env, "CONSUMER_QUEUES", parse_queues, defaults.consumer_queues),
+            consumer_concurrency=_get(
+                env, "CONSUMER_CONCURRENCY", parse_concurrency, defaults.consumer_concurrency
+            ),
+            fetch_timeout=_get(env, "FETCH_TIMEOUT", _seconds(0.1, 10), defaults.fetch_timeout),
+            shutdown_grace_period=_get(
+                env, "SHUTDOWN_GRACE_PERIOD", _seconds(0.0, 3600), defaults.shutdown_grace_period
+            ),
+            log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
+        )
+
+
+def _get(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        shown = redact_url(raw) if name in {"REDIS_URL", "SMTP_URL"} else raw
+        raise SettingsError(f"{name}={shown!r}: {exc}") from None
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected seconds between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _redis_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("the URL names no host")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("the URL's port is not a number from 0 to 65535") from None
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError("the database (the URL's path) must be a number")
+    return raw
+
+
+def _prefix(raw: str) -> str:
+    if not _PREFIX_RE.match(raw):
+        raise ValueError("expected 1 to 64 of letters, digits and _ . : { } -")
+    return raw
+
+
+def _smtp_url(raw: str) -> SmtpConfig:
+    parts = urlsplit(raw)
+    if parts.scheme not in _SMTP_SCHEMES:
+        raise ValueError("expected smtp://, smtp+starttls:// or smtps:// [user:pass@]host[:port]")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    security, default_port = _SMTP_SCHEMES[parts.scheme]
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 0 to 65535") from None
+    return SmtpConfig(
+        host=parts.hostname,
+        port=port,
+        security=security,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def _address(raw: str) -> str:
+    _, address = parseaddr(raw)
+    if "@" not in address or any(ch in raw for ch in "\r\n"):
+        raise ValueError("expected an email address such as 'Name <me@example.com>'")
+    return raw
+
+
+def parse_queues(raw: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of queue names (``email,profile``)."""
+    names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    unknown = [name for name in names if name not in QUEUES]
+    if unknown or not names:
+        raise ValueError(f"expected a comma-separated list of {', '.join(QUEUES)}")
+    return names
+
+
+def parse_concurrency(raw: str) -> dict[str, int]:
+    """Parse ``8`` (every queue) or ``email=8,profile=2`` (the rest keep the default 4)."""
+    count = _integer(1, 1000)
+    if "=" not in raw:
+        return dict.fromkeys(QUEUES, count(raw))
+    result = dict.fromkeys(QUEUES, 4)
+    for part in raw.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in QUEUES:
+            raise ValueError(f"expected N or QUEUE=N pairs with QUEUE one of {', '.join(QUEUES)}")
+        result[name] = count(value.strip())
+    return result
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level

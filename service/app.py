@@ -1,0 +1,89 @@
+"""The app factory: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.exceptions as redis_errors
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from pipeline.connections import web_client
+from pipeline.keys import Keys
+from pipeline.settings import Settings
+from service.deps import EXTENSION, Deps
+from service.errors import ApiError, UnavailableError
+from service.receivers import connect_receivers
+from service.routes import api, json_response
+from service.signals import user_signed_up
+from service.users import UserStore
+
+logger = logging.getLogger(__name__)
+
+#: Redis failures that mean "not reachable or not writable now": answered 503, never 500.
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+)
+
+
+def create_app(settings: Settings) -> Quart:
+    """Build the web app. Redis is opened when serving starts and closed when it stops."""
+    app = Quart(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.register_blueprint(api)
+    connect_receivers(user_signed_up)
+
+    @app.before_serving
+    async def open_redis() -> None:
+        client = web_client(settings)
+        keys = Keys(settings.key_prefix)
+        app.extensions[EXTENSION] = Deps(settings, keys, client, UserStore(client, keys))
+
+    @app.after_serving
+    async def close_redis() -> None:
+        current: Deps | None = app.extensions.pop(EXTENSION, None)
+        if current is not None:
+            await current.redis.aclose()
+
+    app.register_error_handler(ApiError, _render_api_error)
+    app.register_error_handler(HTTPException, _render_http_error)
+    app.register_error_handler(redis_errors.RedisError, _render_redis_error)
+    app.register_error_handler(Exception, _render_unexpected)
+    return app
+
+
+async def _render_api_error(error: ApiError) -> Response:
+    response = json_response(error.body(), error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+async def _render_http_error(error: HTTPException) -> Response:
+    status = error.code or 500
+    code = (error.name or "error").lower().replace(" ", "_")
+    messages = {
+        413: "the body is too large",
+        404: "no such resource",
+        405: "that method is not allowed here",
+    }
+    message = messages.get(status, error.description or error.name or "error")
+    response = json_response({"error": code, "message": message}, status)
+    allow = dict(error.get_headers()).get("Allow")
+    if allow:
+        response.headers["Allow"] = allow
+    return response
+
+
+async def _render_redis_error(error: redis_errors.RedisError) -> Response:
+    if isinstance(error, _UNAVAILABLE) or str(error).startswith("OOM"):
+        logger.warning("Redis unavailable: %s", error)
+        return await _render_api_error(UnavailableError())
+    return await _render_unexpected(error)
+
+
+async def _render_unexpected(error: Exception) -> Response:
+    logger.error("unexpected error", exc_info=error)
+    return json_response({"error": "internal", "message": "an unexpected error happened"}, 500)

@@ -1,0 +1,30 @@
+"""What a serving app holds: its settings, keys, Redis client and user store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from quart import current_app
+
+from pipeline.keys import Keys
+from pipeline.settings import Settings
+from service.users import UserStore
+
+EXTENSION = "signup"
+
+
+@dataclass(slots=True)
+class Deps:
+    """Opened when serving starts (see ``service.app``), closed when it stops."""
+
+    settings: Settings
+    keys: Keys
+    redis: aioredis.Redis
+    users: UserStore
+
+
+def deps() -> Deps:
+    """The current app's dependencies."""
+    found: Deps = current_app.extensions[EXTENSION]
+    return found

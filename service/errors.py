@@ -1,0 +1,58 @@
+"""The web side's API errors. One handler (in ``service.app``) renders each as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": code, "message": text, **details}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body."""
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class ValidationError(ApiError):
+    """422: fields that are missing or invalid, each with a message."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        names = ", ".join(sorted(fields))
+        super().__init__(422, "validation", f"invalid fields: {names}", fields=fields)
+
+
+class ConflictError(ApiError):
+    """409: a username or email is already taken."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(409, "conflict", f"that {field} is already taken", field=field)
+
+
+class UnavailableError(ApiError):
+    """503: Redis could not be reached in time. Nothing was written; retry."""
+
+    RETRY_AFTER = 1
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "unavailable",
+            "the service is temporarily unavailable; nothing was saved, please retry",
+            headers={"Retry-After": str(self.RETRY_AFTER)},
+        )

@@ -1,0 +1,72 @@
+"""The HTTP API: POST /signup, GET /users/<id>, GET /stats."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from quart import Blueprint, Response, current_app, request
+
+from pipeline.queue import read_stats
+from service.deps import deps
+from service.errors import ApiError, ConflictError
+from service.signals import emit, user_signed_up
+from service.users import NewUser, SignupJobs
+from service.validation import parse_body, validate_signup
+
+api = Blueprint("api", __name__)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON response encoded with orjson."""
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+@api.post("/signup")
+async def signup() -> Response:
+    """Create a user, emit ``user-signed-up``, commit the user with the receivers' jobs."""
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    fields = validate_signup(parse_body(request.mimetype, request.mimetype_params.get("charset"), body))
+    user = NewUser(
+        user_id=uuid.uuid4().hex,
+        username=fields.username,
+        email=fields.email,
+        created_at=time.time(),
+        username_claim=fields.username_claim,
+        email_claim=fields.email_claim,
+    )
+    jobs = SignupJobs()
+    failures = await emit(
+        user_signed_up,
+        current_app._get_current_object(),  # type: ignore[attr-defined]
+        jobs=jobs,
+        user_id=user.user_id,
+        username=user.username,
+        email=user.email,
+        created_at=user.created_at,
+    )
+    taken = await deps().users.create(user, jobs.jobs, receiver_errors=failures)
+    if taken is not None:
+        raise ConflictError(taken)
+    return json_response(
+        {"user_id": user.user_id, "username": user.username, "email": user.email}, 201
+    )
+
+
+@api.get("/users/<user_id>")
+async def get_user(user_id: str) -> Response:
+    """A user with its profile (null until generated)."""
+    found = await deps().users.get(user_id)
+    if found is None:
+        raise ApiError(404, "not_found", "no user has that id")
+    return json_response(found)
+
+
+@api.get("/stats")
+async def stats() -> Response:
+    """Counters, queue depths and the dead-letter count."""
+    current = deps()
+    return json_response(await read_stats(current.redis, current.keys))

@@ -1,0 +1,41 @@
+"""The app's signals, declared once, and the helper that emits them with failures isolated.
+
+blinker's ``send_async`` awaits receivers one after another and stops at the first exception.
+:func:`emit` walks the same receivers in the same way, but runs every one: a receiver that
+raises is logged with its traceback and counted, and the rest still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from inspect import iscoroutinefunction
+from typing import Any
+
+from blinker import Namespace, Signal
+
+logger = logging.getLogger(__name__)
+
+signals = Namespace()
+
+#: Sent by ``POST /signup`` once a signup is valid, before it is committed. The app is the
+#: sender. Keyword arguments: ``jobs`` (a JobSink: ``await jobs.push(type, payload)``),
+#: ``user_id``, ``username``, ``email``, ``created_at`` (epoch seconds). More may be added:
+#: receivers take what they need from ``**extra``.
+user_signed_up = signals.signal("user-signed-up", doc="A user signed up.")
+
+
+async def emit(signal: Signal, sender: Any, **kwargs: Any) -> int:
+    """Await every async receiver of ``signal`` for ``sender``; return how many raised."""
+    failures = 0
+    for receiver in signal.receivers_for(sender):
+        name = getattr(receiver, "__qualname__", repr(receiver))
+        if not iscoroutinefunction(receiver):
+            logger.error("receiver %s of %r is not async; skipped", name, signal.name)
+            failures += 1
+            continue
+        try:
+            await receiver(sender, **kwargs)
+        except Exception:
+            failures += 1
+            logger.exception("receiver %s of %r raised", name, signal.name)
+    return failures

@@ -1,0 +1,125 @@
+"""Users in Redis: the atomic signup commit, and reading a user back.
+
+A signup's receivers push their jobs into a :class:`SignupJobs` unit of work; :meth:`UserStore.
+create` then writes the uniqueness claims, the user record and every job in ONE Lua script:
+all of it or none of it, in one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from pipeline.jobs import Job, new_job
+from pipeline.keys import Keys
+from pipeline.queue import queue_for
+
+logger = logging.getLogger(__name__)
+_USER_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+# KEYS: username claims, email claims, user hash, stats hash, then one queue key per job.
+# ARGV: username claim, email claim, user id, username, email, created_at, receiver errors,
+#       then one encoded job per queue key, in the same order.
+# Returns "ok", or the name of the field whose claim is taken (nothing written then).
+_CREATE_USER = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'username' end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'email' end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], 'id', ARGV[3], 'username', ARGV[4], 'email', ARGV[5],
+           'created_at', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'users', 1)
+if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[4], 'receiver_errors', ARGV[7]) end
+for i = 5, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 3]) end
+return 'ok'
+"""
+
+
+@dataclass(slots=True)
+class SignupJobs:
+    """The signup's unit of work: a JobSink that collects jobs until the commit."""
+
+    jobs: list[Job] = field(default_factory=list)
+
+    async def push(self, job_type: str, payload: dict[str, Any]) -> Job:
+        queue_for(job_type)  # an unknown type fails in the receiver, not in the commit
+        job = new_job(job_type, payload)
+        self.jobs.append(job)
+        return job
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    """What a signup writes."""
+
+    user_id: str
+    username: str
+    email: str
+    created_at: float
+    username_claim: str
+    email_claim: str
+
+
+def _log_orphaned_failure(commit: asyncio.Future[Any]) -> None:
+    # Retrieve the outcome of a commit whose request was cancelled, so a failure is logged
+    # once here rather than as "exception was never retrieved".
+    if not commit.cancelled() and (exc := commit.exception()) is not None:
+        logger.debug("signup commit failed: %r", exc)
+
+
+class UserStore:
+    """Users and their profiles under one key prefix."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._create: AsyncScript = redis.register_script(_CREATE_USER)
+
+    async def create(self, user: NewUser, jobs: list[Job], receiver_errors: int) -> str | None:
+        """Commit the user with its jobs. Return None, or the field whose claim is taken.
+
+        The script is shielded from cancellation: a client that disconnects mid-request
+        cannot cut the commit short, so the signup is either written whole or not at all.
+        """
+        keys = self._keys
+        script_keys = [keys.username_claims, keys.email_claims, keys.user(user.user_id), keys.stats]
+        script_keys += [keys.queue(queue_for(job.type)) for job in jobs]
+        args: list[Any] = [
+            user.username_claim,
+            user.email_claim,
+            user.user_id,
+            user.username,
+            user.email,
+            repr(user.created_at),
+            receiver_errors,
+        ]
+        args += [job.encode() for job in jobs]
+        commit = asyncio.ensure_future(self._create(keys=script_keys, args=args))
+        commit.add_done_callback(_log_orphaned_failure)
+        result = await asyncio.shield(commit)
+        return None if result == b"ok" else bytes(result).decode()
+
+    async def get(self, user_id: str) -> dict[str, Any] | None:
+        """The user with its profile (None while not yet generated), or None if unknown."""
+        if not _USER_ID_RE.match(user_id):
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self._keys.user(user_id))
+        pipe.get(self._keys.profile(user_id))
+        record, profile = await pipe.execute()
+        if not record:
+            return None
+        return {
+            "user_id": record[b"id"].decode(),
+            "username": record[b"username"].decode(),
+            "email": record[b"email"].decode(),
+            "created_at": float(record[b"created_at"]),
+            "profile": orjson.loads(profile) if profile else None,
+        }

@@ -1,0 +1,177 @@
+"""Parsing and validating a signup request body.
+
+Bodies are JSON (UTF-8, an object) or ``application/x-www-form-urlencoded`` (UTF-8). Usernames
+are stored NFKC-normalised (so full-width letters become ordinary ones) with their case kept;
+uniqueness compares the NFKC + casefold form of both the username and the email, so no two
+accounts differ only by case or Unicode width.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from email_validator import EmailNotValidError, validate_email
+
+from service.errors import ApiError, ValidationError
+
+USERNAME_MIN, USERNAME_MAX = 3, 32
+EMAIL_MAX = 254
+FIELDS = ("username", "email")
+_USERNAME_PUNCTUATION = frozenset("_.-")
+JSON_TYPE = "application/json"
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
+class SignupFields:
+    """A valid signup: the values to store and the normalised forms that must be unique."""
+
+    username: str
+    email: str
+    username_claim: str
+    email_claim: str
+
+
+def claim_form(value: str) -> str:
+    """The form two values are compared in: NFKC, casefolded, NFKC again (NFKC_Casefold)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", value).casefold())
+
+
+def parse_body(mimetype: str, charset: str | None, body: bytes) -> dict[str, Any]:
+    """Decode a request body into a dict of fields, or raise a 400 / 415 :class:`ApiError`."""
+    if mimetype not in (JSON_TYPE, FORM_TYPE):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send {JSON_TYPE} or {FORM_TYPE}, not {mimetype or 'no content type'}",
+        )
+    if charset is not None and charset.lower().replace("-", "") != "utf8":
+        raise ApiError(415, "unsupported_media_type", f"the body must be UTF-8, not {charset}")
+    if mimetype == JSON_TYPE:
+        return _parse_json(body)
+    return _parse_form(body)
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise ApiError(400, "malformed_body", "the body is empty; send a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_body", f"the body is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400, "malformed_body", f"the body must be a JSON object, not {_json_type(data)}"
+        )
+    return data
+
+
+def _parse_form(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(
+            text, keep_blank_values=True, encoding="utf-8", errors="strict", max_num_fields=16
+        )
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed_body", "the form is not valid UTF-8") from None
+    except ValueError:
+        raise ApiError(400, "malformed_body", "the form has too many fields") from None
+    data: dict[str, Any] = {}
+    for name, value in pairs:
+        if name not in data:
+            data[name] = value
+        else:  # a repeated field is kept, marked, so validation can name it
+            data[name] = _Repeated([data[name], value])
+    return data
+
+
+class _Repeated(list[str]):
+    """A form field given more than once."""
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "null" if value is None else "a number")
+
+
+def validate_signup(data: dict[str, Any]) -> SignupFields:
+    """Check the fields of a parsed body; raise :class:`ValidationError` naming each problem."""
+    errors: dict[str, str] = {}
+    for name in data:
+        if name not in FIELDS:
+            errors[str(name)[:64]] = "unknown field"
+    username = _check_username(data.get("username"), errors)
+    email = _check_email(data.get("email"), errors)
+    if errors or username is None or email is None:
+        raise ValidationError(errors)
+    return SignupFields(
+        username=username,
+        email=email,
+        username_claim=claim_form(username),
+        email_claim=claim_form(email),
+    )
+
+
+def _field_text(value: object, name: str, errors: dict[str, str]) -> str | None:
+    if value is None:
+        errors[name] = "required"
+    elif isinstance(value, _Repeated):
+        errors[name] = "given more than once"
+    elif not isinstance(value, str):
+        errors[name] = f"must be a string, not {_json_type(value)}"
+    elif not value.strip():
+        errors[name] = "must not be empty"
+    else:
+        return value
+    return None
+
+
+def _check_username(value: object, errors: dict[str, str]) -> str | None:
+    raw = _field_text(value, "username", errors)
+    if raw is None:
+        return None
+    username = unicodedata.normalize("NFKC", raw)
+    if not USERNAME_MIN <= len(username) <= USERNAME_MAX:
+        errors["username"] = f"must be {USERNAME_MIN} to {USERNAME_MAX} characters long"
+        return None
+    for position, char in enumerate(username):
+        category = unicodedata.category(char)
+        allowed = (
+            char in _USERNAME_PUNCTUATION
+            or category == "Nd"
+            or category[0] == "L"
+            or (category[0] == "M" and position > 0)
+        )
+        if not allowed:
+            errors["username"] = (
+                f"may hold only letters, digits, '_', '.' and '-' (not {_show(char)})"
+            )
+            return None
+    return username
+
+
+def _check_email(value: object, errors: dict[str, str]) -> str | None:
+    raw = _field_text(value, "email", errors)
+    if raw is None:
+        return None
+    if len(raw) > EMAIL_MAX:
+        errors["email"] = f"must be at most {EMAIL_MAX} characters long"
+        return None
+    try:
+        result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        errors["email"] = f"is not a valid address: {exc}"
+        return None
+    email: str = result.normalized
+    if len(email) > EMAIL_MAX:
+        errors["email"] = f"must be at most {EMAIL_MAX} characters long"
+        return None
+    return email
+
+
+def _show(char: str) -> str:
+    return repr(char) if char.isprintable() else f"U+{ord(char):04X}"

@@ -1,0 +1,156 @@
+"""Fixtures: a real redis-server for the session, a real SMTP server, the app under test."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiosmtpd.controller import Controller
+from quart.typing import TestAppProtocol, TestClientProtocol
+
+from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+from pipeline.keys import Keys
+from pipeline.settings import Settings
+from service.app import create_app
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process the suite started."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    directory = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    process = subprocess.Popen(server_args(port, directory), stdout=subprocess.DEVNULL)
+    try:
+        wait_until_ready(port, time.monotonic() + 15, process)
+        yield RedisServer(port, directory, process)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client on the suite's Redis, flushed before each test."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=10)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def make_settings(redis_server: RedisServer) -> Callable[..., Settings]:
+    """Settings from an explicit mapping (never os.environ), pointed at the suite's Redis."""
+
+    def make(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        settings = Settings.from_env({"REDIS_URL": redis_server.url, **(env or {})})
+        return dataclasses.replace(settings, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix)
+
+
+@pytest.fixture
+async def app(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[TestAppProtocol]:
+    """The app with its serving hooks run (Redis opened and closed)."""
+    async with create_app(settings).test_app() as test_app:
+        yield test_app
+
+
+@pytest.fixture
+def client(app: TestAppProtocol) -> TestClientProtocol:
+    return app.test_client()
+
+
+# --- SMTP -------------------------------------------------------------------------------
+
+
+@dataclass
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) that keeps what it receives."""
+
+    port: int
+    delay: float = 0.0
+    messages: list[EmailMessage] = field(default_factory=list)
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)  # a slow server, not synchronisation
+        message = message_from_bytes(envelope.content, policy=policy.default)
+        with self.lock:
+            self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+            self.messages.append(message)  # type: ignore[arg-type]
+        return "250 OK"
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def recipients(self) -> list[str]:
+        with self.lock:
+            return [to for _, tos in self.envelopes for to in tos]
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpSink]:
+    sink = SmtpSink(port=free_port())
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+# --- waiting ------------------------------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+) -> None:
+    """Poll ``check`` until it is true, failing the test when ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import SettingsError
+from pipeline.settings import Settings, SmtpConfig
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.key_prefix == "signup"
+    assert settings.smtp is None
+    assert settings.max_body_bytes == 16 * 1024
+    assert settings.shutdown_grace_period == 10.0
+    assert settings.consumer_queues == ("email", "marketing", "profile")
+    assert dict(settings.consumer_concurrency) == {"email": 4, "marketing": 4, "profile": 4}
+
+
+def test_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://:secret@10.0.0.5:6380/2",
+            "KEY_PREFIX": "{app}",
+            "MAX_BODY_BYTES": "2048",
+            "SHUTDOWN_GRACE_PERIOD": "2.5",
+            "CONSUMER_QUEUES": "profile, email",
+            "CONSUMER_CONCURRENCY": "email=8,profile=2",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.key_prefix == "{app}"
+    assert settings.max_body_bytes == 2048
+    assert settings.shutdown_grace_period == 2.5
+    assert settings.consumer_queues == ("profile", "email")
+    assert dict(settings.consumer_concurrency) == {"email": 8, "marketing": 4, "profile": 2}
+    assert settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("smtp://mail.local", SmtpConfig("mail.local", 25, "none")),
+        ("smtp+starttls://u%40x:p%3Aw@mail.local", SmtpConfig("mail.local", 587, "starttls", "u@x", "p:w")),
+        ("smtps://mail.local:2465", SmtpConfig("mail.local", 2465, "tls")),
+    ],
+)
+def test_smtp_url(url: str, expected: SmtpConfig) -> None:
+    assert Settings.from_env({"SMTP_URL": url}).smtp == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "http://localhost"),
+        ("REDIS_URL", "redis://localhost:99999"),
+        ("REDIS_URL", "redis://localhost/abc"),
+        ("KEY_PREFIX", "has space"),
+        ("MAX_BODY_BYTES", "lots"),
+        ("MAX_BODY_BYTES", "1"),
+        ("SMTP_URL", "ftp://mail"),
+        ("SMTP_URL", "smtp://"),
+        ("EMAIL_FROM", "nobody"),
+        ("SHUTDOWN_GRACE_PERIOD", "-1"),
+        ("FETCH_TIMEOUT", "soon"),
+        ("CONSUMER_QUEUES", "email,sms"),
+        ("CONSUMER_CONCURRENCY", "email=0"),
+        ("CONSUMER_CONCURRENCY", "sms=3"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}=")
+    assert "\n" not in message
+
+
+def test_passwords_are_never_shown() -> None:
+    settings = Settings.from_env(
+        {"REDIS_URL": "redis://user:hunter2@host:6379/0", "SMTP_URL": "smtp://u:hunter3@mail"}
+    )
+    assert "hunter2" not in repr(settings)
+    assert "hunter3" not in repr(settings)
+    assert "***" in repr(settings)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REDIS_URL": "redis://user:hunter2@host:notaport"})
+    assert "hunter2" not in str(caught.value)
