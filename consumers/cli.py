@@ -24,6 +24,7 @@ from consumers.runner import Consumer
 from pipeline.connections import consumer_client
 from pipeline.errors import SettingsError
 from pipeline.keys import Keys
+from pipeline.logs import configure_logging
 from pipeline.settings import Settings, parse_concurrency, parse_queues, redact_url
 
 logger = logging.getLogger("consumers")
@@ -89,9 +90,7 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     if options.grace_period is not None:
         overrides["shutdown_grace_period"] = options.grace_period
     settings = dataclasses.replace(settings, **overrides)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(run(settings))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 from email.message import EmailMessage
@@ -45,8 +46,7 @@ class SmtpEmailBackend:
 
     async def send(self, message: EmailMessage) -> None:
         config = self._config
-        await aiosmtplib.send(
-            message,
+        client = aiosmtplib.SMTP(
             hostname=config.host,
             port=config.port,
             username=config.username,
@@ -55,6 +55,16 @@ class SmtpEmailBackend:
             start_tls=config.security == "starttls",
             timeout=self._timeout,
         )
+        await client.connect()
+        try:
+            await client.send_message(message)
+        except BaseException:
+            # Failed or cancelled (shutdown): drop the connection at once. aiosmtplib's own
+            # context manager would wait for a polite QUIT first, holding up the shutdown.
+            client.close()
+            raise
+        with contextlib.suppress(aiosmtplib.SMTPException):
+            await client.quit()
 
 
 def email_backend(settings: Settings) -> EmailBackend:

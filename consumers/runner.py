@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Backoff between fetch attempts while Redis is unreachable: doubles up to the cap.
 BACKOFF_START, BACKOFF_CAP = 0.1, 2.0
+#: How long a cancelled job may take to unwind, and how often it is cancelled again if it
+#: swallows the cancellation (some clients wait for a polite goodbye on the way out).
+CANCEL_WAIT, CANCEL_TRIES = 1.0, 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +172,16 @@ class Consumer:
         if not leftovers:
             return
         logger.warning("stopping: cancelling %d jobs still running", len(leftovers))
-        for task in leftovers:
-            task.cancel()
-        await asyncio.wait(leftovers)
+        pending = set(leftovers)
+        for _ in range(CANCEL_TRIES):
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+            if not pending:
+                break
         for task, job in leftovers.items():
-            if task.cancelled():
+            # A job that finished while being cancelled is done; every other one goes back.
+            if not task.done() or task.cancelled():
                 await self._return(job)
 
     async def _return(self, job: _InFlight) -> None:

@@ -35,6 +35,14 @@ def _procfile() -> dict[str, str]:
     return entries
 
 
+def _exec_simple(command: str) -> str:
+    # A plain command replaces the shell, so its exit code is the one reported; a compound
+    # line (the web's settings check, then hypercorn) runs as written and execs at its end.
+    if any(operator in command for operator in ("&&", "||", ";", "|")):
+        return command
+    return f"exec {command}"
+
+
 def _redis_answers(port: int) -> bool:
     try:
         wait_until_ready(port, time.monotonic() + 0.3)
@@ -64,15 +72,25 @@ async def _start(name: str, argv: list[str], env: dict[str, str]) -> asyncio.sub
     return process
 
 
-async def _stop(process: asyncio.subprocess.Process, timeout: float = STOP_TIMEOUT) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
+def _signal_group(process: asyncio.subprocess.Process, signum: int) -> bool:
+    # Each child leads its own session, so its process group holds everything it started.
     try:
-        await asyncio.wait_for(process.wait(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _stop(process: asyncio.subprocess.Process, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the child's whole group; wait until the group is empty, else SIGKILL it."""
+    deadline = time.monotonic() + timeout
+    alive = _signal_group(process, signal.SIGTERM)
+    while alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        alive = _signal_group(process, 0)
+    if alive:
+        _signal_group(process, signal.SIGKILL)
+    await process.wait()
 
 
 async def supervise() -> int:
@@ -94,7 +112,7 @@ async def supervise() -> int:
 
     children: dict[str, asyncio.subprocess.Process] = {}
     for name, command in _procfile().items():
-        children[name] = await _start(name, ["sh", "-c", f"exec {command}"], env)
+        children[name] = await _start(name, ["sh", "-c", _exec_simple(command)], env)
     port = env.get("PORT", "8000")
     print(f"run   | web on http://127.0.0.1:{port}; Ctrl-C stops everything")
 
@@ -104,8 +122,7 @@ async def supervise() -> int:
     def on_signal() -> None:
         if interrupted.is_set():  # second Ctrl-C: pass it on, the worker stops at once
             for child in children.values():
-                if child.returncode is None:
-                    child.send_signal(signal.SIGINT)
+                _signal_group(child, signal.SIGINT)
         interrupted.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -233,3 +234,19 @@ def _log_level(raw: str) -> str:
     if level not in logging.getLevelNamesMapping():
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level
+
+
+def main() -> int:
+    """``python -m pipeline.settings``: exit 0 if the environment's settings are valid, else
+    print one line naming the bad variable and exit 2. The Procfile runs it before hypercorn,
+    whose exit code hides a worker's failed start (pgjones/hypercorn#269)."""
+    try:
+        Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,10 +5,10 @@ Settings are read from the environment once, here; a bad value stops start-up wi
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from pipeline.errors import SettingsError
+from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 from service.app import create_app
 
@@ -19,7 +19,5 @@ try:
 except SettingsError as exc:
     sys.exit(f"error: {exc}")
 
-logging.basicConfig(
-    level=_settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-)
+configure_logging(_settings.log_level)
 app = create_app(_settings)

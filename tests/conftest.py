@@ -105,8 +105,11 @@ class SmtpSink:
     messages: list[EmailMessage] = field(default_factory=list)
     envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    started: int = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.started += 1
         if self.delay:
             await asyncio.sleep(self.delay)  # a slow server, not synchronisation
         message = message_from_bytes(envelope.content, policy=policy.default)

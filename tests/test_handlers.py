@@ -1,0 +1,123 @@
+"""Each handler's effect, against the real Redis and a real SMTP server."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from consumers.email import ConsoleEmailBackend, SmtpEmailBackend, email_backend
+from consumers.handlers import (
+    HandlerContext,
+    add_to_marketing_list,
+    build_profile,
+    generate_profile,
+    send_welcome_email,
+)
+from pipeline.jobs import new_job
+from pipeline.keys import Keys
+from pipeline.queue import DirectQueue, read_stats
+from pipeline.settings import Settings
+from service.receivers import RECEIVERS
+from tests.conftest import SmtpSink
+
+
+def context(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:
+    return HandlerContext(redis, keys, email_backend(settings), settings.email_from)
+
+
+async def test_welcome_email_over_smtp(
+    redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
+) -> None:
+    settings = make_settings({"SMTP_URL": smtp_server.url, "EMAIL_FROM": "Team <team@example.com>"})  # type: ignore[operator]
+    ctx = context(redis, keys, settings)
+    assert isinstance(ctx.email, SmtpEmailBackend)
+    job = new_job("welcome_email", {"user_id": "u1", "username": "zoë_42", "email": "zoe@example.com"})
+    await send_welcome_email(ctx, job)
+    assert smtp_server.envelopes == [("team@example.com", ["zoe@example.com"])]
+    message = smtp_server.messages[0]
+    assert message["To"] == "zoe@example.com"
+    assert "zoë_42" in message["Subject"]
+    assert message.get_content_type() == "multipart/alternative"
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and "zoë_42" in text.get_content()
+    assert html is not None and "<strong>zoë_42</strong>" in html.get_content()
+    assert (await read_stats(redis, keys))["emails_sent"] == 1
+
+
+async def test_welcome_email_to_the_console_without_smtp(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = context(redis, keys, settings)
+    assert isinstance(ctx.email, ConsoleEmailBackend)
+    job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
+    with caplog.at_level(logging.INFO, logger="consumers.email"):
+        await send_welcome_email(ctx, job)
+    assert "a@example.com" in caplog.text
+    assert "Hello alice" in caplog.text
+    assert (await read_stats(redis, keys))["emails_sent"] == 1
+
+
+async def test_smtp_failure_raises_and_counts_nothing(
+    redis: aioredis.Redis, keys: Keys, make_settings: object
+) -> None:
+    from pipeline.embedded_redis import free_port
+
+    settings = make_settings({"SMTP_URL": f"smtp://127.0.0.1:{free_port()}", "SMTP_TIMEOUT": "1"})  # type: ignore[operator]
+    job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
+    with pytest.raises(Exception, match="(?i)connect"):
+        await send_welcome_email(context(redis, keys, settings), job)
+    assert (await read_stats(redis, keys))["emails_sent"] == 0
+
+
+async def test_marketing_list(redis: aioredis.Redis, keys: Keys, settings: Settings) -> None:
+    job = new_job("marketing_signup", {"user_id": "u1", "email": "a@example.com", "signed_up_at": 1700000000.5})
+    await add_to_marketing_list(context(redis, keys, settings), job)
+    assert await redis.zrange(keys.marketing, 0, -1, withscores=True) == [(b"a@example.com", 1700000000.5)]
+    assert (await read_stats(redis, keys))["marketing_list_updates"] == 1
+
+
+async def test_profile_is_written_and_served(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, client: object
+) -> None:
+    response = await client.post("/signup", json={"username": "jo.van-dyke", "email": "Jo@Example.com"})  # type: ignore[attr-defined]
+    user_id = (await response.get_json())["user_id"]
+    raw = await redis.rpop(keys.queue("profile"))
+    from pipeline.jobs import decode
+
+    await generate_profile(context(redis, keys, settings), decode(raw))
+    user = await (await client.get(f"/users/{user_id}")).get_json()  # type: ignore[attr-defined]
+    profile = user["profile"]
+    assert profile["display_name"] == "Jo Van Dyke"
+    assert profile["initials"] == "JV"
+    assert profile["avatar_url"].startswith("https://www.gravatar.com/avatar/")
+    datetime.fromisoformat(profile["created_at"])
+    assert (await read_stats(redis, keys))["profiles_generated"] == 1
+    assert orjson.loads(await redis.get(keys.profile(user_id))) == profile
+
+
+def test_build_profile() -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    profile = build_profile("alice_smith", " Alice@Example.com ", now)
+    assert profile == {
+        "display_name": "Alice Smith",
+        "initials": "AS",
+        # sha256 of the trimmed, lower-cased address
+        "avatar_url": "https://www.gravatar.com/avatar/"
+        "ff8d9819fc0e12bf0d24892e45987e249a28dce836a85cad60e28eaaa8c6d976?d=identicon&s=200",
+        "created_at": "2026-01-02T03:04:05+00:00",
+    }
+    assert build_profile("bob", "b@example.com", now)["initials"] == "B"
+
+
+async def test_receivers_push_directly_outside_a_request(redis: aioredis.Redis, keys: Keys) -> None:
+    sink = DirectQueue(redis, keys)
+    for receiver in RECEIVERS:
+        await receiver(None, jobs=sink, user_id="u1", username="alice", email="a@example.com",
+                       created_at=1.0, future_field="ignored")
+    for queue in ("email", "marketing", "profile"):
+        assert await redis.llen(keys.queue(queue)) == 1

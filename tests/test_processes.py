@@ -1,0 +1,304 @@
+"""The processes as deployed: ``hypercorn service:app`` and ``python -m consumers`` as
+subprocesses, real signals, a real SMTP server, the suite's Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.embedded_redis import free_port
+from pipeline.keys import Keys
+from pipeline.queue import DirectQueue
+from tests.conftest import RedisServer, SmtpSink, eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env(redis_server: RedisServer, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))}
+    env.update({"REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
+    env.update(extra)
+    return env
+
+
+class Child:
+    """A subprocess whose stderr goes to a file the test can poll."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._file = log.open("wb")
+        self.process = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=self._file, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still running after {timeout} s:\n{self.output()}")
+            await asyncio.sleep(0.02)
+        return self.process.returncode
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._file.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    children: list[Child] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> Child:
+        child = Child(argv, env, tmp_path / f"child-{len(children)}.log")
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()
+
+
+def consumer_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "consumers", *args]
+
+
+async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One HTTP/1.1 request over a fresh connection; the status and the JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = orjson.dumps(body) if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    writer.write(head.encode() + b"\r\n" + data)
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    status_line, _, rest = response.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), orjson.loads(payload) if payload else None
+
+
+@asynccontextmanager
+async def web(spawn: Any, env: dict[str, str]) -> AsyncIterator[tuple[int, Child]]:
+    port = free_port()
+    child = spawn([sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{port}"], env)
+
+    async def answers() -> bool:
+        assert child.process.poll() is None, child.output()
+        try:
+            return (await http(port, "GET", "/stats"))[0] == 200
+        except OSError:
+            return False
+
+    await eventually(answers, timeout=20, what="hypercorn to answer")
+    yield port, child
+
+
+async def push_emails(redis: aioredis.Redis, keys: Keys, count: int, start: int = 0) -> list[str]:
+    queue = DirectQueue(redis, keys)
+    addresses = [f"user{i}@example.com" for i in range(start, start + count)]
+    for address in addresses:
+        await queue.push("welcome_email", {"user_id": address, "username": address[:-12], "email": address})
+    return addresses
+
+
+async def test_end_to_end_signup_to_welcome_email(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, smtp_server: SmtpSink
+) -> None:
+    env = child_env(redis_server, SMTP_URL=smtp_server.url, EMAIL_FROM="hello@example.com")
+    async with web(spawn, env) as (port, web_child):
+        worker = spawn(consumer_argv(), env)
+        status, created = await http(port, "POST", "/signup", {"username": "newcomer", "email": "new@example.com"})
+        assert status == 201
+        await eventually(lambda: smtp_server.recipients() == ["new@example.com"], what="the welcome email")
+        message = smtp_server.messages[0]
+        assert "newcomer" in message.get_body(("plain",)).get_content()
+
+        async def processed() -> bool:
+            stats = (await http(port, "GET", "/stats"))[1]
+            return (stats["emails_sent"], stats["marketing_list_updates"], stats["profiles_generated"]) == (1, 1, 1)
+
+        await eventually(processed, what="all three jobs")
+        status, user = await http(port, "GET", f"/users/{created['user_id']}")
+        assert status == 200
+        assert user["profile"]["display_name"] == "Newcomer"
+        worker.signal(signal.SIGTERM)
+        web_child.signal(signal.SIGTERM)
+        assert await worker.wait(15) == 0
+        assert await web_child.wait(15) == 0
+
+
+async def test_sigterm_mid_stream_exits_0_and_loses_nothing(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, smtp_server: SmtpSink
+) -> None:
+    smtp_server.delay = 0.02
+    env = child_env(redis_server, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=4")
+    worker = spawn(consumer_argv(), env)
+    pushed = await push_emails(redis, keys, 100)
+    feeding = asyncio.create_task(push_emails(redis, keys, 100, start=100))  # a stream still arriving
+    await eventually(lambda: smtp_server.started >= 20, what="the worker to be busy")
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(15) == 0
+    pushed += await feeding
+    sent = smtp_server.recipients()
+    assert len(sent) == len(set(sent)), "an email was sent twice"
+    assert int(await redis.hget(keys.stats, "emails_sent")) == len(sent)
+    left = await redis.llen(keys.queue("email"))
+    assert len(sent) + left == len(pushed), "a job was lost"
+    assert "SIGTERM" in worker.output()
+
+    # A new worker finishes the rest: every address got exactly one email.
+    smtp_server.delay = 0
+    second = spawn(consumer_argv(), env)
+    await eventually(lambda: len(smtp_server.recipients()) == len(pushed), what="the rest")
+    second.signal(signal.SIGINT)
+    assert await second.wait(15) == 0
+    assert sorted(smtp_server.recipients()) == sorted(pushed)
+
+
+async def test_jobs_outliving_the_grace_period_are_returned(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, smtp_server: SmtpSink
+) -> None:
+    smtp_server.delay = 30
+    env = child_env(redis_server, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=3")
+    worker = spawn(consumer_argv("--grace-period", "0.5"), env)
+    pushed = await push_emails(redis, keys, 10)
+    await eventually(lambda: smtp_server.started == 3, what="three jobs in flight")
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(10) == 0
+    assert await redis.llen(keys.queue("email")) == len(pushed)
+    assert "cancelling 3 jobs" in worker.output()
+
+
+async def test_second_sigint_stops_at_once(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, smtp_server: SmtpSink
+) -> None:
+    smtp_server.delay = 30
+    env = child_env(redis_server, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=2")
+    worker = spawn(consumer_argv("--grace-period", "120"), env)
+    pushed = await push_emails(redis, keys, 4)
+    await eventually(lambda: smtp_server.started == 2, what="two jobs in flight")
+    worker.signal(signal.SIGINT)
+    await eventually(lambda: "SIGINT: stopping" in worker.output(), what="the first SIGINT")
+    worker.signal(signal.SIGINT)
+    assert await worker.wait(5) == 0
+    assert "SIGINT again: stopping now" in worker.output()
+    assert await redis.llen(keys.queue("email")) == len(pushed)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ((), {"SHUTDOWN_GRACE_PERIOD": "soon"}, "SHUTDOWN_GRACE_PERIOD='soon'"),
+        ((), {"REDIS_URL": "http://nope"}, "REDIS_URL='http://nope'"),
+        (("--concurrency", "email=lots"), {}, "--concurrency"),
+        (("--queues", "sms"), {}, "--queues"),
+        (("--frobnicate",), {}, "--frobnicate"),
+    ],
+)
+def test_consumer_bad_configuration_is_one_line(
+    redis_server: RedisServer, args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    result = subprocess.run(
+        consumer_argv(*args), env=child_env(redis_server, **env), cwd=ROOT,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+
+
+def test_web_bad_configuration_is_one_line(redis_server: RedisServer) -> None:
+    env = child_env(redis_server, MAX_BODY_BYTES="huge")
+    result = subprocess.run(
+        [sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{free_port()}"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    # Start-up stops with one line and no traceback. (hypercorn 0.18 then exits 0 whatever
+    # its worker's code, pgjones/hypercorn#269: hence the Procfile's check, below.)
+    assert result.stderr.strip().splitlines() == ["error: MAX_BODY_BYTES='huge': expected a whole number"]
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline.settings"], env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert check.returncode == 2
+    assert check.stderr == "error: MAX_BODY_BYTES='huge': expected a whole number\n"
+    good = subprocess.run(
+        [sys.executable, "-m", "pipeline.settings"], env=child_env(redis_server), cwd=ROOT,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert (good.returncode, good.stderr) == (0, "")
+
+
+def test_procfile_runs_the_settings_check_before_hypercorn() -> None:
+    web = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    assert "python -m pipeline.settings && exec hypercorn service:app" in web
+    assert "${PORT:-8000}" in web
+
+
+async def test_client_gone_mid_body_leaves_nothing(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    async with web(spawn, child_env(redis_server)) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = orjson.dumps({"username": "halfway", "email": "half@example.com"})
+        writer.write(
+            b"POST /signup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # The server is still fine, and the half-sent signup left nothing behind.
+        status, _ = await http(port, "POST", "/signup", {"username": "whole", "email": "whole@example.com"})
+        assert status == 201
+        assert await redis.hlen("signup:claims:username") == 1
+        assert await redis.hget("signup:claims:username", "halfway") is None
+
+
+async def test_make_run_supervisor_stops_everything_on_ctrl_c(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    import psutil
+
+    port = free_port()
+    env = child_env(redis_server, PORT=str(port), WEB_CONCURRENCY="1")
+    supervisor = spawn([sys.executable, "-m", "pipeline.devserver"], env)
+
+    async def serving() -> bool:
+        assert supervisor.process.poll() is None, supervisor.output()
+        try:
+            return (await http(port, "POST", "/signup", {"username": "runner", "email": "run@example.com"}))[0] == 201
+        except OSError:
+            return False
+
+    await eventually(serving, timeout=30, what="make run's web service")
+    await eventually(lambda: redis.hget("signup:stats", "emails_sent"), what="make run's worker")
+    children = psutil.Process(supervisor.process.pid).children(recursive=True)
+    assert len(children) >= 3  # web master, web worker, consumer
+    supervisor.signal(signal.SIGINT)
+    assert await supervisor.wait(30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
+    assert "web exit 0, worker exit 0" in supervisor.output()
