@@ -17,8 +17,8 @@ $(STAMP): requirements-dev.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m pipeline.devserver
 
-## test: the whole suite, against a redis-server the suite starts itself.
-test: $(STAMP)
+## test: lint, type-check, then the whole suite against a redis-server the suite starts itself.
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

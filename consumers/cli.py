@@ -126,7 +126,9 @@ async def run(settings: Settings) -> None:
 
     concurrency = {q: settings.consumer_concurrency[q] for q in settings.consumer_queues}
     # One connection per fetch loop and per running job, and one spare.
-    redis = consumer_client(settings, max_connections=len(concurrency) + sum(concurrency.values()) + 1)
+    redis = consumer_client(
+        settings, max_connections=len(concurrency) + sum(concurrency.values()) + 1
+    )
     keys = Keys(settings.key_prefix)
     context = HandlerContext(redis, keys, email_backend(settings), settings.email_from)
     consumer = Consumer(

@@ -40,9 +40,10 @@ class ConsoleEmailBackend:
 class SmtpEmailBackend:
     """Sends over SMTP: plain, STARTTLS (required) or implicit TLS, as ``SMTP_URL`` says."""
 
-    def __init__(self, config: SmtpConfig, timeout: float) -> None:
+    def __init__(self, config: SmtpConfig, timeout: float, ca_file: str | None = None) -> None:
         self._config = config
         self._timeout = timeout
+        self._ca_file = ca_file
 
     async def send(self, message: EmailMessage) -> None:
         config = self._config
@@ -54,6 +55,7 @@ class SmtpEmailBackend:
             use_tls=config.security == "tls",
             start_tls=config.security == "starttls",
             timeout=self._timeout,
+            cert_bundle=self._ca_file,
         )
         await client.connect()
         try:
@@ -71,7 +73,7 @@ def email_backend(settings: Settings) -> EmailBackend:
     """The backend the settings ask for."""
     if settings.smtp is None:
         return ConsoleEmailBackend()
-    return SmtpEmailBackend(settings.smtp, settings.smtp_timeout)
+    return SmtpEmailBackend(settings.smtp, settings.smtp_timeout, settings.smtp_ca_file)
 
 
 def welcome_email(sender: str, to: str, username: str) -> EmailMessage:
@@ -81,9 +83,7 @@ def welcome_email(sender: str, to: str, username: str) -> EmailMessage:
     message["To"] = to
     message["Subject"] = f"Welcome, {username}!"
     message.set_content(
-        f"Hello {username},\n\n"
-        "Thanks for signing up. Your account is ready.\n\n"
-        "-- The team\n"
+        f"Hello {username},\n\nThanks for signing up. Your account is ready.\n\n-- The team\n"
     )
     name = html.escape(username)
     message.add_alternative(

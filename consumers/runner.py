@@ -189,6 +189,4 @@ class Consumer:
             await return_job(self._redis, self._keys, job.queue, job.raw)
             logger.info("queue %s: returned an unfinished job to the queue", job.queue)
         except RedisError as exc:
-            logger.critical(
-                "queue %s: could not return %r (%s): job lost", job.queue, job.raw, exc
-            )
+            logger.critical("queue %s: could not return %r (%s): job lost", job.queue, job.raw, exc)

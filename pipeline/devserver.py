@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shlex
 import signal
 import sys
 import time
@@ -99,7 +98,7 @@ async def supervise() -> int:
     env.setdefault("PYTHONUNBUFFERED", "1")
     redis: asyncio.subprocess.Process | None = None
     if env.get("REDIS_URL"):
-        print(f"run   | REDIS_URL is set: using that Redis, starting none")
+        print("run   | REDIS_URL is set: using that Redis, starting none")
     elif _redis_answers(DEFAULT_REDIS_PORT):
         print(f"run   | a Redis already answers on 127.0.0.1:{DEFAULT_REDIS_PORT}: using it")
     else:

@@ -54,17 +54,26 @@ def server_args(port: int, directory: Path, *, appendonly: bool = False) -> list
     """The command line of a loopback-only server keeping its files in ``directory``."""
     return [
         find_redis_server(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(directory),
-        "--save", "",
-        "--appendonly", "yes" if appendonly else "no",
-        "--daemonize", "no",
-        "--loglevel", "warning",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
     ]
 
 
-def wait_until_ready(port: int, deadline: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until_ready(
+    port: int, deadline: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll until the server answers PING, or raise when ``deadline`` (monotonic) passes."""
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -69,5 +69,6 @@ def decode(raw: bytes) -> Job:
         raise JobDecodeError("the attempt is not a whole number")
     if not isinstance(enqueued_at, int | float) or isinstance(enqueued_at, bool):
         raise JobDecodeError("the envelope has no enqueued_at time")
-    return Job(id=job_id, type=job_type, payload=payload, enqueued_at=float(enqueued_at),
-               attempt=attempt)
+    return Job(
+        id=job_id, type=job_type, payload=payload, enqueued_at=float(enqueued_at), attempt=attempt
+    )

@@ -52,7 +52,8 @@ async def fetch(redis: aioredis.Redis, keys: Keys, queue: str, timeout: float) -
     reply = await redis.brpop([keys.queue(queue)], timeout=timeout)
     if reply is None:
         return None
-    return bytes(reply[1])
+    raw = reply[1]
+    return raw if isinstance(raw, bytes) else raw.encode()
 
 
 async def return_job(redis: aioredis.Redis, keys: Keys, queue: str, raw: bytes) -> None:

@@ -56,6 +56,7 @@ class Settings:
     smtp: SmtpConfig | None = None
     email_from: str = "Signup <no-reply@localhost>"
     smtp_timeout: float = 10.0
+    smtp_ca_file: str | None = None
     consumer_queues: tuple[str, ...] = QUEUES
     consumer_concurrency: Mapping[str, int] = field(
         default_factory=lambda: dict.fromkeys(QUEUES, 4)
@@ -88,7 +89,9 @@ class Settings:
             redis_socket_timeout=_get(
                 env, "REDIS_SOCKET_TIMEOUT", _seconds(0.01, 60), defaults.redis_socket_timeout
             ),
-            redis_pool_size=_get(env, "REDIS_POOL_SIZE", _integer(1, 10_000), defaults.redis_pool_size),
+            redis_pool_size=_get(
+                env, "REDIS_POOL_SIZE", _integer(1, 10_000), defaults.redis_pool_size
+            ),
             redis_pool_timeout=_get(
                 env, "REDIS_POOL_TIMEOUT", _seconds(0.0, 60), defaults.redis_pool_timeout
             ),
@@ -98,6 +101,7 @@ class Settings:
             smtp=_get(env, "SMTP_URL", _smtp_url, None),
             email_from=_get(env, "EMAIL_FROM", _address, defaults.email_from),
             smtp_timeout=_get(env, "SMTP_TIMEOUT", _seconds(0.1, 300), defaults.smtp_timeout),
+            smtp_ca_file=_get(env, "SMTP_CA_FILE", _readable_file, None),
             consumer_queues=_get(env, "CONSUMER_QUEUES", parse_queues, defaults.consumer_queues),
             consumer_concurrency=_get(
                 env, "CONSUMER_CONCURRENCY", parse_concurrency, defaults.consumer_concurrency
@@ -196,6 +200,12 @@ def _smtp_url(raw: str) -> SmtpConfig:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def _readable_file(raw: str) -> str:
+    if not os.path.isfile(raw) or not os.access(raw, os.R_OK):
+        raise ValueError("no readable file at that path")
+    return raw
 
 
 def _address(raw: str) -> str:

@@ -29,7 +29,9 @@ async def signup() -> Response:
     """Create a user, emit ``user-signed-up``, commit the user with the receivers' jobs."""
     body = await request.get_data(cache=False)
     assert isinstance(body, bytes)
-    fields = validate_signup(parse_body(request.mimetype, request.mimetype_params.get("charset"), body))
+    fields = validate_signup(
+        parse_body(request.mimetype, request.mimetype_params.get("charset"), body)
+    )
     user = NewUser(
         user_id=uuid.uuid4().hex,
         username=fields.username,

@@ -11,7 +11,7 @@ import logging
 from inspect import iscoroutinefunction
 from typing import Any
 
-from blinker import Namespace, Signal
+from blinker import NamedSignal, Namespace
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ signals = Namespace()
 user_signed_up = signals.signal("user-signed-up", doc="A user signed up.")
 
 
-async def emit(signal: Signal, sender: Any, **kwargs: Any) -> int:
+async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> int:
     """Await every async receiver of ``signal`` for ``sender``; return how many raised."""
     failures = 0
     for receiver in signal.receivers_for(sender):

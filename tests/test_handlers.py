@@ -25,7 +25,7 @@ from service.receivers import RECEIVERS
 from tests.conftest import SmtpSink
 
 
-def context(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:
+def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:
     return HandlerContext(redis, keys, email_backend(settings), settings.email_from)
 
 
@@ -33,9 +33,11 @@ async def test_welcome_email_over_smtp(
     redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
 ) -> None:
     settings = make_settings({"SMTP_URL": smtp_server.url, "EMAIL_FROM": "Team <team@example.com>"})  # type: ignore[operator]
-    ctx = context(redis, keys, settings)
+    ctx = context_for(redis, keys, settings)
     assert isinstance(ctx.email, SmtpEmailBackend)
-    job = new_job("welcome_email", {"user_id": "u1", "username": "zoë_42", "email": "zoe@example.com"})
+    job = new_job(
+        "welcome_email", {"user_id": "u1", "username": "zoë_42", "email": "zoe@example.com"}
+    )
     await send_welcome_email(ctx, job)
     assert smtp_server.envelopes == [("team@example.com", ["zoe@example.com"])]
     message = smtp_server.messages[0]
@@ -52,7 +54,7 @@ async def test_welcome_email_over_smtp(
 async def test_welcome_email_to_the_console_without_smtp(
     redis: aioredis.Redis, keys: Keys, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ctx = context(redis, keys, settings)
+    ctx = context_for(redis, keys, settings)
     assert isinstance(ctx.email, ConsoleEmailBackend)
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
     with caplog.at_level(logging.INFO, logger="consumers.email"):
@@ -69,27 +71,34 @@ async def test_smtp_failure_raises_and_counts_nothing(
 
     settings = make_settings({"SMTP_URL": f"smtp://127.0.0.1:{free_port()}", "SMTP_TIMEOUT": "1"})  # type: ignore[operator]
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
-    with pytest.raises(Exception, match="(?i)connect"):
-        await send_welcome_email(context(redis, keys, settings), job)
+    with pytest.raises(Exception, match=r"(?i)connect"):
+        await send_welcome_email(context_for(redis, keys, settings), job)
     assert (await read_stats(redis, keys))["emails_sent"] == 0
 
 
 async def test_marketing_list(redis: aioredis.Redis, keys: Keys, settings: Settings) -> None:
-    job = new_job("marketing_signup", {"user_id": "u1", "email": "a@example.com", "signed_up_at": 1700000000.5})
-    await add_to_marketing_list(context(redis, keys, settings), job)
-    assert await redis.zrange(keys.marketing, 0, -1, withscores=True) == [(b"a@example.com", 1700000000.5)]
+    job = new_job(
+        "marketing_signup",
+        {"user_id": "u1", "email": "a@example.com", "signed_up_at": 1700000000.5},
+    )
+    await add_to_marketing_list(context_for(redis, keys, settings), job)
+    assert await redis.zrange(keys.marketing, 0, -1, withscores=True) == [
+        (b"a@example.com", 1700000000.5)
+    ]
     assert (await read_stats(redis, keys))["marketing_list_updates"] == 1
 
 
 async def test_profile_is_written_and_served(
     redis: aioredis.Redis, keys: Keys, settings: Settings, client: object
 ) -> None:
-    response = await client.post("/signup", json={"username": "jo.van-dyke", "email": "Jo@Example.com"})  # type: ignore[attr-defined]
+    response = await client.post(
+        "/signup", json={"username": "jo.van-dyke", "email": "Jo@Example.com"}
+    )  # type: ignore[attr-defined]
     user_id = (await response.get_json())["user_id"]
     raw = await redis.rpop(keys.queue("profile"))
     from pipeline.jobs import decode
 
-    await generate_profile(context(redis, keys, settings), decode(raw))
+    await generate_profile(context_for(redis, keys, settings), decode(raw))
     user = await (await client.get(f"/users/{user_id}")).get_json()  # type: ignore[attr-defined]
     profile = user["profile"]
     assert profile["display_name"] == "Jo Van Dyke"
@@ -117,7 +126,88 @@ def test_build_profile() -> None:
 async def test_receivers_push_directly_outside_a_request(redis: aioredis.Redis, keys: Keys) -> None:
     sink = DirectQueue(redis, keys)
     for receiver in RECEIVERS:
-        await receiver(None, jobs=sink, user_id="u1", username="alice", email="a@example.com",
-                       created_at=1.0, future_field="ignored")
+        await receiver(
+            None,
+            jobs=sink,
+            user_id="u1",
+            username="alice",
+            email="a@example.com",
+            created_at=1.0,
+            future_field="ignored",
+        )
     for queue in ("email", "marketing", "profile"):
         assert await redis.llen(keys.queue(queue)) == 1
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made with openssl."""
+    import subprocess
+
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize("scheme", ["smtp+starttls", "smtps"])
+async def test_welcome_email_over_tls(
+    redis: aioredis.Redis,
+    keys: Keys,
+    make_settings: object,
+    certificate: tuple[str, str],
+    scheme: str,
+) -> None:
+    import ssl
+
+    from aiosmtpd.controller import Controller
+
+    from pipeline.embedded_redis import free_port
+
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sink = SmtpSink(port=free_port())
+    if scheme == "smtps":
+        controller = Controller(sink, hostname="127.0.0.1", port=sink.port, ssl_context=context)
+    else:
+        controller = Controller(
+            sink, hostname="127.0.0.1", port=sink.port, tls_context=context, require_starttls=True
+        )
+    controller.start()
+    try:
+        url = f"{scheme}://127.0.0.1:{sink.port}"
+        settings = make_settings({"SMTP_URL": url, "SMTP_CA_FILE": cert})  # type: ignore[operator]
+        job = new_job(
+            "welcome_email", {"user_id": "u1", "username": "tls", "email": "t@example.com"}
+        )
+        await send_welcome_email(context_for(redis, keys, settings), job)
+        assert sink.recipients() == ["t@example.com"]
+        # Without trusting the certificate, delivery fails rather than going out unverified.
+        untrusted = make_settings({"SMTP_URL": url, "SMTP_TIMEOUT": "2"})  # type: ignore[operator]
+        with pytest.raises(Exception, match=r"(?i)certificate"):
+            await send_welcome_email(context_for(redis, keys, untrusted), job)
+        assert sink.recipients() == ["t@example.com"]
+    finally:
+        controller.stop()

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child_env(redis_server: RedisServer, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))
+    }
     env.update({"REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
     env.update(extra)
     return env
@@ -101,7 +103,9 @@ async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int
 @asynccontextmanager
 async def web(spawn: Any, env: dict[str, str]) -> AsyncIterator[tuple[int, Child]]:
     port = free_port()
-    child = spawn([sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{port}"], env)
+    child = spawn(
+        [sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{port}"], env
+    )
 
     async def answers() -> bool:
         assert child.process.poll() is None, child.output()
@@ -118,7 +122,9 @@ async def push_emails(redis: aioredis.Redis, keys: Keys, count: int, start: int 
     queue = DirectQueue(redis, keys)
     addresses = [f"user{i}@example.com" for i in range(start, start + count)]
     for address in addresses:
-        await queue.push("welcome_email", {"user_id": address, "username": address[:-12], "email": address})
+        await queue.push(
+            "welcome_email", {"user_id": address, "username": address[:-12], "email": address}
+        )
     return addresses
 
 
@@ -128,15 +134,23 @@ async def test_end_to_end_signup_to_welcome_email(
     env = child_env(redis_server, SMTP_URL=smtp_server.url, EMAIL_FROM="hello@example.com")
     async with web(spawn, env) as (port, web_child):
         worker = spawn(consumer_argv(), env)
-        status, created = await http(port, "POST", "/signup", {"username": "newcomer", "email": "new@example.com"})
+        status, created = await http(
+            port, "POST", "/signup", {"username": "newcomer", "email": "new@example.com"}
+        )
         assert status == 201
-        await eventually(lambda: smtp_server.recipients() == ["new@example.com"], what="the welcome email")
+        await eventually(
+            lambda: smtp_server.recipients() == ["new@example.com"], what="the welcome email"
+        )
         message = smtp_server.messages[0]
         assert "newcomer" in message.get_body(("plain",)).get_content()
 
         async def processed() -> bool:
             stats = (await http(port, "GET", "/stats"))[1]
-            return (stats["emails_sent"], stats["marketing_list_updates"], stats["profiles_generated"]) == (1, 1, 1)
+            return (
+                stats["emails_sent"],
+                stats["marketing_list_updates"],
+                stats["profiles_generated"],
+            ) == (1, 1, 1)
 
         await eventually(processed, what="all three jobs")
         status, user = await http(port, "GET", f"/users/{created['user_id']}")
@@ -155,7 +169,9 @@ async def test_sigterm_mid_stream_exits_0_and_loses_nothing(
     env = child_env(redis_server, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=4")
     worker = spawn(consumer_argv(), env)
     pushed = await push_emails(redis, keys, 100)
-    feeding = asyncio.create_task(push_emails(redis, keys, 100, start=100))  # a stream still arriving
+    feeding = asyncio.create_task(
+        push_emails(redis, keys, 100, start=100)
+    )  # a stream still arriving
     await eventually(lambda: smtp_server.started >= 20, what="the worker to be busy")
     worker.signal(signal.SIGTERM)
     assert await worker.wait(15) == 0
@@ -220,8 +236,12 @@ def test_consumer_bad_configuration_is_one_line(
     redis_server: RedisServer, args: tuple[str, ...], env: dict[str, str], expected: str
 ) -> None:
     result = subprocess.run(
-        consumer_argv(*args), env=child_env(redis_server, **env), cwd=ROOT,
-        capture_output=True, text=True, timeout=30,
+        consumer_argv(*args),
+        env=child_env(redis_server, **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -233,26 +253,42 @@ def test_web_bad_configuration_is_one_line(redis_server: RedisServer) -> None:
     env = child_env(redis_server, MAX_BODY_BYTES="huge")
     result = subprocess.run(
         [sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{free_port()}"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=30,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     # Start-up stops with one line and no traceback. (hypercorn 0.18 then exits 0 whatever
     # its worker's code, pgjones/hypercorn#269: hence the Procfile's check, below.)
-    assert result.stderr.strip().splitlines() == ["error: MAX_BODY_BYTES='huge': expected a whole number"]
+    assert result.stderr.strip().splitlines() == [
+        "error: MAX_BODY_BYTES='huge': expected a whole number"
+    ]
     check = subprocess.run(
-        [sys.executable, "-m", "pipeline.settings"], env=env, cwd=ROOT,
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "pipeline.settings"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert check.returncode == 2
     assert check.stderr == "error: MAX_BODY_BYTES='huge': expected a whole number\n"
     good = subprocess.run(
-        [sys.executable, "-m", "pipeline.settings"], env=child_env(redis_server), cwd=ROOT,
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "pipeline.settings"],
+        env=child_env(redis_server),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert (good.returncode, good.stderr) == (0, "")
 
 
 def test_procfile_runs_the_settings_check_before_hypercorn() -> None:
-    web = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    web = next(
+        line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:")
+    )
     assert "python -m pipeline.settings && exec hypercorn service:app" in web
     assert "${PORT:-8000}" in web
 
@@ -261,17 +297,20 @@ async def test_client_gone_mid_body_leaves_nothing(
     spawn: Any, redis_server: RedisServer, redis: aioredis.Redis
 ) -> None:
     async with web(spawn, child_env(redis_server)) as (port, _):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         body = orjson.dumps({"username": "halfway", "email": "half@example.com"})
         writer.write(
             b"POST /signup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
         )
         await writer.drain()
         writer.close()
         await writer.wait_closed()
         # The server is still fine, and the half-sent signup left nothing behind.
-        status, _ = await http(port, "POST", "/signup", {"username": "whole", "email": "whole@example.com"})
+        status, _ = await http(
+            port, "POST", "/signup", {"username": "whole", "email": "whole@example.com"}
+        )
         assert status == 201
         assert await redis.hlen("signup:claims:username") == 1
         assert await redis.hget("signup:claims:username", "halfway") is None
@@ -289,7 +328,11 @@ async def test_make_run_supervisor_stops_everything_on_ctrl_c(
     async def serving() -> bool:
         assert supervisor.process.poll() is None, supervisor.output()
         try:
-            return (await http(port, "POST", "/signup", {"username": "runner", "email": "run@example.com"}))[0] == 201
+            return (
+                await http(
+                    port, "POST", "/signup", {"username": "runner", "email": "run@example.com"}
+                )
+            )[0] == 201
         except OSError:
             return False
 
@@ -299,6 +342,6 @@ async def test_make_run_supervisor_stops_everything_on_ctrl_c(
     assert len(children) >= 3  # web master, web worker, consumer
     supervisor.signal(signal.SIGINT)
     assert await supervisor.wait(30) == 0
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
     assert "web exit 0, worker exit 0" in supervisor.output()

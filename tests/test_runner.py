@@ -76,9 +76,13 @@ async def start_consumer(
         clients.append(client)
         ctx = HandlerContext(client, keys, ConsoleEmailBackend(), settings.email_from)
         consumer = Consumer(
-            client, keys, handlers or HANDLERS, ctx,
+            client,
+            keys,
+            handlers or HANDLERS,
+            ctx,
             concurrency=concurrency or {"email": 4, "marketing": 4, "profile": 4},
-            fetch_timeout=0.2, grace_period=grace,
+            fetch_timeout=0.2,
+            grace_period=grace,
         )
         stop, force = asyncio.Event(), asyncio.Event()
         running = Running(consumer, stop, force, asyncio.create_task(consumer.run(stop, force)))
@@ -100,14 +104,32 @@ async def test_processes_every_job_type(
 ) -> None:
     queue = DirectQueue(redis, keys)
     for i in range(5):
-        await queue.push("welcome_email", {"user_id": f"u{i}", "username": f"user{i}", "email": f"u{i}@example.com"})
-        await queue.push("marketing_signup", {"user_id": f"u{i}", "email": f"u{i}@example.com", "signed_up_at": i})
-        await queue.push("generate_profile", {"user_id": f"u{i}", "username": f"user{i}", "email": f"u{i}@example.com", "created_at": i})
+        await queue.push(
+            "welcome_email",
+            {"user_id": f"u{i}", "username": f"user{i}", "email": f"u{i}@example.com"},
+        )
+        await queue.push(
+            "marketing_signup",
+            {"user_id": f"u{i}", "email": f"u{i}@example.com", "signed_up_at": i},
+        )
+        await queue.push(
+            "generate_profile",
+            {
+                "user_id": f"u{i}",
+                "username": f"user{i}",
+                "email": f"u{i}@example.com",
+                "created_at": i,
+            },
+        )
     running = await start_consumer()  # type: ignore[operator]
 
     async def all_done() -> bool:
         stats = await read_stats(redis, keys)
-        return (stats["emails_sent"], stats["marketing_list_updates"], stats["profiles_generated"]) == (5, 5, 5)
+        return (
+            stats["emails_sent"],
+            stats["marketing_list_updates"],
+            stats["profiles_generated"],
+        ) == (5, 5, 5)
 
     await eventually(all_done, what="15 jobs processed")
     assert await redis.zcard(keys.marketing) == 5
@@ -121,8 +143,14 @@ async def test_processes_every_job_type(
         (b"not json at all", "undecodable job: not JSON"),
         (b"\xff\xfe\x00garbage", "undecodable job: not JSON"),
         (b"[1, 2, 3]", "undecodable job: the envelope is not a JSON object"),
-        (b'{"v": 2, "id": "x", "type": "welcome_email", "payload": {}}', "unsupported envelope version"),
-        (b'{"v": 1, "id": "x", "type": "welcome_email", "payload": [], "enqueued_at": 1}', "payload is not"),
+        (
+            b'{"v": 2, "id": "x", "type": "welcome_email", "payload": {}}',
+            "unsupported envelope version",
+        ),
+        (
+            b'{"v": 1, "id": "x", "type": "welcome_email", "payload": [], "enqueued_at": 1}',
+            "payload is not",
+        ),
         (new_job("launch_rockets", {}).encode(), "unknown job type 'launch_rockets'"),
         (new_job("welcome_email", {"no": "fields"}).encode(), "handler failed: KeyError"),
     ],
@@ -187,7 +215,9 @@ async def test_concurrency_bounds_jobs_in_flight(
 async def test_stop_lets_in_flight_jobs_finish_within_the_grace_period(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    await DirectQueue(redis, keys).push("welcome_email", {"email": "slow@example.com", "slow": True})
+    await DirectQueue(redis, keys).push(
+        "welcome_email", {"email": "slow@example.com", "slow": True}
+    )
     running = await start_consumer({"welcome_email": held_email}, {"email": 2}, grace=10)  # type: ignore[operator]
     await eventually(lambda: GATE.started == ["slow@example.com"], what="the job to start")
     running.stop.set()
@@ -212,13 +242,18 @@ async def test_jobs_still_running_after_the_grace_period_are_returned_first_in_l
     await asyncio.wait_for(running.task, 5)
     assert GATE.cancelled == ["slow@example.com"]
     # Returned to the pop end: it is fetched before the job queued after it.
-    assert [decode(raw).id for raw in await redis.lrange(keys.queue("email"), 0, -1)] == [later.id, slow.id]
+    assert [decode(raw).id for raw in await redis.lrange(keys.queue("email"), 0, -1)] == [
+        later.id,
+        slow.id,
+    ]
 
 
 async def test_force_cancels_at_once_and_returns_the_jobs(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "slow@example.com", "slow": True})
+    job = await DirectQueue(redis, keys).push(
+        "welcome_email", {"email": "slow@example.com", "slow": True}
+    )
     running = await start_consumer({"welcome_email": held_email}, {"email": 1}, grace=60)  # type: ignore[operator]
     await eventually(lambda: GATE.started == ["slow@example.com"], what="the job to start")
     running.stop.set()

@@ -41,7 +41,10 @@ def test_values_are_parsed() -> None:
     ("url", "expected"),
     [
         ("smtp://mail.local", SmtpConfig("mail.local", 25, "none")),
-        ("smtp+starttls://u%40x:p%3Aw@mail.local", SmtpConfig("mail.local", 587, "starttls", "u@x", "p:w")),
+        (
+            "smtp+starttls://u%40x:p%3Aw@mail.local",
+            SmtpConfig("mail.local", 587, "starttls", "u@x", "p:w"),
+        ),
         ("smtps://mail.local:2465", SmtpConfig("mail.local", 2465, "tls")),
     ],
 )

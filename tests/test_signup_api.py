@@ -38,7 +38,9 @@ async def all_keys(redis: aioredis.Redis) -> set[bytes]:
 async def test_signup_creates_user_and_queues_three_jobs(
     client: QuartClient, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    status, headers, body = await post_json(client, {"username": "alice", "email": "alice@example.com"})
+    status, headers, body = await post_json(
+        client, {"username": "alice", "email": "alice@example.com"}
+    )
     assert status == 201
     assert headers["Content-Type"] == "application/json"
     assert body == {"user_id": body["user_id"], "username": "alice", "email": "alice@example.com"}
@@ -51,8 +53,11 @@ async def test_signup_creates_user_and_queues_three_jobs(
         assert len(raw) == 1, queue
         jobs[queue] = decode(raw[0])
     assert jobs["email"].type == "welcome_email"
-    assert jobs["email"].payload == {"user_id": body["user_id"], "username": "alice",
-                                     "email": "alice@example.com"}
+    assert jobs["email"].payload == {
+        "user_id": body["user_id"],
+        "username": "alice",
+        "email": "alice@example.com",
+    }
     assert jobs["marketing"].type == "marketing_signup"
     assert jobs["profile"].type == "generate_profile"
     assert all(job.attempt == 0 and len(job.id) == 32 for job in jobs.values())
@@ -79,8 +84,12 @@ async def test_form_encoded_signup(client: QuartClient) -> None:
     ],
 )
 async def test_bad_bodies_get_a_json_4xx_and_write_nothing(
-    client: QuartClient, redis: aioredis.Redis, body: bytes, content_type: str,
-    status: int, code: str,
+    client: QuartClient,
+    redis: aioredis.Redis,
+    body: bytes,
+    content_type: str,
+    status: int,
+    code: str,
 ) -> None:
     response = await client.post("/signup", data=body, headers={"Content-Type": content_type})
     assert response.status_code == status
@@ -103,9 +112,7 @@ async def test_missing_content_type_is_415(client: QuartClient) -> None:
     assert (await response.get_json())["error"] == "unsupported_media_type"
 
 
-async def test_body_over_the_limit_is_413(
-    make_settings: Any, redis: aioredis.Redis
-) -> None:
+async def test_body_over_the_limit_is_413(make_settings: Any, redis: aioredis.Redis) -> None:
     app = create_app(make_settings({"MAX_BODY_BYTES": "1024"}))
     async with app.test_app() as test_app:
         client = test_app.test_client()
@@ -200,7 +207,9 @@ async def test_one_redis_round_trip_per_signup(
     await asyncio.wait_for(ready.wait(), 5)
     await redis.ping()  # MONITOR is active once its reply arrived; this orders us after it
     for i in range(20):
-        assert (await post_json(client, {"username": f"user{i}", "email": f"u{i}@example.com"}))[0] == 201
+        assert (await post_json(client, {"username": f"user{i}", "email": f"u{i}@example.com"}))[
+            0
+        ] == 201
     await redis.echo("end-of-test")
     await asyncio.wait_for(watcher, 5)
     await monitor_client.aclose()
@@ -263,9 +272,7 @@ async def test_503_when_redis_hangs_comes_within_2_seconds(
     assert "Retry-After" in headers
 
 
-async def test_503_mid_commit_leaves_nothing(
-    client: QuartClient, redis: aioredis.Redis
-) -> None:
+async def test_503_mid_commit_leaves_nothing(client: QuartClient, redis: aioredis.Redis) -> None:
     # Writes are paused: the commit times out client-side, and the connection is dropped, so
     # the script never runs even once the pause ends.
     await redis.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
@@ -302,7 +309,10 @@ def with_bad_receivers() -> Iterator[None]:
 
 
 async def test_failing_receiver_is_isolated_logged_and_counted(
-    with_bad_receivers: None, client: QuartClient, redis: aioredis.Redis, keys: Keys,
+    with_bad_receivers: None,
+    client: QuartClient,
+    redis: aioredis.Redis,
+    keys: Keys,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="service.signals"):

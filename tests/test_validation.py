@@ -39,21 +39,40 @@ def test_claims_ignore_case_and_width(first: str, second: str) -> None:
 
 @pytest.mark.parametrize(
     "username",
-    ["ab", "a" * 33, "has space", "semi;colon", "emoji😀", "new\nline", "tab\t", "\u0301abc", "a/b"],
+    [
+        "ab",
+        "a" * 33,
+        "has space",
+        "semi;colon",
+        "emoji😀",
+        "new\nline",
+        "tab\t",
+        "\u0301abc",
+        "a/b",
+    ],
 )
 def test_bad_usernames(username: str) -> None:
     assert "username" in fields_error({"username": username, "email": "a@example.com"})
 
 
-@pytest.mark.parametrize("username", ["abc", "a" * 32, "jo.smith-2_x", "Zoë", "ユーザー名", "δοκιμή"])
+@pytest.mark.parametrize(
+    "username", ["abc", "a" * 32, "jo.smith-2_x", "Zoë", "ユーザー名", "δοκιμή"]
+)
 def test_good_usernames(username: str) -> None:
     assert validate_signup({"username": username, "email": "a@example.com"}).username
 
 
 @pytest.mark.parametrize(
     "email",
-    ["nope", "a@b", "a@localhost", "a\r\nBcc: x@example.com", "a b@example.com",
-     "x" * 250 + "@example.com", "a@foo.test"],
+    [
+        "nope",
+        "a@b",
+        "a@localhost",
+        "a\r\nBcc: x@example.com",
+        "a b@example.com",
+        "x" * 250 + "@example.com",
+        "a@foo.test",
+    ],
 )
 def test_bad_emails(email: str) -> None:
     assert "email" in fields_error({"username": "alice", "email": email})
@@ -63,13 +82,29 @@ def test_bad_emails(email: str) -> None:
     ("data", "expected"),
     [
         ({}, {"username": "required", "email": "required"}),
-        ({"username": 5, "email": None}, {"username": "must be a string, not a number", "email": "required"}),
-        ({"username": ["a"], "email": {"x": 1}}, {"username": "must be a string, not an array",
-                                                  "email": "must be a string, not an object"}),
-        ({"username": True, "email": 1.5}, {"username": "must be a string, not a boolean",
-                                            "email": "must be a string, not a number"}),
+        (
+            {"username": 5, "email": None},
+            {"username": "must be a string, not a number", "email": "required"},
+        ),
+        (
+            {"username": ["a"], "email": {"x": 1}},
+            {
+                "username": "must be a string, not an array",
+                "email": "must be a string, not an object",
+            },
+        ),
+        (
+            {"username": True, "email": 1.5},
+            {
+                "username": "must be a string, not a boolean",
+                "email": "must be a string, not a number",
+            },
+        ),
         ({"username": "   ", "email": "a@example.com"}, {"username": "must not be empty"}),
-        ({"username": "abc", "email": "a@example.com", "username ": 1}, {"username ": "unknown field"}),
+        (
+            {"username": "abc", "email": "a@example.com", "username ": 1},
+            {"username ": "unknown field"},
+        ),
     ],
 )
 def test_field_types(data: dict[str, Any], expected: dict[str, str]) -> None:
@@ -83,7 +118,9 @@ def test_unknown_fields_are_named() -> None:
 
 
 def test_repeated_form_field_is_named() -> None:
-    data = parse_body("application/x-www-form-urlencoded", None, b"username=a1b&username=c2d&email=a@example.com")
+    data = parse_body(
+        "application/x-www-form-urlencoded", None, b"username=a1b&username=c2d&email=a@example.com"
+    )
     assert fields_error(data) == {"username": "given more than once"}
 
 
@@ -97,7 +134,12 @@ def test_repeated_form_field_is_named() -> None:
         ("application/json", None, b'{"username": "\xff\xfe"}', 400),
         ("application/json", None, b"[" * 5000 + b"]" * 5000, 400),
         ("application/x-www-form-urlencoded", None, b"username=%ff%fe", 400),
-        ("application/x-www-form-urlencoded", None, b"&".join(b"f%d=1" % i for i in range(40)), 400),
+        (
+            "application/x-www-form-urlencoded",
+            None,
+            b"&".join(b"f%d=1" % i for i in range(40)),
+            400,
+        ),
         ("text/plain", None, b"hello", 415),
         ("", None, b"{}", 415),
         ("multipart/form-data", None, b"--x--", 415),
@@ -112,5 +154,7 @@ def test_malformed_bodies(mimetype: str, charset: str | None, body: bytes, statu
 
 
 def test_form_body_is_parsed() -> None:
-    data = parse_body("application/x-www-form-urlencoded", "utf-8", b"username=Zo%C3%AB&email=z%40example.com")
+    data = parse_body(
+        "application/x-www-form-urlencoded", "utf-8", b"username=Zo%C3%AB&email=z%40example.com"
+    )
     assert data == {"username": "Zoë", "email": "z@example.com"}
