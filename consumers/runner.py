@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.handlers import Handler, HandlerContext
 from pipeline.errors import JobDecodeError
@@ -132,6 +134,13 @@ class Consumer:
         started = time.monotonic()
         try:
             await handler(self._context, job)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Redis, not the job, failed: put the job back rather than dead-letter it.
+            logger.warning(
+                "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, exc
+            )
+            await self._return(_InFlight(queue, raw))
+            return
         except Exception as exc:
             logger.exception("job %s (%s) failed", job.id, job.type)
             await self._dead_letter(queue, raw, f"handler failed: {exc!r}")

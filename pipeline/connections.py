@@ -34,16 +34,16 @@ def web_client(settings: Settings) -> aioredis.Redis:
 
 
 def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
-    """A pool with room for every fetcher and handler; connection errors are retried with
-    backoff by the runner's loops, not by the client, so a lost BRPOP reply is never retried
-    blindly."""
+    """A pool with room for every fetcher and handler. A command that meets a dead connection
+    (a pooled one that a restarted Redis closed) is retried on a new one, with backoff; a
+    timeout is not retried, so a BRPOP whose reply may be in flight is never sent twice."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,
         timeout=None,
         socket_connect_timeout=max(settings.redis_connect_timeout, 1.0),
         socket_timeout=settings.fetch_timeout + FETCH_SOCKET_MARGIN,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 0),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_timeout=False,
         health_check_interval=30,
     )

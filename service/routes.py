@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from quart import Blueprint, Response, current_app, request
@@ -27,8 +27,7 @@ def json_response(body: Any, status: int = 200) -> Response:
 @api.post("/signup")
 async def signup() -> Response:
     """Create a user, emit ``user-signed-up``, commit the user with the receivers' jobs."""
-    body = await request.get_data(cache=False)
-    assert isinstance(body, bytes)
+    body = cast(bytes, await request.get_data(cache=False, as_text=False))
     fields = validate_signup(
         parse_body(request.mimetype, request.mimetype_params.get("charset"), body)
     )

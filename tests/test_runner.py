@@ -269,3 +269,80 @@ async def _emails_sent(redis: aioredis.Redis, keys: Keys, count: int) -> bool:
 
 async def _llen(redis: aioredis.Redis, key: str, count: int) -> bool:
     return int(await redis.llen(key)) == count
+
+
+async def test_consumer_survives_a_redis_restart(
+    tmp_path: object, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+
+    port = free_port()
+    directory = Path(str(tmp_path))
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(server_args(port, directory), stdout=subprocess.DEVNULL)
+        wait_until_ready(port, time.monotonic() + 10, process)
+        return process
+
+    server = start_redis()
+    own = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
+    client = consumer_client(own, max_connections=16)
+    admin = aioredis.Redis.from_url(own.redis_url)
+    keys = Keys(own.key_prefix)
+    ctx = HandlerContext(client, keys, ConsoleEmailBackend(), own.email_from)
+    consumer = Consumer(
+        client, keys, HANDLERS, ctx, concurrency={"email": 2}, fetch_timeout=0.2, grace_period=1
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        queue = DirectQueue(admin, keys)
+        payload = {"user_id": "u", "username": "alice", "email": "a@example.com"}
+        await queue.push("welcome_email", payload)
+        await eventually(lambda: _emails_sent(admin, keys, 1), what="the first job")
+        server.terminate()
+        server.wait(10)
+        await eventually(lambda: "Redis unreachable" in caplog.text, what="the outage logged")
+        server = start_redis()
+        await admin.aclose()
+        admin = aioredis.Redis.from_url(own.redis_url)
+        await DirectQueue(admin, keys).push("welcome_email", payload)
+        # The restarted Redis kept nothing (no persistence here): one job, processed.
+        await eventually(lambda: _emails_sent(admin, keys, 1), what="a job after the restart")
+        assert "Redis reachable again" in caplog.text
+        assert caplog.text.count("queue email: Redis unreachable") == 1  # logged once per outage
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+        await admin.aclose()
+        server.terminate()
+        server.wait(10)
+
+
+FLAKY_CALLS: list[str] = []
+
+
+async def redis_down_once(ctx: HandlerContext, job: Job) -> None:
+    FLAKY_CALLS.append(job.id)
+    if len(FLAKY_CALLS) == 1:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError("Redis went away")
+
+
+async def test_a_job_failed_by_redis_is_returned_not_dead_lettered(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    FLAKY_CALLS.clear()
+    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    await start_consumer({"welcome_email": redis_down_once})  # type: ignore[operator]
+    await eventually(lambda: len(FLAKY_CALLS) == 2, what="the job to run again")
+    assert FLAKY_CALLS == [job.id, job.id]
+    assert await redis.llen(keys.dead) == 0
