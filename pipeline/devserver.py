@@ -107,7 +107,13 @@ async def supervise() -> int:
         args = server_args(DEFAULT_REDIS_PORT, directory, appendonly=True)
         print(f"run   | starting {args[0]} on 127.0.0.1:{DEFAULT_REDIS_PORT} (data in {directory})")
         redis = await _start("redis", args, env)
-        await asyncio.to_thread(wait_until_ready, DEFAULT_REDIS_PORT, time.monotonic() + 15)
+        deadline = time.monotonic() + 15
+        while not await asyncio.to_thread(_redis_answers, DEFAULT_REDIS_PORT):
+            if redis.returncode is not None or time.monotonic() > deadline:
+                await _stop(redis)
+                port_taken = f"is port {DEFAULT_REDIS_PORT} taken?"
+                print(f"run: error: redis-server did not start; {port_taken}")
+                return 1
 
     children: dict[str, asyncio.subprocess.Process] = {}
     for name, command in _procfile().items():
