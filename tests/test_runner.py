@@ -326,12 +326,12 @@ async def test_consumer_survives_a_redis_restart(
         server.wait(10)
 
 
-FLAKY_CALLS: list[str] = []
+_flaky_calls: list[str] = []
 
 
 async def redis_down_once(ctx: HandlerContext, job: Job) -> None:
-    FLAKY_CALLS.append(job.id)
-    if len(FLAKY_CALLS) == 1:
+    _flaky_calls.append(job.id)
+    if len(_flaky_calls) == 1:
         from redis.exceptions import ConnectionError as RedisConnectionError
 
         raise RedisConnectionError("Redis went away")
@@ -340,9 +340,9 @@ async def redis_down_once(ctx: HandlerContext, job: Job) -> None:
 async def test_a_job_failed_by_redis_is_returned_not_dead_lettered(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    FLAKY_CALLS.clear()
+    _flaky_calls.clear()
     job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
     await start_consumer({"welcome_email": redis_down_once})  # type: ignore[operator]
-    await eventually(lambda: len(FLAKY_CALLS) == 2, what="the job to run again")
-    assert FLAKY_CALLS == [job.id, job.id]
+    await eventually(lambda: len(_flaky_calls) == 2, what="the job to run again")
+    assert _flaky_calls == [job.id, job.id]
     assert await redis.llen(keys.dead) == 0
