@@ -30,7 +30,8 @@ def web_client(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
     )
-    return aioredis.Redis(connection_pool=pool)
+    # from_pool: the client owns the pool, so aclose() closes its connections too.
+    return aioredis.Redis.from_pool(pool)
 
 
 def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
@@ -47,4 +48,4 @@ def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
         retry_on_timeout=False,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)

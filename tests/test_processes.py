@@ -41,8 +41,14 @@ class Child:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self._file = log.open("wb")
+        # Its own session: teardown can reach everything it started (hypercorn's workers).
         self.process = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=self._file, stderr=subprocess.STDOUT
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def output(self) -> str:
@@ -60,10 +66,28 @@ class Child:
         return self.process.returncode
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        """Stop the child's whole process group: SIGTERM, then SIGKILL if it lingers."""
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if not self._signal_group(signum) or self._group_gone(within=10):
+                break
+        self.process.wait(10)
         self._file.close()
+
+    def _signal_group(self, signum: int) -> bool:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _group_gone(self, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            self.process.poll()  # reap the leader: a zombie still counts as a member
+            if not self._signal_group(0):
+                return True
+            time.sleep(0.05)
+        return False
 
 
 @pytest.fixture
