@@ -369,3 +369,20 @@ async def test_make_run_supervisor_stops_everything_on_ctrl_c(
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
     assert "web exit 0, worker exit 0" in supervisor.output()
+
+
+async def test_queues_flag_limits_what_a_consumer_serves(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = DirectQueue(redis, keys)
+    payload = {"user_id": "a" * 32, "username": "alice", "email": "a@example.com", "created_at": 1}
+    await queue.push("welcome_email", payload)
+    await queue.push("generate_profile", payload)
+    worker = spawn(
+        consumer_argv("--queues", "profile", "--concurrency", "2"), child_env(redis_server)
+    )
+    await eventually(lambda: redis.exists(keys.profile("a" * 32)), what="the profile job")
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(10) == 0
+    assert await redis.llen(keys.queue("email")) == 1  # not served by this consumer
+    assert "profilex2" in worker.output()
