@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from datetime import UTC, datetime
 
 import orjson
@@ -140,35 +141,17 @@ async def test_receivers_push_directly_outside_a_request(redis: aioredis.Redis, 
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1, made with openssl."""
-    import subprocess
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ssl.SSLContext]:
+    """A private CA (trustme) and a server certificate for 127.0.0.1 signed by it."""
+    import trustme
 
     directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(cert), str(key)
+    ca = trustme.CA()
+    ca_file = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_context)
+    return str(ca_file), server_context
 
 
 @pytest.mark.parametrize("scheme", ["smtp+starttls", "smtps"])
@@ -176,18 +159,14 @@ async def test_welcome_email_over_tls(
     redis: aioredis.Redis,
     keys: Keys,
     make_settings: object,
-    certificate: tuple[str, str],
+    certificate: tuple[str, ssl.SSLContext],
     scheme: str,
 ) -> None:
-    import ssl
-
     from aiosmtpd.controller import Controller
 
     from pipeline.embedded_redis import free_port
 
-    cert, key = certificate
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    cert, context = certificate
     sink = SmtpSink(port=free_port())
     if scheme == "smtps":
         controller = Controller(sink, hostname="127.0.0.1", port=sink.port, ssl_context=context)
