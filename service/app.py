@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import redis.exceptions as redis_errors
 from quart import Quart, Response
@@ -27,6 +28,9 @@ _UNAVAILABLE = (
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
 )
+#: Write refusals, plain or wrapped in "Error running script ...: -OOM ...". A script is
+#: refused at its first write, so nothing of the signup was written.
+_REFUSED_WRITE = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF) ")
 
 
 def create_app(settings: Settings) -> Quart:
@@ -78,7 +82,7 @@ async def _render_http_error(error: HTTPException) -> Response:
 
 
 async def _render_redis_error(error: redis_errors.RedisError) -> Response:
-    if isinstance(error, _UNAVAILABLE) or str(error).startswith("OOM"):
+    if isinstance(error, _UNAVAILABLE) or _REFUSED_WRITE.search(str(error)):
         logger.warning("Redis unavailable: %s", error)
         return await _render_api_error(UnavailableError())
     return await _render_unexpected(error)
