@@ -11,6 +11,7 @@ Ctrl-C is passed on (the worker stops at once). No process is left behind.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -92,26 +93,27 @@ async def _stop(process: asyncio.subprocess.Process, timeout: float = STOP_TIMEO
     await process.wait()
 
 
-async def supervise() -> int:
+async def supervise(redis_port: int, data_dir: Path) -> int:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     redis: asyncio.subprocess.Process | None = None
     if env.get("REDIS_URL"):
         print("run   | REDIS_URL is set: using that Redis, starting none")
-    elif _redis_answers(DEFAULT_REDIS_PORT):
-        print(f"run   | a Redis already answers on 127.0.0.1:{DEFAULT_REDIS_PORT}: using it")
+    elif _redis_answers(redis_port):
+        print(f"run   | a Redis already answers on 127.0.0.1:{redis_port}: using it")
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     else:
-        directory = ROOT / ".run" / "redis"
-        directory.mkdir(parents=True, exist_ok=True)
-        args = server_args(DEFAULT_REDIS_PORT, directory, appendonly=True)
-        print(f"run   | starting {args[0]} on 127.0.0.1:{DEFAULT_REDIS_PORT} (data in {directory})")
+        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+        args = server_args(redis_port, data_dir, appendonly=True)
+        print(f"run   | starting {args[0]} on 127.0.0.1:{redis_port} (data in {data_dir})")
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         redis = await _start("redis", args, env)
         deadline = time.monotonic() + 15
-        while not await asyncio.to_thread(_redis_answers, DEFAULT_REDIS_PORT):
+        while not await asyncio.to_thread(_redis_answers, redis_port):
             if redis.returncode is not None or time.monotonic() > deadline:
                 await _stop(redis)
-                port_taken = f"is port {DEFAULT_REDIS_PORT} taken?"
+                port_taken = f"is port {redis_port} taken?"
                 print(f"run: error: redis-server did not start; {port_taken}")
                 return 1
 
@@ -150,13 +152,17 @@ async def supervise() -> int:
     return 1 if failed else 0
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.devserver", description=__doc__)
+    parser.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT)
+    parser.add_argument("--data-dir", type=Path, default=ROOT / ".run" / "redis")
+    options = parser.parse_args(argv)
     try:
-        return asyncio.run(supervise())
+        return asyncio.run(supervise(options.redis_port, options.data_dir))
     except RedisServerNotFoundError as exc:
         print(f"run: error: {exc}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -340,28 +340,32 @@ async def test_client_gone_mid_body_leaves_nothing(
         assert await redis.hget("signup:claims:username", "halfway") is None
 
 
-async def test_make_run_supervisor_stops_everything_on_ctrl_c(
-    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis
-) -> None:
-    import psutil
-
-    port = free_port()
-    env = child_env(redis_server, PORT=str(port), WEB_CONCURRENCY="1")
-    supervisor = spawn([sys.executable, "-m", "pipeline.devserver"], env)
+async def start_make_run(spawn: Any, env: dict[str, str], *args: str) -> Child:
+    """``python -m pipeline.devserver`` (what ``make run`` runs), once a signup gets a 201."""
+    port = int(env["PORT"])
+    supervisor = spawn([sys.executable, "-m", "pipeline.devserver", *args], env)
 
     async def serving() -> bool:
         assert supervisor.process.poll() is None, supervisor.output()
         try:
-            return (
-                await http(
-                    port, "POST", "/signup", {"username": "runner", "email": "run@example.com"}
-                )
-            )[0] == 201
+            body = {"username": "runner", "email": "run@example.com"}
+            return (await http(port, "POST", "/signup", body))[0] == 201
         except OSError:
             return False
 
     await eventually(serving, timeout=30, what="make run's web service")
-    await eventually(lambda: redis.hget("signup:stats", "emails_sent"), what="make run's worker")
+    return supervisor
+
+
+async def test_make_run_supervisor_stops_everything_on_ctrl_c(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
+) -> None:
+    import psutil
+
+    env = child_env(redis_server, PORT=str(free_port()), WEB_CONCURRENCY="1")
+    supervisor = await start_make_run(spawn, env)
+    await eventually(lambda: redis.hget(keys.stats, "emails_sent"), what="make run's worker")
+    assert "REDIS_URL is set: using that Redis, starting none" in supervisor.output()
     children = psutil.Process(supervisor.process.pid).children(recursive=True)
     assert len(children) >= 3  # web master, web worker, consumer
     supervisor.signal(signal.SIGINT)
@@ -369,6 +373,41 @@ async def test_make_run_supervisor_stops_everything_on_ctrl_c(
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
     assert "web exit 0, worker exit 0" in supervisor.output()
+
+
+async def test_make_run_starts_its_own_redis_and_a_second_ctrl_c_stops_at_once(
+    spawn: Any, redis_server: RedisServer, smtp_server: SmtpSink, tmp_path: Path
+) -> None:
+    import psutil
+
+    smtp_server.delay = 30  # the welcome email stays in flight
+    env = child_env(
+        redis_server,
+        PORT=str(free_port()),
+        WEB_CONCURRENCY="1",
+        SMTP_URL=smtp_server.url,
+        SHUTDOWN_GRACE_PERIOD="60",
+    )
+    del env["REDIS_URL"]
+    redis_port = free_port()
+    supervisor = await start_make_run(
+        spawn, env, "--redis-port", str(redis_port), "--data-dir", str(tmp_path / "redis")
+    )
+    assert f"on 127.0.0.1:{redis_port}" in supervisor.output()
+    children = psutil.Process(supervisor.process.pid).children(recursive=True)
+    assert any("redis-server" in " ".join(child.cmdline()) for child in children)
+    await eventually(lambda: smtp_server.started == 1, what="the welcome email in flight")
+    supervisor.signal(signal.SIGINT)
+    await eventually(lambda: "SIGTERM: stopping" in supervisor.output(), what="the first Ctrl-C")
+    supervisor.signal(signal.SIGINT)
+    # Well inside the 60 s grace period: the second Ctrl-C reached the worker.
+    assert await supervisor.wait(10) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
+    output = supervisor.output()
+    assert "SIGINT again: stopping now" in output
+    assert "returned an unfinished job" in output
+    assert "worker exit 0" in output
 
 
 async def test_queues_flag_limits_what_a_consumer_serves(
