@@ -25,7 +25,13 @@ from pipeline.connections import consumer_client
 from pipeline.errors import SettingsError
 from pipeline.keys import Keys
 from pipeline.logs import configure_logging
-from pipeline.settings import Settings, parse_concurrency, parse_queues, redact_url
+from pipeline.settings import (
+    Settings,
+    parse_concurrency,
+    parse_grace_period,
+    parse_queues,
+    redact_url,
+)
 
 logger = logging.getLogger("consumers")
 PROG = "python -m consumers"
@@ -47,13 +53,6 @@ def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _seconds(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value <= 3600:
-        raise ValueError("expected seconds between 0 and 3600")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run the signup pipeline's consumers.")
     parser.add_argument(
@@ -68,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grace-period",
-        type=_flag(_seconds),
+        type=_flag(parse_grace_period),
         help="seconds in-flight jobs get on shutdown (env SHUTDOWN_GRACE_PERIOD; default 10)",
     )
     return parser

@@ -108,7 +108,7 @@ class Settings:
             ),
             fetch_timeout=_get(env, "FETCH_TIMEOUT", _seconds(0.1, 10), defaults.fetch_timeout),
             shutdown_grace_period=_get(
-                env, "SHUTDOWN_GRACE_PERIOD", _seconds(0.0, 3600), defaults.shutdown_grace_period
+                env, "SHUTDOWN_GRACE_PERIOD", parse_grace_period, defaults.shutdown_grace_period
             ),
             log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
         )
@@ -157,6 +157,10 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+#: Parses ``SHUTDOWN_GRACE_PERIOD`` and the consumer's ``--grace-period``.
+parse_grace_period = _seconds(0.0, 3600)
 
 
 def _redis_url(raw: str) -> str:

@@ -30,6 +30,11 @@ _UNAVAILABLE = (
 )
 #: Write refusals, plain or wrapped in "Error running script ...: -OOM ...". A script is
 #: refused at its first write, so nothing of the signup was written.
+_HTTP_MESSAGES = {
+    404: "no such resource",
+    405: "that method is not allowed here",
+    413: "the body is too large",
+}
 _REFUSED_WRITE = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF) ")
 
 
@@ -68,12 +73,7 @@ async def _render_api_error(error: ApiError) -> Response:
 async def _render_http_error(error: HTTPException) -> Response:
     status = error.code or 500
     code = (error.name or "error").lower().replace(" ", "_")
-    messages = {
-        413: "the body is too large",
-        404: "no such resource",
-        405: "that method is not allowed here",
-    }
-    message = messages.get(status, error.description or error.name or "error")
+    message = _HTTP_MESSAGES.get(status, error.description or error.name or "error")
     response = json_response({"error": code, "message": message}, status)
     allow = dict(error.get_headers()).get("Allow")
     if allow:

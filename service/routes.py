@@ -49,7 +49,7 @@ async def signup() -> Response:
         email=user.email,
         created_at=user.created_at,
     )
-    taken = await deps().users.create(user, jobs.jobs, receiver_errors=failures)
+    taken = await deps().users.create(user, jobs, receiver_errors=failures)
     if taken is not None:
         raise ConflictError(taken)
     return json_response(

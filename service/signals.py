@@ -28,14 +28,17 @@ async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> int:
     """Await every async receiver of ``signal`` for ``sender``; return how many raised."""
     failures = 0
     for receiver in signal.receivers_for(sender):
-        name = getattr(receiver, "__qualname__", repr(receiver))
         if not iscoroutinefunction(receiver):
-            logger.error("receiver %s of %r is not async; skipped", name, signal.name)
+            logger.error("receiver %s of %r is not async; skipped", _name(receiver), signal.name)
             failures += 1
             continue
         try:
             await receiver(sender, **kwargs)
         except Exception:
             failures += 1
-            logger.exception("receiver %s of %r raised", name, signal.name)
+            logger.exception("receiver %s of %r raised", _name(receiver), signal.name)
     return failures
+
+
+def _name(receiver: Any) -> str:
+    return getattr(receiver, "__qualname__", repr(receiver))

@@ -44,14 +44,14 @@ return 'ok'
 
 @dataclass(slots=True)
 class SignupJobs:
-    """The signup's unit of work: a JobSink that collects jobs until the commit."""
+    """The signup's unit of work: a JobSink that collects jobs, each with its queue, until
+    the commit. An unknown job type fails in the receiver that pushed it, not in the commit."""
 
-    jobs: list[Job] = field(default_factory=list)
+    queued: list[tuple[str, Job]] = field(default_factory=list)
 
     async def push(self, job_type: str, payload: dict[str, Any]) -> Job:
-        queue_for(job_type)  # an unknown type fails in the receiver, not in the commit
         job = new_job(job_type, payload)
-        self.jobs.append(job)
+        self.queued.append((queue_for(job_type), job))
         return job
 
 
@@ -82,7 +82,7 @@ class UserStore:
         self._keys = keys
         self._create: AsyncScript = redis.register_script(_CREATE_USER)
 
-    async def create(self, user: NewUser, jobs: list[Job], receiver_errors: int) -> str | None:
+    async def create(self, user: NewUser, jobs: SignupJobs, receiver_errors: int) -> str | None:
         """Commit the user with its jobs. Return None, or the field whose claim is taken.
 
         The script is shielded from cancellation: a client that disconnects mid-request
@@ -90,7 +90,7 @@ class UserStore:
         """
         keys = self._keys
         script_keys = [keys.username_claims, keys.email_claims, keys.user(user.user_id), keys.stats]
-        script_keys += [keys.queue(queue_for(job.type)) for job in jobs]
+        script_keys += [keys.queue(queue) for queue, _ in jobs.queued]
         args: list[Any] = [
             user.username_claim,
             user.email_claim,
@@ -100,7 +100,7 @@ class UserStore:
             repr(user.created_at),
             receiver_errors,
         ]
-        args += [job.encode() for job in jobs]
+        args += [job.encode() for _, job in jobs.queued]
         commit = asyncio.ensure_future(self._create(keys=script_keys, args=args))
         commit.add_done_callback(_log_orphaned_failure)
         result = await asyncio.shield(commit)

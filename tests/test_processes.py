@@ -216,34 +216,50 @@ async def test_sigterm_mid_stream_exits_0_and_loses_nothing(
     assert sorted(smtp_server.recipients()) == sorted(pushed)
 
 
+async def busy_worker(
+    spawn: Any,
+    redis_server: RedisServer,
+    redis: aioredis.Redis,
+    keys: Keys,
+    smtp: SmtpSink,
+    *,
+    jobs: int,
+    concurrency: int,
+    grace: str,
+) -> Child:
+    """A consumer whose SMTP server stalls, once it holds ``concurrency`` jobs in flight."""
+    smtp.delay = 30
+    env = child_env(redis_server, SMTP_URL=smtp.url, CONSUMER_CONCURRENCY=f"email={concurrency}")
+    worker = spawn(consumer_argv("--grace-period", grace), env)
+    await push_emails(redis, keys, jobs)
+    await eventually(lambda: smtp.started == concurrency, what="the worker's jobs in flight")
+    return worker
+
+
 async def test_jobs_outliving_the_grace_period_are_returned(
     spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, smtp_server: SmtpSink
 ) -> None:
-    smtp_server.delay = 30
-    env = child_env(redis_server, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=3")
-    worker = spawn(consumer_argv("--grace-period", "0.5"), env)
-    pushed = await push_emails(redis, keys, 10)
-    await eventually(lambda: smtp_server.started == 3, what="three jobs in flight")
+    worker = await busy_worker(
+        spawn, redis_server, redis, keys, smtp_server, jobs=10, concurrency=3, grace="0.5"
+    )
     worker.signal(signal.SIGTERM)
     assert await worker.wait(10) == 0
-    assert await redis.llen(keys.queue("email")) == len(pushed)
+    assert await redis.llen(keys.queue("email")) == 10
     assert "cancelling 3 jobs" in worker.output()
 
 
 async def test_second_sigint_stops_at_once(
     spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, smtp_server: SmtpSink
 ) -> None:
-    smtp_server.delay = 30
-    env = child_env(redis_server, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=2")
-    worker = spawn(consumer_argv("--grace-period", "120"), env)
-    pushed = await push_emails(redis, keys, 4)
-    await eventually(lambda: smtp_server.started == 2, what="two jobs in flight")
+    worker = await busy_worker(
+        spawn, redis_server, redis, keys, smtp_server, jobs=4, concurrency=2, grace="120"
+    )
     worker.signal(signal.SIGINT)
     await eventually(lambda: "SIGINT: stopping" in worker.output(), what="the first SIGINT")
     worker.signal(signal.SIGINT)
     assert await worker.wait(5) == 0
     assert "SIGINT again: stopping now" in worker.output()
-    assert await redis.llen(keys.queue("email")) == len(pushed)
+    assert await redis.llen(keys.queue("email")) == 4
 
 
 @pytest.mark.parametrize(
@@ -318,7 +334,7 @@ def test_procfile_runs_the_settings_check_before_hypercorn() -> None:
 
 
 async def test_client_gone_mid_body_leaves_nothing(
-    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
 ) -> None:
     async with web(spawn, child_env(redis_server)) as (port, _):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -336,8 +352,8 @@ async def test_client_gone_mid_body_leaves_nothing(
             port, "POST", "/signup", {"username": "whole", "email": "whole@example.com"}
         )
         assert status == 201
-        assert await redis.hlen("signup:claims:username") == 1
-        assert await redis.hget("signup:claims:username", "halfway") is None
+        assert await redis.hlen(keys.username_claims) == 1
+        assert await redis.hget(keys.username_claims, "halfway") is None
 
 
 async def start_make_run(spawn: Any, env: dict[str, str], *args: str) -> Child:
