@@ -1,9 +1,15 @@
 """The consumer command line.
 
 ``python -m consumers [--queues email,profile] [--concurrency 8|email=8,profile=2]
-[--grace-period S]``. Flags override the matching environment variables. SIGTERM or SIGINT
-stops gracefully; a second one stops at once. Exit 0 after a graceful stop, 2 on bad
-arguments or settings (one line on stderr).
+[--grace-period S] [--delivery at-least-once|at-most-once]`` runs the consumers. Flags
+override the matching environment variables. SIGTERM or SIGINT stops gracefully; a second one
+stops at once. Exit 0 after a graceful stop.
+
+``python -m consumers dead list [--limit N] [--json]``, ``dead requeue (--all | JOB_ID)``,
+``dead purge`` and ``stats [--json]`` operate the pipeline.
+
+Exit 2 on bad arguments or settings, 1 when Redis cannot be reached or a job id is not found:
+one line on stderr either way.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from consumers.admin import operate
 from consumers.email import email_backend
 from consumers.handlers import HANDLERS, HandlerContext
 from consumers.runner import Consumer
@@ -25,9 +32,11 @@ from pipeline.connections import consumer_client
 from pipeline.errors import SettingsError
 from pipeline.keys import Keys
 from pipeline.logs import configure_logging
+from pipeline.queue import Broker
 from pipeline.settings import (
     Settings,
     parse_concurrency,
+    parse_delivery_mode,
     parse_grace_period,
     parse_queues,
     redact_url,
@@ -70,25 +79,67 @@ def _parser() -> argparse.ArgumentParser:
         type=_flag(parse_grace_period),
         help="seconds in-flight jobs get on shutdown (env SHUTDOWN_GRACE_PERIOD; default 10)",
     )
+    parser.add_argument(
+        "--delivery",
+        type=_flag(parse_delivery_mode),
+        help="at-least-once or at-most-once (env DELIVERY_MODE; default at-least-once)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{dead,stats}")
+    dead = commands.add_parser("dead", help="list, requeue or purge dead letters")
+    dead_commands = dead.add_subparsers(dest="dead_command", metavar="{list,requeue,purge}")
+    dead_commands.required = True
+    listing = dead_commands.add_parser("list", help="show dead letters, newest first")
+    listing.add_argument(
+        "--limit", type=_flag(_positive), default=None, help="show at most N (default all)"
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    requeue = dead_commands.add_parser("requeue", help="put dead jobs back on their queue")
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_id", nargs="?", help="the id of the job to requeue")
+    which.add_argument("--all", action="store_true", help="requeue every dead letter")
+    dead_commands.add_parser("purge", help="delete every dead letter")
+    stats = commands.add_parser(
+        "stats", help="queue depths, jobs held, retries waiting, dead letters, live consumers"
+    )
+    stats.add_argument("--json", action="store_true", help="print the stats as JSON")
     return parser
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
 
 
 def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     """Run the consumers; return the process's exit code."""
-    options = _parser().parse_args(argv)
+    parser = _parser()
+    options = parser.parse_args(argv)
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("consumer_queues", options.queues),
+            ("consumer_concurrency", options.concurrency),
+            ("shutdown_grace_period", options.grace_period),
+            ("delivery_mode", options.delivery),
+        )
+        if value is not None
+    }
+    if options.command and overrides:
+        parser.error(f"the run options apply to running consumers, not to {options.command!r}")
     try:
         settings = Settings.from_env(environ)
     except SettingsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    overrides: dict[str, Any] = {}
-    if options.queues is not None:
-        overrides["consumer_queues"] = options.queues
-    if options.concurrency is not None:
-        overrides["consumer_concurrency"] = options.concurrency
-    if options.grace_period is not None:
-        overrides["shutdown_grace_period"] = options.grace_period
     settings = dataclasses.replace(settings, **overrides)
+    if options.command is not None:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(operate(settings, options))
     configure_logging(settings.log_level)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(run(settings))
@@ -124,26 +175,24 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(signum, on_signal, signum.name)
 
     concurrency = {q: settings.consumer_concurrency[q] for q in settings.consumer_queues}
-    # One connection per fetch loop and per running job, and one spare.
+    # One connection per fetch loop and per running job, one each for the heartbeat, the
+    # sweeper and the maintainer, and one spare.
     redis = consumer_client(
-        settings, max_connections=len(concurrency) + sum(concurrency.values()) + 1
+        settings, max_connections=len(concurrency) + sum(concurrency.values()) + 4
     )
     keys = Keys(settings.key_prefix)
-    context = HandlerContext(redis, keys, email_backend(settings), settings.email_from)
-    consumer = Consumer(
-        redis,
-        keys,
-        HANDLERS,
-        context,
-        concurrency=concurrency,
-        fetch_timeout=settings.fetch_timeout,
-        grace_period=settings.shutdown_grace_period,
+    context = HandlerContext(
+        redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
     )
+    broker = Broker(redis, keys, mode=settings.delivery_mode)
+    consumer = Consumer(broker, HANDLERS, context, settings)
     logger.info(
-        "consuming %s from %s (prefix %r)",
+        "consumer %s: consuming %s from %s (prefix %r), %s",
+        broker.consumer_id,
         ", ".join(f"{q}x{n}" for q, n in concurrency.items()),
         redact_url(settings.redis_url),
         settings.key_prefix,
+        settings.delivery_mode,
     )
     try:
         await consumer.run(stop, force)

@@ -1,60 +1,122 @@
-"""What each job type does. A handler raises on failure; the runner decides what follows."""
+"""What each job type does. A handler raises on failure; the runner decides what follows.
+
+Every handler is idempotent by job id: an effect stored in Redis is written in one script
+together with the job's done-marker, so a job delivered twice (recovered from a consumer that
+died, or retried after a failure) takes effect once."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.email import EmailBackend, welcome_email
 from pipeline.jobs import Job
 from pipeline.keys import Keys
 
+logger = logging.getLogger(__name__)
 
-@dataclass(frozen=True, slots=True)
+
+def _once(effect: str) -> str:
+    """A script doing ``effect`` only if job KEYS[1]'s done-marker was not set yet, and setting
+    it (expiring after ARGV[1] s) in the same step. Returns 1 if it ran, 0 if already done."""
+    return (
+        "if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end\n"
+        f"{effect}\nreturn 1"
+    )
+
+
+# KEYS: done, stats
+_MARK_EMAIL_SENT = _once("redis.call('HINCRBY', KEYS[2], 'emails_sent', 1)")
+# KEYS: done, marketing set, stats  ARGV: ttl, address, signed-up time
+_ADD_TO_MARKETING = _once(
+    "redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])\n"
+    "redis.call('HINCRBY', KEYS[3], 'marketing_list_updates', 1)"
+)
+# KEYS: done, profile, stats  ARGV: ttl, profile JSON
+_SAVE_PROFILE = _once(
+    "redis.call('SET', KEYS[2], ARGV[2])\nredis.call('HINCRBY', KEYS[3], 'profiles_generated', 1)"
+)
+
+#: Waits between attempts to record that an email went out, when Redis fails right after the
+#: SMTP server accepted it (beyond the client's own retries): a lost marker means a second email.
+MARK_RETRY_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
+
+
 class HandlerContext:
-    """What handlers share: Redis, the key names, the email backend and the sender address."""
+    """What handlers share: Redis and its scripts, the key names, the email backend and the
+    sender address, and how long a job's done-marker lives."""
 
-    redis: aioredis.Redis
-    keys: Keys
-    email: EmailBackend
-    email_from: str
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        email: EmailBackend,
+        email_from: str,
+        idempotency_ttl: int = 24 * 3600,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.email = email
+        self.email_from = email_from
+        self.idempotency_ttl = idempotency_ttl
+        self.mark_email_sent = redis.register_script(_MARK_EMAIL_SENT)
+        self.add_to_marketing = redis.register_script(_ADD_TO_MARKETING)
+        self.save_profile = redis.register_script(_SAVE_PROFILE)
 
 
 Handler = Callable[[HandlerContext, Job], Awaitable[None]]
 
 
 async def send_welcome_email(ctx: HandlerContext, job: Job) -> None:
-    """Email the new user, then count it."""
+    """Email the new user unless this job already did, then mark it done and count it.
+
+    The marker is written right after the SMTP server accepts the message; a crash between
+    the two is the one window in which the email can go out twice."""
+    done = ctx.keys.done(job.id)
+    if await ctx.redis.exists(done):
+        logger.info("job %s: welcome email already sent; skipping", job.id)
+        return
     payload = job.payload
     await ctx.email.send(welcome_email(ctx.email_from, payload["email"], payload["username"]))
-    await ctx.redis.hincrby(ctx.keys.stats, "emails_sent", 1)
+    for delay in (*MARK_RETRY_DELAYS, None):
+        try:
+            await ctx.mark_email_sent(keys=[done, ctx.keys.stats], args=[ctx.idempotency_ttl])
+            return
+        except (RedisConnectionError, RedisTimeoutError):
+            if delay is None:
+                raise
+            logger.warning("job %s: email sent but not yet marked done; retrying", job.id)
+            await asyncio.sleep(delay)
 
 
 async def add_to_marketing_list(ctx: HandlerContext, job: Job) -> None:
-    """Add the address to the marketing list (scored by signup time) and count it, atomically."""
+    """Add the address to the marketing list (scored by signup time) and count it, once."""
     payload = job.payload
     signed_up_at = float(payload.get("signed_up_at", job.enqueued_at))
-    pipe = ctx.redis.pipeline(transaction=True)
-    pipe.zadd(ctx.keys.marketing, {payload["email"]: signed_up_at}, nx=True)
-    pipe.hincrby(ctx.keys.stats, "marketing_list_updates", 1)
-    await pipe.execute()
+    await ctx.add_to_marketing(
+        keys=[ctx.keys.done(job.id), ctx.keys.marketing, ctx.keys.stats],
+        args=[ctx.idempotency_ttl, payload["email"], repr(signed_up_at)],
+    )
 
 
 async def generate_profile(ctx: HandlerContext, job: Job) -> None:
-    """Write the user's generated profile and count it, atomically."""
+    """Write the user's generated profile and count it, once."""
     payload = job.payload
     profile = build_profile(payload["username"], payload["email"])
-    pipe = ctx.redis.pipeline(transaction=True)
-    pipe.set(ctx.keys.profile(payload["user_id"]), orjson.dumps(profile))
-    pipe.hincrby(ctx.keys.stats, "profiles_generated", 1)
-    await pipe.execute()
+    await ctx.save_profile(
+        keys=[ctx.keys.done(job.id), ctx.keys.profile(payload["user_id"]), ctx.keys.stats],
+        args=[ctx.idempotency_ttl, orjson.dumps(profile)],
+    )
 
 
 def build_profile(username: str, email: str, now: datetime | None = None) -> dict[str, Any]:

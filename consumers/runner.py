@@ -1,41 +1,61 @@
-"""The consumer runner: fetch loops, handler tasks, and a graceful drain.
+"""The consumer runner: fetch loops, handler tasks, retries, the lease, recovery, and a
+graceful drain.
 
-Each queue has one fetch loop that BRPOPs (short block) while fewer than its concurrency of
-jobs are running, and starts each job as a task, so a slow job never blocks fetching.
+Each queue has one fetch loop that fetches (short block) while fewer than its concurrency of
+jobs are running, and starts each job as a task, so a slow job never blocks fetching. A job
+runs under its type's timeout; then it is settled in one script: acknowledged, scheduled for
+a retry with exponential backoff and jitter, or dead-lettered after its last attempt.
 
-Stopping: ``stop`` is set (SIGTERM / SIGINT). Fetch loops are never cancelled - a BRPOP reply
-cancelled in flight would lose the job the server already popped - they see the flag when
+Beside the fetch loops: the heartbeat renews this consumer's lease (from before the first
+fetch until the last job is settled), the sweeper recovers the jobs of consumers whose lease
+expired, and the maintainer promotes due retries and records latency samples.
+
+Stopping: ``stop`` is set (SIGTERM / SIGINT). Fetch loops are never cancelled - a blocking
+pop cancelled in flight would lose the job the server already popped - they see the flag when
 their block times out and exit. In-flight jobs get the grace period, counted from the signal;
 jobs still running then (or at once when ``force`` is set) are cancelled and returned to the
-head of their queue.
+head of their queue, without counting as an attempt. Last, the lease is given up and anything
+still held is returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
+import random
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.handlers import Handler, HandlerContext
 from pipeline.errors import JobDecodeError
-from pipeline.jobs import decode
-from pipeline.keys import Keys
-from pipeline.queue import dead_letter, fetch, return_job
+from pipeline.jobs import Job, decode
+from pipeline.queue import Broker, dead_entry
+from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-#: Backoff between fetch attempts while Redis is unreachable: doubles up to the cap.
+#: Backoff between attempts while Redis is unreachable: doubles up to the cap.
 BACKOFF_START, BACKOFF_CAP = 0.1, 2.0
 #: How long a cancelled job may take to unwind, and how often it is cancelled again if it
 #: swallows the cancellation (some clients wait for a polite goodbye on the way out).
 CANCEL_WAIT, CANCEL_TRIES = 1.0, 3
+#: How often due retries are promoted, and latency samples written.
+PROMOTE_INTERVAL: Final = 0.25
+LATENCY_FLUSH_INTERVAL: Final = 1.0
+#: A dead consumer is forgotten this many lease periods after it was last seen (until then
+#: the sweeper still looks at its processing lists).
+FORGET_AFTER_LEASES: Final = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,121 +64,362 @@ class _InFlight:
     raw: bytes
 
 
+class _Outage:
+    """Tracks whether Redis is reachable, so an outage is logged once, not by every task."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.back_at: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            logger.warning("Redis unreachable (%s); retrying with backoff", exc)
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            logger.warning(
+                "Redis reachable again after %.1f s; resuming", time.monotonic() - self.down_since
+            )
+            self.down_since = None
+            self.back_at = time.monotonic()
+
+    def quiet_for(self, seconds: float) -> bool:
+        """True unless Redis came back from an outage less than ``seconds`` ago."""
+        return self.back_at is None or time.monotonic() - self.back_at >= seconds
+
+
+def retry_delay(attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: half of ``base * 2**(attempts - 1)`` (capped), plus a
+    random part up to the other half, so retries of jobs that failed together spread out."""
+    ceiling = min(cap, base * 2.0 ** (attempts - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
 class Consumer:
-    """Runs the queues of one consumer process until told to stop."""
+    """Runs the configured queues of one consumer process until told to stop."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
-        keys: Keys,
+        broker: Broker,
         handlers: Mapping[str, Handler],
         context: HandlerContext,
-        *,
-        concurrency: Mapping[str, int],
-        fetch_timeout: float,
-        grace_period: float,
+        settings: Settings,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
+        self._broker = broker
         self._handlers = handlers
         self._context = context
-        self._concurrency = dict(concurrency)
-        self._fetch_timeout = fetch_timeout
-        self._grace_period = grace_period
+        self._settings = settings
+        self._concurrency = {q: settings.consumer_concurrency[q] for q in settings.consumer_queues}
         self._in_flight: dict[asyncio.Task[None], _InFlight] = {}
+        self._samples: dict[str, list[tuple[float, float]]] = {q: [] for q in self._concurrency}
+        self._outage = _Outage()
+        self._leased = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._deadline: float | None = None
+
+    @property
+    def consumer_id(self) -> str:
+        return self._broker.consumer_id
 
     async def run(self, stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set, then drain. ``force`` cuts the grace period short."""
-        force = force or asyncio.Event()
+        self._stop, self._force = stop, force or asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         loops = {
-            asyncio.create_task(self._fetch_loop(queue, stop), name=f"fetch:{queue}")
+            asyncio.create_task(self._fetch_loop(queue), name=f"fetch:{queue}")
             for queue in self._concurrency
         }
+        loops.add(asyncio.create_task(self._sweep(), name="sweeper"))
+        loops.add(asyncio.create_task(self._maintain(), name="maintainer"))
         stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({*loops, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        deadline = asyncio.get_running_loop().time() + self._grace_period
-        crashed = [task for task in done if task in loops and task.exception() is not None]
+        done, _ = await asyncio.wait(
+            {*loops, heartbeat, stopped}, return_when=asyncio.FIRST_COMPLETED
+        )
+        self._deadline = asyncio.get_running_loop().time() + self._settings.shutdown_grace_period
+        crashed = [t for t in done if t is not stopped and t.exception() is not None]
         stop.set()
         stopped.cancel()
-        # Fetch loops end by themselves at their next block timeout.
+        # Loops end by themselves: fetches at their next block timeout, the others at once.
         await asyncio.wait(loops)
-        await self._drain(deadline, force)
+        await self._drain()
+        await self._flush_latency()
+        self._drained.set()
+        await asyncio.wait({heartbeat})
+        await self._release()
         for task in crashed:
             raise RuntimeError(f"{task.get_name()} crashed") from task.exception()
 
-    async def _fetch_loop(self, queue: str, stop: asyncio.Event) -> None:
+    # --- fetching ---------------------------------------------------------------------
+
+    async def _fetch_loop(self, queue: str) -> None:
         limit = self._concurrency[queue]
         running: set[asyncio.Task[None]] = set()
-        stopped = asyncio.create_task(stop.wait())
+        # Never hold a job without a lease: wait for the first heartbeat.
+        if not await self._until(self._leased):
+            return
         backoff = 0.0
+        while not self._stop.is_set():
+            if len(running) >= limit:
+                await self._until(*running, timeout=None)
+                continue
+            try:
+                raw = await self._broker.fetch(queue, self._settings.fetch_timeout)
+            except RedisError as exc:
+                self._outage.failed(exc)
+                backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+                await self._until(timeout=backoff)
+                continue
+            self._outage.ok()
+            backoff = 0.0
+            if raw is None:
+                continue
+            task = asyncio.create_task(self._process(queue, raw))
+            self._in_flight[task] = _InFlight(queue, raw)
+            running.add(task)
+            task.add_done_callback(running.discard)
+            task.add_done_callback(self._forget)
+
+    async def _until(
+        self, *waitables: asyncio.Event | asyncio.Task[None], timeout: float | None = None
+    ) -> bool:
+        """Wait for any of ``waitables`` (events or tasks), ``timeout``, or the stop flag,
+        whichever comes first. True unless it was the stop flag."""
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._stop.wait())}
+        for item in waitables:
+            waiters.add(
+                item if isinstance(item, asyncio.Task) else asyncio.ensure_future(item.wait())
+            )
         try:
-            while not stop.is_set():
-                if len(running) >= limit:
-                    await asyncio.wait({*running, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                try:
-                    raw = await fetch(self._redis, self._keys, queue, self._fetch_timeout)
-                except RedisError as exc:
-                    if not backoff:
-                        logger.warning("queue %s: Redis unreachable (%s); retrying", queue, exc)
-                    backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
-                    # Back off, but wake at once when told to stop.
-                    await asyncio.wait({stopped}, timeout=backoff)
-                    continue
-                if backoff:
-                    logger.warning("queue %s: Redis reachable again; resuming", queue)
-                    backoff = 0.0
-                if raw is None:
-                    continue
-                task = asyncio.create_task(self._process(queue, raw))
-                self._in_flight[task] = _InFlight(queue, raw)
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(self._forget)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped.cancel()
+            for waiter in waiters:
+                if waiter not in waitables:  # never cancel a job task
+                    waiter.cancel()
+        return not self._stop.is_set()
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
+
+    # --- running one job ----------------------------------------------------------------
 
     async def _process(self, queue: str, raw: bytes) -> None:
         try:
             job = decode(raw)
         except JobDecodeError as exc:
-            await self._dead_letter(queue, raw, f"undecodable job: {exc}")
+            await self._dead_letter(queue, raw, None, f"undecodable job: {exc}")
             return
         handler = self._handlers.get(job.type)
         if handler is None:
-            await self._dead_letter(queue, raw, f"unknown job type {job.type!r}")
+            await self._dead_letter(queue, raw, job, f"unknown job type {job.type!r}")
             return
-        started = time.monotonic()
+        limit = self._settings.job_timeout.get(job.type, 30.0)
+        started, clock = time.time(), time.monotonic()
+        timeout = asyncio.timeout(limit)
         try:
-            await handler(self._context, job)
+            async with timeout:
+                await handler(self._context, job)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            # Redis, not the job, failed: put the job back rather than dead-letter it.
+            # Redis, not the job, failed: put the job back, not counting an attempt.
             logger.warning(
                 "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, exc
             )
-            await self._return(_InFlight(queue, raw))
+            await self._settle(job.id, lambda: self._broker.return_job(queue, raw))
             return
         except Exception as exc:
-            logger.exception("job %s (%s) failed", job.id, job.type)
-            await self._dead_letter(queue, raw, f"handler failed: {exc!r}")
+            if timeout.expired():
+                error = f"timed out after {limit:g} s"
+            else:
+                error = f"{type(exc).__name__}: {exc}"
+            await self._failed(queue, raw, job, error, exc)
             return
-        logger.debug(
-            "job %s (%s) done in %.1f ms", job.id, job.type, (time.monotonic() - started) * 1e3
+        run = time.monotonic() - clock
+        self._samples[queue].append((max(0.0, started - job.enqueued_at), run))
+        if await self._settle(job.id, lambda: self._broker.ack(queue, raw, job.id)) is False:
+            logger.warning(
+                "job %s (%s): done, but it had been recovered from this consumer (its lease "
+                "lapsed); another delivery will find it done",
+                job.id,
+                job.type,
+            )
+        logger.debug("job %s (%s) done in %.1f ms", job.id, job.type, run * 1e3)
+
+    async def _failed(self, queue: str, raw: bytes, job: Job, error: str, exc: Exception) -> None:
+        attempts = job.attempt + 1
+        allowed = self._settings.job_max_attempts.get(job.type, 5)
+        exc_info = (type(exc), exc, exc.__traceback__)
+        if attempts >= allowed:
+            logger.error(
+                "job %s (%s) failed attempt %d of %d: %s; dead-lettering it",
+                job.id,
+                job.type,
+                attempts,
+                allowed,
+                error,
+                exc_info=exc_info,
+            )
+            await self._dead_letter(
+                queue, raw, job, f"failed {attempts} attempts; last: {error}", error=error
+            )
+            return
+        delay = retry_delay(
+            attempts, self._settings.retry_base_delay, self._settings.retry_max_delay
+        )
+        logger.warning(
+            "job %s (%s) failed attempt %d of %d: %s; retrying in %.2f s",
+            job.id,
+            job.type,
+            attempts,
+            allowed,
+            error,
+            delay,
+            exc_info=exc_info,
+        )
+        retried = dataclasses.replace(job, attempt=attempts, enqueued_at=time.time() + delay)
+        await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay))
+
+    async def _dead_letter(
+        self, queue: str, raw: bytes, job: Job | None, reason: str, error: str | None = None
+    ) -> None:
+        if job is None:
+            logger.error("queue %s: dead-lettering a job: %s", queue, reason)
+        entry = dead_entry(queue, raw, reason, job=job, error=error)
+        job_id = job.id if job else ""
+        await self._settle(
+            job_id or "?", lambda: self._broker.dead_letter(queue, raw, entry, job_id)
         )
 
-    async def _dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
-        logger.error("queue %s: dead-lettering a job: %s", queue, reason)
-        try:
-            await dead_letter(self._redis, self._keys, queue, raw, reason)
-        except RedisError as exc:
-            logger.critical("queue %s: could not dead-letter %r (%s): job lost", queue, raw, exc)
+    async def _settle(self, job_id: str, operation: Callable[[], Awaitable[T]]) -> T | None:
+        """Run a settling operation, retrying through a Redis outage until it succeeds or the
+        stop's deadline passes. None if it never succeeded."""
+        backoff = 0.0
+        while True:
+            try:
+                result = await operation()
+            except RedisError as exc:
+                self._outage.failed(exc)
+                if self._past_deadline():
+                    if self._broker.mode == "at-least-once":
+                        logger.error(
+                            "job %s: could not settle it (%s); it stays held and is returned "
+                            "when this consumer's lease expires",
+                            job_id,
+                            exc,
+                        )
+                    else:
+                        logger.critical("job %s: could not settle it (%s): job lost", job_id, exc)
+                    return None
+                backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._force.wait(), backoff)
+                continue
+            self._outage.ok()
+            return result
 
-    async def _drain(self, deadline: float, force: asyncio.Event) -> None:
+    def _past_deadline(self) -> bool:
+        if self._force.is_set():
+            return True
+        return self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline
+
+    # --- lease, recovery, retries, measurements -------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Hold the lease until the drain is over. Renewed every third of its lifetime."""
+        ttl = self._settings.lease_ttl
+        about = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self._concurrency,
+            "mode": self._broker.mode,
+            "started_at": time.time(),
+        }
+        backoff = 0.0
+        while not self._drained.is_set():
+            try:
+                held = await self._broker.heartbeat(ttl, about)
+            except RedisError as exc:
+                self._outage.failed(exc)
+                backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+                await self._pause(self._drained, backoff)
+                continue
+            self._outage.ok()
+            backoff = 0.0
+            if not held and self._leased.is_set():
+                logger.warning(
+                    "consumer %s: its lease had lapsed; jobs it held may have been handed to "
+                    "another consumer (their effects still happen once)",
+                    self.consumer_id,
+                )
+            self._leased.set()
+            await self._pause(self._drained, ttl / 3)
+
+    async def _sweep(self) -> None:
+        """Recover the jobs of consumers whose lease expired, at start-up and every second or
+        so. Not right after an outage: live consumers first get a lease period to renew."""
+        ttl = self._settings.lease_ttl
+        interval = min(1.0, max(0.2, ttl / 5))
+        while not self._stop.is_set():
+            if self._outage.quiet_for(ttl):
+                try:
+                    await self._recover_expired(ttl)
+                except RedisError as exc:
+                    self._outage.failed(exc)
+            await self._until(timeout=interval)
+
+    async def _recover_expired(self, ttl: float) -> None:
+        for consumer_id in await self._broker.expired_consumers():
+            returned, dead = await self._broker.recover(
+                consumer_id,
+                max_deliveries=self._settings.max_deliveries,
+                forget_after=ttl * FORGET_AFTER_LEASES,
+            )
+            if returned > 0 or dead > 0:
+                logger.warning(
+                    "recovered consumer %s (lease expired): %d jobs returned to their queues, "
+                    "%d dead-lettered after %d deliveries",
+                    consumer_id,
+                    returned,
+                    dead,
+                    self._settings.max_deliveries,
+                )
+
+    async def _maintain(self) -> None:
+        """Promote due retries; write latency samples every second."""
+        flushed = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                while await self._broker.promote(self._concurrency) > 0:
+                    pass
+                if time.monotonic() - flushed >= LATENCY_FLUSH_INTERVAL:
+                    flushed = time.monotonic()
+                    await self._flush_latency()
+            except RedisError as exc:
+                self._outage.failed(exc)
+            await self._until(timeout=PROMOTE_INTERVAL)
+
+    async def _flush_latency(self) -> None:
+        samples, self._samples = self._samples, {q: [] for q in self._concurrency}
+        if not any(samples.values()):
+            return
+        try:
+            await self._broker.record_latency(samples)
+        except RedisError as exc:
+            # Measurements, not jobs: dropping them is fine.
+            logger.debug("latency samples dropped: %s", exc)
+
+    @staticmethod
+    async def _pause(event: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+
+    # --- stopping -----------------------------------------------------------------------
+
+    async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        forced = asyncio.create_task(force.wait())
+        deadline = self._deadline or loop.time()
+        forced = asyncio.create_task(self._force.wait())
         try:
             if self._in_flight:
                 logger.info(
@@ -166,7 +427,7 @@ class Consumer:
                     max(0.0, deadline - loop.time()),
                     len(self._in_flight),
                 )
-            while self._in_flight and not force.is_set():
+            while self._in_flight and not self._force.is_set():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -195,7 +456,27 @@ class Consumer:
 
     async def _return(self, job: _InFlight) -> None:
         try:
-            await return_job(self._redis, self._keys, job.queue, job.raw)
+            await self._broker.return_job(job.queue, job.raw)
             logger.info("queue %s: returned an unfinished job to the queue", job.queue)
         except RedisError as exc:
-            logger.critical("queue %s: could not return %r (%s): job lost", job.queue, job.raw, exc)
+            if self._broker.mode == "at-least-once":
+                logger.error(
+                    "queue %s: could not return a job (%s); it is returned when this "
+                    "consumer's lease expires",
+                    job.queue,
+                    exc,
+                )
+            else:
+                logger.critical(
+                    "queue %s: could not return %r (%s): job lost", job.queue, job.raw, exc
+                )
+
+    async def _release(self) -> None:
+        """Give up the lease; anything still held (a job whose return failed) goes back now."""
+        try:
+            returned, _ = await self._broker.release()
+        except RedisError as exc:
+            logger.warning("could not release the lease (%s); it expires by itself", exc)
+            return
+        if returned > 0:
+            logger.info("returned %d held jobs to their queues", returned)

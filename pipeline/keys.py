@@ -32,7 +32,10 @@ class Keys:
     """The key names for one prefix. Build once per process and pass it around."""
 
     __slots__ = (
+        "consumers",
         "dead",
+        "delayed",
+        "deliveries",
         "email_claims",
         "marketing",
         "prefix",
@@ -45,8 +48,14 @@ class Keys:
         self.prefix = prefix
         #: queue name -> list of encoded jobs (LPUSH in, BRPOP out).
         self.queues = {name: f"{prefix}:queue:{name}" for name in QUEUES}
+        #: queue name -> sorted set of jobs waiting to be retried, scored by when they are due.
+        self.delayed = {name: f"{prefix}:delayed:{name}" for name in QUEUES}
         #: list of dead letters, newest first.
         self.dead = f"{prefix}:dead"
+        #: sorted set of consumer ids, scored by their last heartbeat (Redis time).
+        self.consumers = f"{prefix}:consumers"
+        #: hash of job id -> times the job was recovered from a consumer that died holding it.
+        self.deliveries = f"{prefix}:deliveries"
         #: hash of normalised username -> user id.
         self.username_claims = f"{prefix}:claims:username"
         #: hash of normalised email -> user id.
@@ -59,6 +68,22 @@ class Keys:
     def queue(self, name: str) -> str:
         """The list key of queue ``name``."""
         return self.queues[name]
+
+    def processing(self, queue: str, consumer_id: str) -> str:
+        """The list of ``queue``'s jobs that consumer ``consumer_id`` holds (at-least-once)."""
+        return f"{self.prefix}:processing:{queue}:{consumer_id}"
+
+    def lease(self, consumer_id: str) -> str:
+        """The liveness lease of consumer ``consumer_id``: a key that expires unless renewed."""
+        return f"{self.prefix}:lease:{consumer_id}"
+
+    def done(self, job_id: str) -> str:
+        """The marker saying job ``job_id``'s effect has happened."""
+        return f"{self.prefix}:done:{job_id}"
+
+    def latency(self, queue: str) -> str:
+        """The list of ``queue``'s recent ``"wait_ms run_ms"`` samples, newest first."""
+        return f"{self.prefix}:latency:{queue}"
 
     def user(self, user_id: str) -> str:
         """The hash holding one user's record."""

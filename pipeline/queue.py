@@ -1,20 +1,44 @@
-"""Queue operations both sides use: push, fetch, return, dead-letter, and reading the state.
+"""Queue operations both sides use: push, and the consumer's fetch, settle, lease and recovery.
 
-Lists are LPUSH in and BRPOP out, so each queue is FIFO. A job returned to its queue goes back
-with RPUSH, to the end BRPOP pops from: it is the next one fetched.
+Queues are lists, LPUSH in and popped from the right, so each is FIFO; "the head" below is the
+right end, the next job fetched. Two delivery modes:
+
+- ``at-most-once``: BRPOP. A job is out of Redis while it runs; a consumer killed mid-job
+  loses it.
+- ``at-least-once``: BLMOVE into the consumer's own processing list, removed when the job is
+  settled (done, retried, dead-lettered or returned), in one script with whatever comes next.
+  Each consumer keeps a lease (a key with a short expiry, renewed by its heartbeat). A consumer
+  whose lease has expired is dead: any other consumer moves the jobs of its processing lists
+  back to the head of their queues, atomically, counting each job's deliveries; a job that has
+  now died with its consumer ``MAX_DELIVERIES`` times is dead-lettered instead.
+
+Retries wait in a per-queue sorted set scored by when they are due (Redis time); a promoter
+moves due jobs to the head of their queue.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from typing import Any, Protocol
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Literal, Protocol
 
 import orjson
 import redis.asyncio as aioredis
 
 from pipeline.errors import UnknownJobTypeError
 from pipeline.jobs import Job, new_job
-from pipeline.keys import COUNTERS, JOB_QUEUES, QUEUES, Keys
+from pipeline.keys import JOB_QUEUES, QUEUES, Keys
+from pipeline.settings import DeliveryMode
+
+#: Latency samples kept per queue (the newest), for the percentiles in /stats.
+LATENCY_SAMPLES: Final = 1000
+#: Due retries moved per promoter call and queue.
+PROMOTE_BATCH: Final = 100
+
+SettleAction = Literal["ack", "return", "retry", "dead"]
 
 
 class JobSink(Protocol):
@@ -47,44 +71,282 @@ class DirectQueue:
         return job
 
 
-async def fetch(redis: aioredis.Redis, keys: Keys, queue: str, timeout: float) -> bytes | None:
-    """Block up to ``timeout`` seconds for the oldest job of ``queue``."""
-    reply = await redis.brpop([keys.queue(queue)], timeout=timeout)
-    if reply is None:
-        return None
-    raw = reply[1]
-    return raw if isinstance(raw, bytes) else raw.encode()
+def new_consumer_id() -> str:
+    """A consumer id that says where it runs: ``host-pid-random``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-async def return_job(redis: aioredis.Redis, keys: Keys, queue: str, raw: bytes) -> None:
-    """Put a fetched job back where it will be fetched next."""
-    await redis.rpush(keys.queue(queue), raw)
-
-
-async def dead_letter(
-    redis: aioredis.Redis, keys: Keys, queue: str, raw: bytes, reason: str
-) -> None:
-    """Keep a job that cannot be processed, with the reason, on the dead-letter list."""
-    entry = {
+def dead_entry(
+    queue: str, raw: bytes, reason: str, *, job: Job | None = None, error: str | None = None
+) -> bytes:
+    """A dead letter: the job as it was fetched, why it died, and when."""
+    entry: dict[str, Any] = {
         "queue": queue,
         "reason": reason,
         "failed_at": time.time(),
         "job": raw.decode("utf-8", "backslashreplace"),
     }
-    await redis.lpush(keys.dead, orjson.dumps(entry))
+    if job is not None:
+        entry.update(id=job.id, type=job.type, attempts=job.attempt + 1)
+    if error is not None:
+        entry["error"] = error
+    return orjson.dumps(entry)
 
 
-async def read_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
-    """Counters, queue depths and the dead-letter count, in one round trip."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.hmget(keys.stats, list(COUNTERS))
-    for name in QUEUES:
-        pipe.llen(keys.queue(name))
-    pipe.llen(keys.dead)
-    counters, *depths, dead = await pipe.execute()
-    stats: dict[str, Any] = {
-        name: int(value or 0) for name, value in zip(COUNTERS, counters, strict=True)
-    }
-    stats["queues"] = dict(zip(QUEUES, map(int, depths), strict=True))
-    stats["dead_letter"] = int(dead)
-    return stats
+# Settle a fetched job: take it off the consumer's processing list (at-least-once) and, only
+# if it was still there, do what follows in the same step. A job no longer there was recovered
+# from this consumer (its lease lapsed) and belongs to someone else now. Reads come first and
+# removals last: before Redis 7 an OOM refusal hits a script at its first memory-growing write,
+# so no job is ever removed from one place without being added to the other.
+# KEYS: processing list, destination (queue / delayed set / dead list), deliveries hash
+# ARGV: held ('1' at-least-once), job bytes as fetched, action, bytes to put, retry delay s, id
+_SETTLE = """
+local held = ARGV[1] == '1'
+if held and not redis.call('LPOS', KEYS[1], ARGV[2], 'RANK', -1) then
+  return 0
+end
+local action = ARGV[3]
+if action == 'return' then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+elseif action == 'dead' then
+  redis.call('LPUSH', KEYS[2], ARGV[4])
+elseif action == 'retry' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[5]), ARGV[4])
+end
+if held then
+  redis.call('LREM', KEYS[1], -1, ARGV[2])
+end
+if ARGV[6] ~= '' then
+  redis.call('HDEL', KEYS[3], ARGV[6])
+end
+return 1
+"""
+
+# Renew a consumer's lease and note when it was last seen (Redis time). 1 if the lease was
+# still held, 0 if it had lapsed (or this is the first heartbeat).
+# KEYS: lease, consumers  ARGV: consumer id, lease value, lease ttl ms
+_HEARTBEAT = """
+local held = redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'GET')
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], t[1], ARGV[1])
+if held then return 1 end
+return 0
+"""
+
+# Recover a consumer whose lease has expired: every job of its processing lists goes back to
+# the head of its queue, oldest first in line, unless it has now been delivered to a consumer
+# that died holding it max-deliveries times: then it is dead-lettered. Forgets the consumer
+# once it has not been seen for forget-after seconds (0: at once). Reads, then additions, then
+# removals (see _SETTLE).
+# KEYS: consumers, lease, deliveries, dead, then (processing list, queue) per queue
+# ARGV: consumer id, max deliveries (0: do not count), forget after s, then queue names
+# Returns {returned, dead-lettered}, or {-1, 0} if the lease is held.
+_RECOVER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {-1, 0}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local max = tonumber(ARGV[2])
+local returned, dead = 0, 0
+for i = 1, (#KEYS - 4) / 2 do
+  local processing, queue, name = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[3 + i]
+  -- Newest first: each RPUSH puts the job nearer the pop end, so the oldest ends up next.
+  local jobs = redis.call('LRANGE', processing, 0, -1)
+  for _, raw in ipairs(jobs) do
+    local count, id = 0, nil
+    if max > 0 then
+      local ok, job = pcall(cjson.decode, raw)
+      if ok and type(job) == 'table' and type(job.id) == 'string' then
+        id = job.id
+      else
+        id = redis.sha1hex(raw)
+      end
+      count = redis.call('HINCRBY', KEYS[3], id, 1)
+    end
+    if max > 0 and count >= max then
+      redis.call('LPUSH', KEYS[4], cjson.encode({
+        queue = name, id = id, deliveries = count, failed_at = now, job = raw,
+        reason = 'delivered ' .. count .. ' times, each to a consumer that died holding it'}))
+      redis.call('HDEL', KEYS[3], id)
+      dead = dead + 1
+    else
+      redis.call('RPUSH', queue, raw)
+      returned = returned + 1
+    end
+  end
+  if #jobs > 0 then
+    redis.call('DEL', processing)
+  end
+end
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local forget = tonumber(ARGV[3])
+if forget == 0 or (seen and now - tonumber(seen) > forget) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return {returned, dead}
+"""
+
+# Move due retries to the head of their queue, the earliest due first in line.
+# KEYS: delayed set, queue  ARGV: how many at most
+_PROMOTE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+if #due == 0 then return 0 end
+for i = #due, 1, -1 do
+  redis.call('RPUSH', KEYS[2], due[i])
+end
+redis.call('ZREM', KEYS[1], unpack(due))
+return #due
+"""
+
+
+class Broker:
+    """One consumer process's side of the queues: its id, its delivery mode, its scripts."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        mode: DeliveryMode = "at-least-once",
+        consumer_id: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.mode = mode
+        self.consumer_id = consumer_id or new_consumer_id()
+        self._held = mode == "at-least-once"
+        self._settle = redis.register_script(_SETTLE)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._recover = redis.register_script(_RECOVER)
+        self._promote = redis.register_script(_PROMOTE)
+
+    # --- fetching and settling ----------------------------------------------------------
+
+    async def fetch(self, queue: str, timeout: float) -> bytes | None:
+        """Block up to ``timeout`` seconds for the oldest job of ``queue``."""
+        source = self.keys.queue(queue)
+        if self._held:
+            raw = await self.redis.blmove(
+                source,
+                self.keys.processing(queue, self.consumer_id),
+                timeout,  # type: ignore[arg-type]  # BLMOVE takes fractional seconds
+                "RIGHT",
+                "LEFT",
+            )
+        else:
+            reply = await self.redis.brpop([source], timeout=timeout)
+            raw = None if reply is None else reply[1]
+        if raw is None:
+            return None
+        return raw if isinstance(raw, bytes) else raw.encode()
+
+    async def ack(self, queue: str, raw: bytes, job_id: str = "") -> bool:
+        """The job is done. False if it was no longer held (recovered from this consumer)."""
+        if not self._held:
+            return True
+        return await self._do_settle(queue, raw, "ack", self.keys.queue(queue), job_id=job_id)
+
+    async def return_job(self, queue: str, raw: bytes) -> bool:
+        """Put an unfinished job back at the head of its queue, unchanged: it runs next."""
+        return await self._do_settle(queue, raw, "return", self.keys.queue(queue), put=raw)
+
+    async def retry(self, queue: str, raw: bytes, retried: Job, delay: float) -> bool:
+        """Schedule ``retried`` (the job with its next attempt) to run in ``delay`` seconds."""
+        return await self._do_settle(
+            queue,
+            raw,
+            "retry",
+            self.keys.delayed[queue],
+            put=retried.encode(),
+            delay=delay,
+            job_id=retried.id,
+        )
+
+    async def dead_letter(self, queue: str, raw: bytes, entry: bytes, job_id: str = "") -> bool:
+        """Move the job to the dead-letter list as ``entry`` (see :func:`dead_entry`)."""
+        return await self._do_settle(queue, raw, "dead", self.keys.dead, put=entry, job_id=job_id)
+
+    async def _do_settle(
+        self,
+        queue: str,
+        raw: bytes,
+        action: SettleAction,
+        destination: str,
+        *,
+        put: bytes = b"",
+        delay: float = 0.0,
+        job_id: str = "",
+    ) -> bool:
+        keys = [self.keys.processing(queue, self.consumer_id), destination, self.keys.deliveries]
+        args = ["1" if self._held else "0", raw, action, put, repr(delay), job_id]
+        return bool(await self._settle(keys=keys, args=args))
+
+    # --- leases and recovery ------------------------------------------------------------
+
+    async def heartbeat(self, ttl: float, about: dict[str, Any]) -> bool:
+        """Take or renew this consumer's lease for ``ttl`` seconds. False if it had lapsed."""
+        keys = [self.keys.lease(self.consumer_id), self.keys.consumers]
+        args: list[str | bytes | int] = [
+            self.consumer_id,
+            orjson.dumps(about),
+            max(1, int(ttl * 1000)),
+        ]
+        return bool(await self._heartbeat(keys=keys, args=args))
+
+    async def release(self) -> tuple[int, int]:
+        """Give up the lease and return whatever this consumer still holds. On a graceful stop."""
+        await self.redis.delete(self.keys.lease(self.consumer_id))
+        return await self.recover(self.consumer_id, max_deliveries=0, forget_after=0)
+
+    async def recover(
+        self, consumer_id: str, *, max_deliveries: int, forget_after: float
+    ) -> tuple[int, int]:
+        """Return the jobs of ``consumer_id`` if its lease has expired: (returned, dead-lettered),
+        or (-1, 0) if it is alive."""
+        keys = [
+            self.keys.consumers,
+            self.keys.lease(consumer_id),
+            self.keys.deliveries,
+            self.keys.dead,
+        ]
+        for queue in QUEUES:
+            keys += [self.keys.processing(queue, consumer_id), self.keys.queue(queue)]
+        args: list[str | int | float] = [consumer_id, max_deliveries, forget_after, *QUEUES]
+        returned, dead = await self._recover(keys=keys, args=args)
+        return int(returned), int(dead)
+
+    async def expired_consumers(self) -> list[str]:
+        """Other consumers still registered whose lease has expired."""
+        registered = await self.redis.zrange(self.keys.consumers, 0, -1)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in registered]
+        ids = [i for i in ids if i != self.consumer_id]
+        if not ids:
+            return []
+        leases = await self.redis.mget([self.keys.lease(i) for i in ids])
+        return [i for i, lease in zip(ids, leases, strict=True) if lease is None]
+
+    # --- retries and measurements ---------------------------------------------------------
+
+    async def promote(self, queues: Iterable[str]) -> int:
+        """Move due retries to the head of their queues; how many moved."""
+        moved = 0
+        for queue in queues:
+            keys = [self.keys.delayed[queue], self.keys.queue(queue)]
+            moved += int(await self._promote(keys=keys, args=[PROMOTE_BATCH]))
+        return moved
+
+    async def record_latency(self, samples: Mapping[str, Sequence[tuple[float, float]]]) -> None:
+        """Keep the newest samples of (queue wait, run time) in seconds, per queue."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue, pairs in samples.items():
+            if not pairs:
+                continue
+            key = self.keys.latency(queue)
+            pipe.lpush(key, *(f"{wait * 1e3:.3f} {run * 1e3:.3f}" for wait, run in pairs))
+            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
+        if len(pipe):
+            await pipe.execute()

@@ -18,10 +18,13 @@ from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import SettingsError
-from pipeline.keys import QUEUES
+from pipeline.keys import JOB_QUEUES, QUEUES
 
 T = TypeVar("T")
 SmtpSecurity = Literal["none", "starttls", "tls"]
+DeliveryMode = Literal["at-least-once", "at-most-once"]
+DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
+JOB_TYPES: tuple[str, ...] = tuple(JOB_QUEUES)
 
 _SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
     "smtp": ("none", 25),
@@ -63,6 +66,14 @@ class Settings:
     )
     fetch_timeout: float = 1.0
     shutdown_grace_period: float = 10.0
+    delivery_mode: DeliveryMode = "at-least-once"
+    lease_ttl: float = 5.0
+    max_deliveries: int = 3
+    job_max_attempts: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(JOB_TYPES, 5))
+    job_timeout: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(JOB_TYPES, 30.0))
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 300.0
+    idempotency_ttl: int = 24 * 3600
     log_level: str = "INFO"
 
     def __repr__(self) -> str:
@@ -109,6 +120,22 @@ class Settings:
             fetch_timeout=_get(env, "FETCH_TIMEOUT", _seconds(0.1, 10), defaults.fetch_timeout),
             shutdown_grace_period=_get(
                 env, "SHUTDOWN_GRACE_PERIOD", parse_grace_period, defaults.shutdown_grace_period
+            ),
+            delivery_mode=_get(env, "DELIVERY_MODE", parse_delivery_mode, defaults.delivery_mode),
+            lease_ttl=_get(env, "LEASE_TTL", _seconds(1.0, 300), defaults.lease_ttl),
+            max_deliveries=_get(env, "MAX_DELIVERIES", _integer(1, 1000), defaults.max_deliveries),
+            job_max_attempts=_get(
+                env, "JOB_MAX_ATTEMPTS", parse_max_attempts, defaults.job_max_attempts
+            ),
+            job_timeout=_get(env, "JOB_TIMEOUT", parse_job_timeout, defaults.job_timeout),
+            retry_base_delay=_get(
+                env, "RETRY_BASE_DELAY", _seconds(0.001, 3600), defaults.retry_base_delay
+            ),
+            retry_max_delay=_get(
+                env, "RETRY_MAX_DELAY", _seconds(0.001, 86_400), defaults.retry_max_delay
+            ),
+            idempotency_ttl=_get(
+                env, "IDEMPOTENCY_TTL", _integer(60, 365 * 86_400), defaults.idempotency_ttl
             ),
             log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
         )
@@ -228,19 +255,42 @@ def parse_queues(raw: str) -> tuple[str, ...]:
     return names
 
 
-def parse_concurrency(raw: str) -> dict[str, int]:
-    """Parse ``8`` (every queue) or ``email=8,profile=2`` (the rest keep the default 4)."""
-    count = _integer(1, 1000)
-    if "=" not in raw:
-        return dict.fromkeys(QUEUES, count(raw))
-    result = dict.fromkeys(QUEUES, 4)
-    for part in raw.split(","):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in QUEUES:
-            raise ValueError(f"expected N or QUEUE=N pairs with QUEUE one of {', '.join(QUEUES)}")
-        result[name] = count(value.strip())
-    return result
+def _per_name(
+    names: tuple[str, ...], what: str, parse: Callable[[str], T], default: T
+) -> Callable[[str], dict[str, T]]:
+    """A parser of ``V`` (every name) or ``NAME=V,...`` (the names not given keep ``default``)."""
+
+    def parse_all(raw: str) -> dict[str, T]:
+        if "=" not in raw:
+            return dict.fromkeys(names, parse(raw))
+        result = dict.fromkeys(names, default)
+        for part in raw.split(","):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in names:
+                raise ValueError(
+                    f"expected V or {what}=V pairs with {what} one of {', '.join(names)}"
+                )
+            result[name] = parse(value.strip())
+        return result
+
+    return parse_all
+
+
+#: ``8`` (every queue) or ``email=8,profile=2`` (the rest keep the default 4).
+parse_concurrency = _per_name(QUEUES, "QUEUE", _integer(1, 1000), 4)
+#: ``5`` (every job type) or ``welcome_email=8`` (the rest keep the default 5).
+parse_max_attempts = _per_name(JOB_TYPES, "TYPE", _integer(1, 100), 5)
+#: Seconds a job may run: ``30`` or ``generate_profile=120`` (the rest keep 30).
+parse_job_timeout = _per_name(JOB_TYPES, "TYPE", _seconds(0.01, 86_400), 30.0)
+
+
+def parse_delivery_mode(raw: str) -> DeliveryMode:
+    """``at-least-once`` or ``at-most-once``."""
+    for mode in DELIVERY_MODES:
+        if raw.lower() == mode:
+            return mode
+    raise ValueError(f"expected {' or '.join(DELIVERY_MODES)}")
 
 
 def _log_level(raw: str) -> str:

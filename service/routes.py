@@ -9,7 +9,7 @@ from typing import Any, cast
 import orjson
 from quart import Blueprint, Response, current_app, request
 
-from pipeline.queue import read_stats
+from pipeline.stats import read_stats
 from service.deps import deps
 from service.errors import ApiError, ConflictError
 from service.signals import emit, user_signed_up
@@ -68,6 +68,10 @@ async def get_user(user_id: str) -> Response:
 
 @api.get("/stats")
 async def stats() -> Response:
-    """Counters, queue depths and the dead-letter count."""
+    """Counters, queue depths, jobs held and waiting to be retried, dead letters, the number
+    of live consumers, and recent queue-wait and run-time percentiles per queue."""
     current = deps()
-    return json_response(await read_stats(current.redis, current.keys))
+    found = await read_stats(current.redis, current.keys)
+    # Consumers' hosts and pids are for operators (``python -m consumers stats``), not the API.
+    found["consumers"] = len(found["consumers"])
+    return json_response(found)

@@ -20,14 +20,17 @@ from consumers.handlers import (
 )
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
-from pipeline.queue import DirectQueue, read_stats
+from pipeline.queue import DirectQueue
 from pipeline.settings import Settings
+from pipeline.stats import read_stats
 from service.receivers import RECEIVERS
 from tests.conftest import SmtpSink
 
 
 def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:
-    return HandlerContext(redis, keys, email_backend(settings), settings.email_from)
+    return HandlerContext(
+        redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
+    )
 
 
 async def test_welcome_email_over_smtp(
@@ -185,8 +188,50 @@ async def test_welcome_email_over_tls(
         assert sink.recipients() == ["t@example.com"]
         # Without trusting the certificate, delivery fails rather than going out unverified.
         untrusted = make_settings({"SMTP_URL": url, "SMTP_TIMEOUT": "2"})  # type: ignore[operator]
+        again = new_job("welcome_email", job.payload)
         with pytest.raises(Exception, match=r"(?i)certificate"):
-            await send_welcome_email(context_for(redis, keys, untrusted), job)
+            await send_welcome_email(context_for(redis, keys, untrusted), again)
         assert sink.recipients() == ["t@example.com"]
     finally:
         controller.stop()
+
+
+async def test_each_effect_happens_once_per_job_id(
+    redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
+) -> None:
+    settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
+    ctx = context_for(redis, keys, settings)
+    payload = {"user_id": "u1", "username": "alice", "email": "a@example.com", "signed_up_at": 1}
+    jobs = [
+        new_job("welcome_email", payload),
+        new_job("marketing_signup", payload),
+        new_job("generate_profile", payload),
+    ]
+    handlers = [send_welcome_email, add_to_marketing_list, generate_profile]
+    for _ in range(3):  # delivered three times: a retry, a recovery
+        for handler, job in zip(handlers, jobs, strict=True):
+            await handler(ctx, job)
+    stats = await read_stats(redis, keys)
+    assert (stats["emails_sent"], stats["marketing_list_updates"], stats["profiles_generated"]) == (
+        1,
+        1,
+        1,
+    )
+    assert smtp_server.recipients() == ["a@example.com"]
+    for job in jobs:
+        assert 0 < await redis.ttl(keys.done(job.id)) <= settings.idempotency_ttl
+    # Another job (another signup of the same address) is another effect.
+    await send_welcome_email(ctx, new_job("welcome_email", payload))
+    assert smtp_server.recipients() == ["a@example.com", "a@example.com"]
+
+
+async def test_a_failed_email_is_not_marked_done(
+    redis: aioredis.Redis, keys: Keys, make_settings: object
+) -> None:
+    from pipeline.embedded_redis import free_port
+
+    settings = make_settings({"SMTP_URL": f"smtp://127.0.0.1:{free_port()}", "SMTP_TIMEOUT": "1"})  # type: ignore[operator]
+    job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
+    with pytest.raises(Exception):  # noqa: B017 - whichever connection error the OS gives
+        await send_welcome_email(context_for(redis, keys, settings), job)
+    assert await redis.exists(keys.done(job.id)) == 0

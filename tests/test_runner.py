@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -12,12 +13,13 @@ import redis.asyncio as aioredis
 
 from consumers.email import ConsoleEmailBackend
 from consumers.handlers import HANDLERS, Handler, HandlerContext
-from consumers.runner import Consumer
+from consumers.runner import Consumer, retry_delay
 from pipeline.connections import consumer_client
 from pipeline.jobs import Job, decode, new_job
 from pipeline.keys import Keys
-from pipeline.queue import DirectQueue, read_stats
+from pipeline.queue import Broker, DirectQueue
 from pipeline.settings import Settings
+from pipeline.stats import read_stats
 from tests.conftest import eventually
 
 
@@ -46,8 +48,18 @@ async def held_email(ctx: HandlerContext, job: Job) -> None:
     GATE.finished.append(job.payload["email"])
 
 
+_calls: list[tuple[str, int]] = []
+
+
 async def failing(ctx: HandlerContext, job: Job) -> None:
+    _calls.append((job.id, job.attempt))
     raise ValueError("smtp said no")
+
+
+async def fails_once(ctx: HandlerContext, job: Job) -> None:
+    _calls.append((job.id, job.attempt))
+    if job.attempt == 0:
+        raise ValueError("try again")
 
 
 @dataclass
@@ -58,9 +70,25 @@ class Running:
     task: asyncio.Task[None]
 
 
+#: Fast everything: short fetch blocks, leases and retry delays.
+FAST = {"FETCH_TIMEOUT": "0.2", "LEASE_TTL": "1", "RETRY_BASE_DELAY": "0.01"}
+
+
+def build_consumer(
+    settings: Settings, handlers: Mapping[str, Handler] | None = None, **overrides: object
+) -> tuple[Consumer, aioredis.Redis]:
+    """A consumer (and its client, for the caller to close) on ``settings`` and ``overrides``."""
+    settings = dataclasses.replace(settings, **overrides)
+    client = consumer_client(settings, max_connections=32)
+    keys = Keys(settings.key_prefix)
+    ctx = HandlerContext(client, keys, ConsoleEmailBackend(), settings.email_from)
+    broker = Broker(client, keys, mode=settings.delivery_mode)
+    return Consumer(broker, handlers or HANDLERS, ctx, settings), client
+
+
 @pytest.fixture
 async def start_consumer(
-    settings: Settings, redis: aioredis.Redis, keys: Keys
+    make_settings: Callable[..., Settings], redis: aioredis.Redis
 ) -> AsyncIterator[object]:
     global GATE
     GATE = Gate()
@@ -71,19 +99,18 @@ async def start_consumer(
         handlers: Mapping[str, Handler] | None = None,
         concurrency: Mapping[str, int] | None = None,
         grace: float = 5.0,
+        env: Mapping[str, str] | None = None,
     ) -> Running:
-        client = consumer_client(settings, max_connections=32)
-        clients.append(client)
-        ctx = HandlerContext(client, keys, ConsoleEmailBackend(), settings.email_from)
-        consumer = Consumer(
-            client,
-            keys,
-            handlers or HANDLERS,
-            ctx,
-            concurrency=concurrency or {"email": 4, "marketing": 4, "profile": 4},
-            fetch_timeout=0.2,
-            grace_period=grace,
+        settings = make_settings({**FAST, **(env or {})})
+        queues = dict(concurrency or {"email": 4, "marketing": 4, "profile": 4})
+        consumer, client = build_consumer(
+            settings,
+            handlers,
+            consumer_queues=tuple(queues),
+            consumer_concurrency=queues,
+            shutdown_grace_period=grace,
         )
+        clients.append(client)
         stop, force = asyncio.Event(), asyncio.Event()
         running = Running(consumer, stop, force, asyncio.create_task(consumer.run(stop, force)))
         runs.append(running)
@@ -152,7 +179,6 @@ async def test_processes_every_job_type(
             "payload is not",
         ),
         (new_job("launch_rockets", {}).encode(), "unknown job type 'launch_rockets'"),
-        (new_job("welcome_email", {"no": "fields"}).encode(), "handler failed: KeyError"),
     ],
 )
 async def test_poison_jobs_go_to_dead_letters_and_the_consumer_keeps_going(
@@ -172,15 +198,202 @@ async def test_poison_jobs_go_to_dead_letters_and_the_consumer_keeps_going(
     assert (await read_stats(redis, keys))["dead_letter"] == 1
 
 
-async def test_handler_error_is_dead_lettered_with_its_message(
+async def test_a_failing_job_is_retried_then_dead_lettered_with_its_error_and_attempts(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
+    _calls.clear()
     job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
-    await start_consumer({"welcome_email": failing})  # type: ignore[operator]
+    await start_consumer({"welcome_email": failing}, env={"JOB_MAX_ATTEMPTS": "3"})  # type: ignore[operator]
     await eventually(lambda: _llen(redis, keys.dead, 1), what="a dead letter")
     entry = orjson.loads(await redis.lindex(keys.dead, 0))
-    assert entry["reason"] == "handler failed: ValueError('smtp said no')"
+    assert _calls == [(job.id, 0), (job.id, 1), (job.id, 2)]
+    assert entry["error"] == "ValueError: smtp said no"
+    assert entry["reason"] == "failed 3 attempts; last: ValueError: smtp said no"
+    assert (entry["id"], entry["type"], entry["attempts"]) == (job.id, "welcome_email", 3)
     assert decode(entry["job"].encode()).id == job.id
+    assert await redis.zcard(keys.delayed["email"]) == 0
+    assert await redis.llen(keys.queue("email")) == 0
+
+
+async def test_a_retry_waits_in_the_delayed_set_then_runs(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    _calls.clear()
+    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    await start_consumer({"welcome_email": fails_once}, env={"RETRY_BASE_DELAY": "2"})  # type: ignore[operator]
+    await eventually(lambda: _zcard(redis, keys.delayed["email"], 1), what="the retry scheduled")
+    waiting = decode((await redis.zrange(keys.delayed["email"], 0, 0))[0])
+    assert (waiting.id, waiting.attempt) == (job.id, 1)
+    assert _calls == [(job.id, 0)]  # not run again before it is due
+    await eventually(lambda: len(_calls) == 2, what="the retry to run")
+    assert _calls == [(job.id, 0), (job.id, 1)]
+    assert await redis.llen(keys.dead) == 0
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3, 8, 20])
+def test_retry_delay_is_exponential_with_jitter_and_capped(attempts: int) -> None:
+    ceiling = min(60.0, 0.5 * 2 ** (attempts - 1))
+    delays = [retry_delay(attempts, base=0.5, cap=60.0) for _ in range(200)]
+    assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
+    assert len(set(delays)) > 1
+
+
+async def test_a_job_over_its_timeout_counts_as_a_failed_attempt(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    await DirectQueue(redis, keys).push(
+        "welcome_email", {"email": "hang@example.com", "slow": True}
+    )
+    await start_consumer(  # type: ignore[operator]
+        {"welcome_email": held_email},
+        env={"JOB_TIMEOUT": "welcome_email=0.2", "JOB_MAX_ATTEMPTS": "2"},
+    )
+    await eventually(lambda: _llen(redis, keys.dead, 1), what="a dead letter")
+    entry = orjson.loads(await redis.lindex(keys.dead, 0))
+    assert entry["error"] == "timed out after 0.2 s"
+    assert entry["attempts"] == 2
+    assert GATE.started == ["hang@example.com", "hang@example.com"]
+
+
+async def test_a_running_job_is_held_in_the_consumers_processing_list(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    job = await DirectQueue(redis, keys).push(
+        "welcome_email", {"email": "slow@example.com", "slow": True}
+    )
+    running = await start_consumer({"welcome_email": held_email})  # type: ignore[operator]
+    await eventually(lambda: GATE.started == ["slow@example.com"], what="the job to start")
+    held = keys.processing("email", running.consumer.consumer_id)
+    assert [decode(raw).id for raw in await redis.lrange(held, 0, -1)] == [job.id]
+    assert await redis.llen(keys.queue("email")) == 0
+    GATE.release.set()
+    await eventually(lambda: _llen(redis, held, 0), what="the ack")
+    running.stop.set()
+    await asyncio.wait_for(running.task, 5)
+    # A graceful stop gives up the lease and the registration.
+    assert await redis.exists(keys.lease(running.consumer.consumer_id)) == 0
+    assert await redis.zcard(keys.consumers) == 0
+
+
+async def test_at_most_once_holds_nothing_in_redis_while_a_job_runs(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    await DirectQueue(redis, keys).push(
+        "welcome_email", {"email": "slow@example.com", "slow": True}
+    )
+    running = await start_consumer(  # type: ignore[operator]
+        {"welcome_email": held_email}, env={"DELIVERY_MODE": "at-most-once"}
+    )
+    await eventually(lambda: GATE.started == ["slow@example.com"], what="the job to start")
+    assert await redis.llen(keys.processing("email", running.consumer.consumer_id)) == 0
+    assert await redis.llen(keys.queue("email")) == 0
+    GATE.release.set()
+    await eventually(lambda: GATE.finished == ["slow@example.com"], what="the job")
+
+
+async def test_jobs_of_a_consumer_whose_lease_expired_are_recovered_and_run(
+    start_consumer: object,
+    redis: aioredis.Redis,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A consumer that took two jobs and died: its lease is left to expire.
+    dead = Broker(redis, keys, consumer_id="dead-1")
+    await dead.heartbeat(0.05, {})
+    queue = DirectQueue(redis, keys)
+    first = await queue.push("welcome_email", {"email": "first@example.com"})
+    second = await queue.push("welcome_email", {"email": "second@example.com"})
+    assert await dead.fetch("email", 1) is not None
+    assert await dead.fetch("email", 1) is not None
+    await eventually(lambda: _exists(redis, keys.lease("dead-1"), 0), what="the lease to expire")
+    await start_consumer({"welcome_email": held_email}, {"email": 1})  # type: ignore[operator]
+    await eventually(lambda: len(GATE.finished) == 2, what="the recovered jobs")
+    assert GATE.finished == ["first@example.com", "second@example.com"]  # still oldest first
+    assert "recovered consumer dead-1 (lease expired): 2 jobs returned" in caplog.text
+    assert await redis.llen(keys.processing("email", "dead-1")) == 0
+    assert await redis.hget(keys.deliveries, first.id) is None  # cleared by the ack
+    assert await redis.hget(keys.deliveries, second.id) is None
+
+
+async def test_a_live_consumers_jobs_are_never_recovered(redis: aioredis.Redis, keys: Keys) -> None:
+    alive = Broker(redis, keys, consumer_id="alive-1")
+    await alive.heartbeat(30, {})
+    await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    assert await alive.fetch("email", 1) is not None
+    sweeper = Broker(redis, keys)
+    assert await sweeper.expired_consumers() == []
+    assert await sweeper.recover("alive-1", max_deliveries=3, forget_after=60) == (-1, 0)
+    assert await redis.llen(keys.processing("email", "alive-1")) == 1
+
+
+async def test_a_job_that_keeps_killing_its_consumer_is_dead_lettered_after_max_deliveries(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    job = await DirectQueue(redis, keys).push("generate_profile", {"user_id": "u"})
+    sweeper = Broker(redis, keys)
+    for delivery in range(1, 4):
+        victim = Broker(redis, keys, consumer_id=f"victim-{delivery}")
+        await victim.heartbeat(0.05, {})
+        assert decode(await victim.fetch("profile", 1) or b"").id == job.id
+        await eventually(lambda v=victim: _exists(redis, keys.lease(v.consumer_id), 0))
+        returned, dead = await sweeper.recover(
+            victim.consumer_id, max_deliveries=3, forget_after=60
+        )
+        assert (returned, dead) == ((1, 0) if delivery < 3 else (0, 1))
+    assert await redis.llen(keys.queue("profile")) == 0
+    entry = orjson.loads(await redis.lindex(keys.dead, 0))
+    assert entry["deliveries"] == 3
+    assert entry["id"] == job.id
+    assert entry["reason"] == "delivered 3 times, each to a consumer that died holding it"
+    assert decode(entry["job"].encode()) == job
+    assert await redis.hget(keys.deliveries, job.id) is None
+
+
+async def test_settling_a_job_no_longer_held_does_nothing(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, consumer_id="c1")
+    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    raw = await broker.fetch("email", 1)
+    assert raw is not None
+    await redis.delete(keys.processing("email", "c1"))  # as a recovery would
+    assert await broker.return_job("email", raw) is False
+    assert await broker.retry("email", raw, job, 1.0) is False
+    assert await broker.ack("email", raw, job.id) is False
+    assert await redis.llen(keys.queue("email")) == 0
+    assert await redis.zcard(keys.delayed["email"]) == 0
+
+
+async def test_due_retries_are_promoted_to_the_head_earliest_first(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, mode="at-most-once")
+    waiting = await DirectQueue(redis, keys).push("welcome_email", {"email": "w@example.com"})
+    jobs = [new_job("welcome_email", {"email": f"retry{i}@example.com"}) for i in range(3)]
+    # Three jobs to retry: due in 20 ms, 10 ms and a minute.
+    for job, delay in zip(jobs, [0.02, 0.01, 60], strict=True):
+        assert await broker.retry("email", job.encode(), job, delay)
+    await eventually(lambda: _promoted(broker, 2), what="two due retries")
+    order = [decode(raw).id for raw in reversed(await redis.lrange(keys.queue("email"), 0, -1))]
+    assert order == [jobs[1].id, jobs[0].id, waiting.id]  # the next to run first
+    assert await redis.zcard(keys.delayed["email"]) == 1
+
+
+async def test_latency_samples_reach_the_stats(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = DirectQueue(redis, keys)
+    for i in range(4):
+        await queue.push("welcome_email", {"email": f"u{i}@example.com"})
+    running = await start_consumer({"welcome_email": held_email})  # type: ignore[operator]
+    await eventually(lambda: len(GATE.finished) == 4, what="four jobs")
+    running.stop.set()
+    await asyncio.wait_for(running.task, 5)  # the last samples are written on the way out
+    latency = (await read_stats(redis, keys))["latency"]["email"]
+    assert latency["samples"] == 4
+    assert 0 <= latency["wait_ms"]["p50"] <= latency["wait_ms"]["p99"]
+    assert 0 <= latency["run_ms"]["p50"] <= latency["run_ms"]["p99"]
+    assert (await read_stats(redis, keys))["latency"]["profile"]["samples"] == 0
 
 
 async def test_a_slow_job_does_not_block_fetching(
@@ -241,11 +454,9 @@ async def test_jobs_still_running_after_the_grace_period_are_returned_first_in_l
     running.stop.set()
     await asyncio.wait_for(running.task, 5)
     assert GATE.cancelled == ["slow@example.com"]
-    # Returned to the pop end: it is fetched before the job queued after it.
-    assert [decode(raw).id for raw in await redis.lrange(keys.queue("email"), 0, -1)] == [
-        later.id,
-        slow.id,
-    ]
+    # Returned to the pop end: it is fetched before the job queued after it. A shutdown's
+    # cancellation is not a failed attempt: the job goes back as it came.
+    assert await redis.lrange(keys.queue("email"), 0, -1) == [later.encode(), slow.encode()]
 
 
 async def test_force_cancels_at_once_and_returns_the_jobs(
@@ -271,6 +482,19 @@ async def _llen(redis: aioredis.Redis, key: str, count: int) -> bool:
     return int(await redis.llen(key)) == count
 
 
+async def _zcard(redis: aioredis.Redis, key: str, count: int) -> bool:
+    return int(await redis.zcard(key)) == count
+
+
+async def _exists(redis: aioredis.Redis, key: str, count: int) -> bool:
+    return int(await redis.exists(key)) == count
+
+
+async def _promoted(broker: Broker, count: int) -> bool:
+    await broker.promote(["email"])
+    return int(await broker.redis.llen(broker.keys.queue("email"))) == count + 1
+
+
 async def test_consumer_survives_a_redis_restart(
     tmp_path: object, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -290,14 +514,16 @@ async def test_consumer_survives_a_redis_restart(
         return process
 
     server = start_redis()
-    own = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
-    client = consumer_client(own, max_connections=16)
+    own = dataclasses.replace(
+        settings,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        consumer_queues=("email",),
+        fetch_timeout=0.2,
+        shutdown_grace_period=1,
+    )
+    consumer, client = build_consumer(own)
     admin = aioredis.Redis.from_url(own.redis_url)
     keys = Keys(own.key_prefix)
-    ctx = HandlerContext(client, keys, ConsoleEmailBackend(), own.email_from)
-    consumer = Consumer(
-        client, keys, HANDLERS, ctx, concurrency={"email": 2}, fetch_timeout=0.2, grace_period=1
-    )
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
@@ -315,7 +541,7 @@ async def test_consumer_survives_a_redis_restart(
         # The restarted Redis kept nothing (no persistence here): one job, processed.
         await eventually(lambda: _emails_sent(admin, keys, 1), what="a job after the restart")
         assert "Redis reachable again" in caplog.text
-        assert caplog.text.count("queue email: Redis unreachable") == 1  # logged once per outage
+        assert caplog.text.count("Redis unreachable") == 1  # logged once per outage
         assert not task.done()
     finally:
         stop.set()

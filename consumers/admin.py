@@ -1,0 +1,115 @@
+"""The operator's commands: ``dead list|requeue|purge`` and ``stats``.
+
+Each prints what it did on stdout and returns the exit code; a Redis that cannot be reached is
+one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from pipeline.connections import web_client
+from pipeline.dead import DeadLetter, DeadLetters
+from pipeline.keys import QUEUES, Keys
+from pipeline.settings import Settings, redact_url
+from pipeline.stats import read_stats
+
+PROG = "python -m consumers"
+
+
+async def operate(settings: Settings, options: argparse.Namespace) -> int:
+    """Run one operator command; return the exit code."""
+    redis = web_client(settings)
+    keys = Keys(settings.key_prefix)
+    try:
+        if options.command == "stats":
+            return _print_stats(await read_stats(redis, keys), as_json=options.json)
+        dead = DeadLetters(redis, keys)
+        if options.dead_command == "list":
+            return _print_dead(await dead.list(options.limit), as_json=options.json)
+        if options.dead_command == "requeue":
+            return await _requeue(dead, None if options.all else options.job_id)
+        print(f"purged {await dead.purge()} dead letters")
+        return 0
+    except RedisError as exc:
+        print(f"{PROG}: error: Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+
+
+async def _requeue(dead: DeadLetters, job_id: str | None) -> int:
+    requeued, skipped = await dead.requeue(job_id)
+    if job_id is not None and requeued == 0:
+        why = "cannot be decoded" if skipped else "is not among the dead letters"
+        print(f"{PROG}: error: job {job_id!r} {why}", file=sys.stderr)
+        return 1
+    line = f"requeued {requeued} jobs"
+    if skipped:
+        line += f"; left {skipped} that cannot be decoded (see dead list)"
+    print(line)
+    return 0
+
+
+def _when(epoch: Any) -> str:
+    if not isinstance(epoch, int | float):
+        return "?"
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _print_dead(entries: list[DeadLetter], *, as_json: bool) -> int:
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(orjson.dumps(entry.fields).decode() + "\n")
+        return 0
+    if not entries:
+        print("no dead letters")
+        return 0
+    for entry in entries:
+        fields = entry.fields
+        tries = fields.get("attempts") or fields.get("deliveries")
+        label = "attempts" if "attempts" in fields else "deliveries"
+        print(
+            f"{_when(fields.get('failed_at'))}  {entry.job_id or '-'}  "
+            f"{entry.job.type if entry.job else '-'}  queue={fields.get('queue', '?')}  "
+            f"{label}={tries if tries is not None else '?'}  {fields.get('reason', '')}"
+        )
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _print_stats(stats: dict[str, Any], *, as_json: bool) -> int:
+    if as_json:
+        sys.stdout.write(orjson.dumps(stats).decode() + "\n")
+        return 0
+    print(
+        f"{'queue':<10} {'waiting':>8} {'processing':>10} {'delayed':>8} "
+        f"{'wait p50/p99 ms':>16} {'run p50/p99 ms':>15}"
+    )
+    for queue in QUEUES:
+        latency = stats["latency"][queue]
+        wait = f"{_ms(latency['wait_ms']['p50'])}/{_ms(latency['wait_ms']['p99'])}"
+        run = f"{_ms(latency['run_ms']['p50'])}/{_ms(latency['run_ms']['p99'])}"
+        print(
+            f"{queue:<10} {stats['queues'][queue]:>8} {stats['processing'][queue]:>10} "
+            f"{stats['delayed'][queue]:>8} {wait:>16} {run:>15}"
+        )
+    print(f"dead letters: {stats['dead_letter']}")
+    consumers = stats["consumers"]
+    print(f"live consumers: {len(consumers)}")
+    now = time.time()
+    for consumer in consumers:
+        queues = ", ".join(f"{q}x{n}" for q, n in consumer.get("queues", {}).items())
+        up = now - float(consumer.get("started_at", now))
+        print(f"  {consumer['id']}  {consumer.get('mode', '?')}  {queues}  up {up:.0f} s")
+    return 0
