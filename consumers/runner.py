@@ -161,14 +161,20 @@ class Consumer:
         if not await self._until(self._leased):
             return
         backoff = 0.0
+        reconciled = time.monotonic()
+        suspect = False
         while not self._stop.is_set():
             if len(running) >= limit:
                 await self._until(*running, timeout=None)
                 continue
             try:
+                if suspect or time.monotonic() - reconciled >= self._settings.lease_ttl:
+                    await self._reconcile(queue)
+                    reconciled, suspect = time.monotonic(), False
                 raw = await self._broker.fetch(queue, self._settings.fetch_timeout)
             except RedisError as exc:
                 self._outage.failed(exc)
+                suspect = True
                 backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
                 await self._until(timeout=backoff)
                 continue
@@ -181,6 +187,25 @@ class Consumer:
             running.add(task)
             task.add_done_callback(running.discard)
             task.add_done_callback(self._forget)
+
+    async def _reconcile(self, queue: str) -> None:
+        """Return held jobs this consumer is not running. A fetch whose reply was lost (the
+        connection dropped after Redis moved the job; the client's retry then fetched again)
+        leaves one behind in the processing list. Only the queue's fetch loop calls this,
+        between fetches, so no fetch into the list is under way."""
+        if self._broker.mode != "at-least-once":
+            return
+        running = {job.raw for job in self._in_flight.values() if job.queue == queue}
+        orphans = [raw for raw in await self._broker.held(queue) if raw not in running]
+        for raw in orphans:
+            await self._broker.return_job(queue, raw)
+        if orphans:
+            logger.warning(
+                "queue %s: returned %d held jobs this consumer was not running (a fetch reply "
+                "was lost)",
+                queue,
+                len(orphans),
+            )
 
     async def _until(
         self, *waitables: asyncio.Event | asyncio.Task[None], timeout: float | None = None

@@ -244,6 +244,11 @@ class Broker:
             return None
         return raw if isinstance(raw, bytes) else raw.encode()
 
+    async def held(self, queue: str) -> list[bytes]:
+        """The jobs of ``queue`` in this consumer's processing list."""
+        found = await self.redis.lrange(self.keys.processing(queue, self.consumer_id), 0, -1)
+        return [raw if isinstance(raw, bytes) else raw.encode() for raw in found]
+
     async def ack(self, queue: str, raw: bytes, job_id: str = "") -> bool:
         """The job is done. False if it was no longer held (recovered from this consumer)."""
         if not self._held:

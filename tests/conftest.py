@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis.asyncio as aioredis
 from aiosmtpd.controller import Controller
 from quart.typing import TestAppProtocol, TestClientProtocol
+
+if TYPE_CHECKING:
+    from tests.processes import Child
 
 from pipeline.embedded_redis import free_port, server_args, wait_until_ready
 from pipeline.keys import Keys
@@ -98,19 +101,35 @@ def client(app: TestAppProtocol) -> TestClientProtocol:
 
 @dataclass
 class SmtpSink:
-    """A real SMTP server (aiosmtpd) that keeps what it receives."""
+    """A real SMTP server (aiosmtpd) that keeps what it receives.
+
+    ``delay`` makes it slow: at ``stall_at`` "data" it stalls after receiving the message,
+    before accepting it; at "rcpt" before it has the message at all. ``reject`` (an SMTP reply
+    such as "550 ...") refuses every recipient. ``started`` counts messages begun (RCPT)."""
 
     port: int
     delay: float = 0.0
+    stall_at: str = "data"
+    reject: str | None = None
     messages: list[EmailMessage] = field(default_factory=list)
     envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: int = 0
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if self.reject:
+            return self.reject
         with self.lock:
             self.started += 1
-        if self.delay:
+        if self.delay and self.stall_at == "rcpt":
+            await asyncio.sleep(self.delay)  # a slow server, not synchronisation
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay and self.stall_at == "data":
             await asyncio.sleep(self.delay)  # a slow server, not synchronisation
         message = message_from_bytes(envelope.content, policy=policy.default)
         with self.lock:
@@ -136,6 +155,26 @@ def smtp_server() -> Iterator[SmtpSink]:
         yield sink
     finally:
         controller.stop()
+
+
+# --- processes --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], Child]]:
+    """Start subprocesses (see tests.processes.Child); every one is stopped at teardown."""
+    from tests.processes import Child
+
+    children: list[Child] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> Child:
+        child = Child(argv, env, tmp_path / f"child-{len(children)}.log")
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()
 
 
 # --- waiting ------------------------------------------------------------------------------

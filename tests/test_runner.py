@@ -315,6 +315,18 @@ async def test_jobs_of_a_consumer_whose_lease_expired_are_recovered_and_run(
     assert await redis.hget(keys.deliveries, second.id) is None
 
 
+async def test_a_held_job_whose_fetch_reply_was_lost_is_returned_and_run(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_consumer({"welcome_email": held_email})  # type: ignore[operator]
+    await eventually(lambda: _zcard(redis, keys.consumers, 1), what="the consumer's lease")
+    # Redis moved a job into the consumer's list, but the reply never reached it.
+    job = new_job("welcome_email", {"email": "orphan@example.com"})
+    await redis.lpush(keys.processing("email", running.consumer.consumer_id), job.encode())
+    await eventually(lambda: GATE.finished == ["orphan@example.com"], what="the orphan to run")
+    assert "queue email: returned 1 held jobs this consumer was not running" in caplog.text
+
+
 async def test_a_live_consumers_jobs_are_never_recovered(redis: aioredis.Redis, keys: Keys) -> None:
     alive = Broker(redis, keys, consumer_id="alive-1")
     await alive.heartbeat(30, {})

@@ -1,0 +1,137 @@
+"""Running the processes as deployed, for tests: children in their own process group, HTTP
+over a raw connection, a hypercorn web service, jobs pushed straight onto a queue."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from pipeline.embedded_redis import free_port
+from pipeline.keys import Keys
+from pipeline.queue import DirectQueue
+from tests.conftest import RedisServer, eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env(redis_server: RedisServer, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))
+    }
+    env.update({"REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
+    env.update(extra)
+    return env
+
+
+class Child:
+    """A subprocess whose stderr goes to a file the test can poll."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._file = log.open("wb")
+        # Its own session: teardown can reach everything it started (hypercorn's workers).
+        self.process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still running after {timeout} s:\n{self.output()}")
+            await asyncio.sleep(0.02)
+        return self.process.returncode
+
+    def close(self) -> None:
+        """Stop the child's whole process group: SIGTERM, then SIGKILL if it lingers."""
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if not self._signal_group(signum) or self._group_gone(within=10):
+                break
+        self.process.wait(10)
+        self._file.close()
+
+    def _signal_group(self, signum: int) -> bool:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _group_gone(self, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            self.process.poll()  # reap the leader: a zombie still counts as a member
+            if not self._signal_group(0):
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def consumer_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "consumers", *args]
+
+
+async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One HTTP/1.1 request over a fresh connection; the status and the JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = orjson.dumps(body) if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    writer.write(head.encode() + b"\r\n" + data)
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    status_line, _, rest = response.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), orjson.loads(payload) if payload else None
+
+
+@asynccontextmanager
+async def web(spawn: Any, env: dict[str, str]) -> AsyncIterator[tuple[int, Child]]:
+    port = free_port()
+    child = spawn(
+        [sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{port}"], env
+    )
+
+    async def answers() -> bool:
+        assert child.process.poll() is None, child.output()
+        try:
+            return (await http(port, "GET", "/stats"))[0] == 200
+        except OSError:
+            return False
+
+    await eventually(answers, timeout=20, what="hypercorn to answer")
+    yield port, child
+
+
+async def push_emails(redis: aioredis.Redis, keys: Keys, count: int, start: int = 0) -> list[str]:
+    queue = DirectQueue(redis, keys)
+    addresses = [f"user{i}@example.com" for i in range(start, start + count)]
+    for address in addresses:
+        await queue.push(
+            "welcome_email", {"user_id": address, "username": address[:-12], "email": address}
+        )
+    return addresses
