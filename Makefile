@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck lock clean
+.PHONY: run test lint typecheck bench-drain lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -22,11 +22,15 @@ test: lint typecheck
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline service consumers tests
-	$(BIN)/ruff format --check pipeline service consumers tests
+	$(BIN)/ruff check pipeline service consumers loadtest tests
+	$(BIN)/ruff format --check pipeline service consumers loadtest tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+## bench-drain: jobs/s of one consumer process in each delivery mode (median of 3 rounds).
+bench-drain: $(STAMP)
+	$(BIN)/python -m loadtest.drain
 
 ## lock: re-pin requirements.lock and requirements-dev.lock from pyproject.toml.
 lock:

@@ -15,6 +15,37 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.shutdown_grace_period == 10.0
     assert settings.consumer_queues == ("email", "marketing", "profile")
     assert dict(settings.consumer_concurrency) == {"email": 4, "marketing": 4, "profile": 4}
+    assert settings.delivery_mode == "at-least-once"
+    assert (settings.lease_ttl, settings.max_deliveries) == (5.0, 3)
+    assert set(settings.job_max_attempts.values()) == {5}
+    assert set(settings.job_timeout.values()) == {30.0}
+    assert (settings.retry_base_delay, settings.retry_max_delay) == (1.0, 300.0)
+    assert settings.idempotency_ttl == 86_400
+
+
+def test_delivery_settings_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "DELIVERY_MODE": "AT-MOST-ONCE",
+            "LEASE_TTL": "2.5",
+            "MAX_DELIVERIES": "5",
+            "JOB_MAX_ATTEMPTS": "welcome_email=8, generate_profile=2",
+            "JOB_TIMEOUT": "12",
+            "RETRY_BASE_DELAY": "0.5",
+            "RETRY_MAX_DELAY": "60",
+            "IDEMPOTENCY_TTL": "3600",
+        }
+    )
+    assert settings.delivery_mode == "at-most-once"
+    assert (settings.lease_ttl, settings.max_deliveries) == (2.5, 5)
+    assert dict(settings.job_max_attempts) == {
+        "welcome_email": 8,
+        "marketing_signup": 5,
+        "generate_profile": 2,
+    }
+    assert set(settings.job_timeout.values()) == {12.0}
+    assert (settings.retry_base_delay, settings.retry_max_delay) == (0.5, 60.0)
+    assert settings.idempotency_ttl == 3600
 
 
 def test_values_are_parsed() -> None:
@@ -70,6 +101,14 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("CONSUMER_CONCURRENCY", "email=0"),
         ("CONSUMER_CONCURRENCY", "sms=3"),
         ("LOG_LEVEL", "LOUD"),
+        ("DELIVERY_MODE", "exactly-once"),
+        ("LEASE_TTL", "0.1"),
+        ("MAX_DELIVERIES", "0"),
+        ("JOB_MAX_ATTEMPTS", "send_sms=3"),
+        ("JOB_MAX_ATTEMPTS", "welcome_email=0"),
+        ("JOB_TIMEOUT", "forever"),
+        ("RETRY_BASE_DELAY", "-1"),
+        ("IDEMPOTENCY_TTL", "1"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:

@@ -1,0 +1,1 @@
+"""Load testing the signup pipeline. ``python -m loadtest.drain``: consumer drain rates."""

@@ -1,0 +1,144 @@
+"""Consumer drain rate: jobs/s of one ``python -m consumers`` process, per delivery mode.
+
+``python -m loadtest.drain [--jobs N] [--rounds R] [--concurrency C] [--json PATH]``
+
+Starts its own redis-server (no persistence) on a free port. Each round, for each mode in
+turn (alternating, so both see the same machine), it fills the marketing queue with N real
+``marketing_signup`` jobs, starts a consumer process on that queue, and times the jobs from
+the first one done to the last, so process start-up is not counted. Prints the median of the
+rounds per mode and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+from pipeline.jobs import new_job
+from pipeline.keys import Keys
+from pipeline.settings import DELIVERY_MODES
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "drain"
+
+
+async def _fill(redis: aioredis.Redis, keys: Keys, jobs: int) -> None:
+    await redis.flushall()
+    batch = 1000
+    for start in range(0, jobs, batch):
+        encoded = [
+            new_job("marketing_signup", {"email": f"u{i}@example.com", "signed_up_at": i}).encode()
+            for i in range(start, min(jobs, start + batch))
+        ]
+        await redis.lpush(keys.queue("marketing"), *encoded)
+
+
+async def _count(redis: aioredis.Redis, keys: Keys) -> int:
+    return int(await redis.hget(keys.stats, "marketing_list_updates") or 0)
+
+
+async def _round(url: str, mode: str, jobs: int, concurrency: int) -> float:
+    """One drain of ``jobs`` jobs; jobs/s from the first done to the last."""
+    redis = aioredis.Redis.from_url(url)
+    keys = Keys(PREFIX)
+    await _fill(redis, keys, jobs)
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "KEY_PREFIX": PREFIX,
+        "LOG_LEVEL": "WARNING",
+        "DELIVERY_MODE": mode,
+        "CONSUMER_QUEUES": "marketing",
+        "CONSUMER_CONCURRENCY": f"marketing={concurrency}",
+    }
+    # A blocking start is fine: nothing else runs on this loop.
+    process = subprocess.Popen([sys.executable, "-m", "consumers"], env=env, cwd=ROOT)  # noqa: ASYNC220
+    try:
+        deadline = time.monotonic() + 300
+        first = 0
+        while (first := await _count(redis, keys)) == 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the consumer exited or stalled ({mode})")
+            await asyncio.sleep(0.005)
+        began = time.perf_counter()
+        while (done := await _count(redis, keys)) < jobs:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the consumer exited or stalled at {done}/{jobs} ({mode})")
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - began
+    finally:
+        process.terminate()
+        process.wait(30)
+        await redis.aclose()
+    return (jobs - first) / elapsed
+
+
+async def _rounds(url: str, jobs: int, rounds: int, concurrency: int) -> dict[str, list[float]]:
+    rates: dict[str, list[float]] = {mode: [] for mode in DELIVERY_MODES}
+    for index in range(rounds):
+        order = DELIVERY_MODES if index % 2 == 0 else DELIVERY_MODES[::-1]
+        for mode in order:
+            rate = await _round(url, mode, jobs, concurrency)
+            rates[mode].append(rate)
+            print(f"round {index + 1}: {mode:<14} {rate:>8,.0f} jobs/s", flush=True)
+    return rates
+
+
+def _run(jobs: int, rounds: int, concurrency: int) -> dict[str, Any]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        server = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
+        try:
+            wait_until_ready(port, time.monotonic() + 15, server)
+            url = f"redis://127.0.0.1:{port}/0"
+            rates = asyncio.run(_rounds(url, jobs, rounds, concurrency))
+        finally:
+            server.terminate()
+            server.wait(15)
+    medians = {mode: statistics.median(values) for mode, values in rates.items()}
+    return {
+        "jobs": jobs,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "handler": "marketing_signup (one script: done-marker, ZADD, HINCRBY)",
+        "rates": rates,
+        "medians": medians,
+        "cpus": os.cpu_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.drain", description=__doc__)
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs per round (20000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (3)")
+    parser.add_argument("--concurrency", type=int, default=8, help="consumer tasks (8)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    options = parser.parse_args(argv)
+    if options.jobs < 100 or options.rounds < 1 or options.concurrency < 1:
+        parser.error("--jobs must be at least 100, --rounds and --concurrency at least 1")
+    result = _run(options.jobs, options.rounds, options.concurrency)
+    medians = result["medians"]
+    print(f"\nmedian of {options.rounds} rounds, {options.jobs} jobs, {options.concurrency} tasks:")
+    for mode, rate in medians.items():
+        print(f"  {mode:<14} {rate:>8,.0f} jobs/s")
+    ratio = medians["at-least-once"] / medians["at-most-once"]
+    print(f"  at-least-once / at-most-once: {ratio:.2f}")
+    if options.json:
+        options.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
