@@ -283,6 +283,18 @@ async def test_an_always_failing_job_is_dead_lettered_then_requeued_by_the_opera
     assert stats.returncode == 0, stats.stderr
     assert "dead letters: 0" in stats.stdout
     assert "live consumers: 1" in stats.stdout
+    assert consumer_id(worker) in stats.stdout
+
+    # Fail it again, then the blunt tools: requeue everything, purge.
+    smtp_server.reject = "550 5.1.1 mailbox unavailable"
+    await push_emails(redis, keys, 1, start=1)
+    await eventually(lambda: _llen(redis, keys.dead, 1), what="another dead letter")
+    smtp_server.reject = None
+    assert admin(redis_server, "dead", "requeue", "--all").stdout.strip() == "requeued 1 jobs"
+    await eventually(lambda: len(smtp_server.recipients()) == 2, what="the second email")
+    await redis.lpush(keys.dead, b'{"queue": "email", "reason": "made up", "job": "?"}')
+    assert admin(redis_server, "dead", "purge").stdout.strip() == "purged 1 dead letters"
+    assert await redis.llen(keys.dead) == 0
     worker.signal(signal.SIGTERM)
     assert await worker.wait(15) == 0
 

@@ -46,6 +46,16 @@ async def test_end_to_end_signup_to_welcome_email(
             ) == (1, 1, 1)
 
         await eventually(processed, what="all three jobs")
+
+        async def measured() -> bool:
+            stats = (await http(port, "GET", "/stats"))[1]
+            return all(stats["latency"][q]["samples"] == 1 for q in stats["latency"])
+
+        await eventually(measured, what="latency samples (written every second)")
+        stats = (await http(port, "GET", "/stats"))[1]
+        assert stats["consumers"] == 1
+        assert stats["processing"] == stats["delayed"] == {"email": 0, "marketing": 0, "profile": 0}
+        assert stats["latency"]["email"]["wait_ms"]["p99"] >= 0
         status, user = await http(port, "GET", f"/users/{created['user_id']}")
         assert status == 200
         assert user["profile"]["display_name"] == "Newcomer"

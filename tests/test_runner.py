@@ -584,3 +584,29 @@ async def test_a_job_failed_by_redis_is_returned_not_dead_lettered(
     await eventually(lambda: len(_flaky_calls) == 2, what="the job to run again")
     assert _flaky_calls == [job.id, job.id]
     assert await redis.llen(keys.dead) == 0
+
+
+async def test_dead_letters_requeue_all_skips_what_cannot_be_decoded_and_purge_empties(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    from pipeline.dead import DeadLetters
+    from pipeline.queue import dead_entry
+
+    jobs = [
+        new_job("welcome_email", {"email": "a@example.com"}),
+        new_job("generate_profile", {"user_id": "u"}),
+    ]
+    for job in jobs:
+        retried = dataclasses.replace(job, attempt=4)
+        await redis.lpush(keys.dead, dead_entry("x", retried.encode(), "failed", job=retried))
+    await redis.lpush(keys.dead, dead_entry("email", b"not json", "undecodable job"))
+    dead = DeadLetters(redis, keys)
+    assert [entry.job_id for entry in await dead.list(limit=2)] == [None, jobs[1].id]
+    assert await dead.requeue() == (2, 1)
+    back = [decode(raw) for raw in await redis.lrange(keys.queue("email"), 0, -1)]
+    back += [decode(raw) for raw in await redis.lrange(keys.queue("profile"), 0, -1)]
+    assert [(job.id, job.attempt) for job in back] == [(jobs[0].id, 0), (jobs[1].id, 0)]
+    assert await dead.count() == 1  # the undecodable one stays
+    assert await dead.requeue(jobs[0].id) == (0, 0)  # already requeued
+    assert await dead.purge() == 1
+    assert await dead.count() == 0
