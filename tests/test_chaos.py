@@ -134,7 +134,8 @@ async def test_kill_9_while_holding_jobs_recovers_in_seconds_and_loses_nothing(
         print(f"kill -9: recovered in {recovery:.2f} s; {duplicates} duplicate emails")
         assert recovery < 10
         assert duplicates == 0
-        assert f"recovered consumer {consumer_id(first)} (lease expired): 4 jobs" in second.output()
+        # Its 4 email jobs, and whatever marketing and profile jobs it held at that instant.
+        assert f"recovered consumer {consumer_id(first)} (lease expired): " in second.output()
         second.signal(signal.SIGTERM)
         assert await second.wait(15) == 0
 
@@ -306,8 +307,8 @@ async def test_a_job_longer_than_the_lease_on_a_live_consumer_is_not_stolen(
     keys: Keys,
     smtp_server: SmtpSink,
 ) -> None:
-    smtp_server.delay = 4  # four lease periods
-    env = child_env(redis_server, SMTP_URL=smtp_server.url, LEASE_TTL="1")
+    smtp_server.delay = 4.5  # three lease periods
+    env = child_env(redis_server, SMTP_URL=smtp_server.url, LEASE_TTL="1.5")
     first = spawn(consumer_argv(), env)
     await started(first)
     [email] = await push_emails(redis, keys, 1)
