@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -337,8 +338,7 @@ class Consumer:
                         logger.critical("job %s: could not settle it (%s): job lost", job_id, exc)
                     return None
                 backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._force.wait(), backoff)
+                await self._pause(self._force, backoff)
                 continue
             self._outage.ok()
             return result
@@ -480,21 +480,10 @@ class Consumer:
                 await self._return(job)
 
     async def _return(self, job: _InFlight) -> None:
-        try:
-            await self._broker.return_job(job.queue, job.raw)
+        # Past the deadline: one try (see _settle for what happens if it fails).
+        returning = functools.partial(self._broker.return_job, job.queue, job.raw)
+        if await self._settle(f"on {job.queue}", returning):
             logger.info("queue %s: returned an unfinished job to the queue", job.queue)
-        except RedisError as exc:
-            if self._broker.mode == "at-least-once":
-                logger.error(
-                    "queue %s: could not return a job (%s); it is returned when this "
-                    "consumer's lease expires",
-                    job.queue,
-                    exc,
-                )
-            else:
-                logger.critical(
-                    "queue %s: could not return %r (%s): job lost", job.queue, job.raw, exc
-                )
 
     async def _release(self) -> None:
         """Give up the lease; anything still held (a job whose return failed) goes back now."""
