@@ -21,12 +21,12 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from consumers.admin import operate
 from consumers.email import email_backend
-from consumers.handlers import HANDLERS, HandlerContext
+from consumers.handlers import HANDLERS, Handler, HandlerContext
 from consumers.runner import Consumer
 from pipeline.connections import consumer_client
 from pipeline.errors import SettingsError
@@ -138,15 +138,15 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
         return 2
     settings = dataclasses.replace(settings, **overrides)
     if options.command is not None:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(settings, options))
     configure_logging(settings.log_level)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(settings))
     return 0
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
     except ImportError:
@@ -154,7 +154,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) -> None:
     """Consume the configured queues until SIGTERM or SIGINT, then drain and close Redis."""
     stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -185,7 +185,7 @@ async def run(settings: Settings) -> None:
         redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
     )
     broker = Broker(redis, keys, mode=settings.delivery_mode)
-    consumer = Consumer(broker, HANDLERS, context, settings)
+    consumer = Consumer(broker, handlers, context, settings)
     logger.info(
         "consumer %s: consuming %s from %s (prefix %r), %s",
         broker.consumer_id,

@@ -3,9 +3,11 @@
 ``python -m loadtest.drain [--jobs N] [--rounds R] [--concurrency C] [--json PATH]``
 
 Starts its own redis-server (no persistence) on a free port. Each round, for each mode in
-turn (alternating, so both see the same machine), it fills the marketing queue with N real
-``marketing_signup`` jobs, starts a consumer process on that queue, and times the jobs from
-the first one done to the last, so process start-up is not counted. Prints the median of the
+turn (alternating, so both see the same machine), it fills the marketing queue with N
+``marketing_signup`` jobs, starts a consumer process on that queue (``--handler real``: the
+real handler; ``noop``: the same consumer with handlers that do nothing), and times the jobs
+from the first taken to the last done (neither queued nor held), so process start-up is not
+counted. Prints the median of the
 rounds per mode and their ratio.
 """
 
@@ -31,6 +33,10 @@ from pipeline.keys import Keys
 from pipeline.settings import DELIVERY_MODES
 
 ROOT = Path(__file__).resolve().parent.parent
+HANDLERS_DESCRIBED = {
+    "real": "marketing_signup (one script: done-marker, ZADD, HINCRBY)",
+    "noop": "a no-op handler (the queue machinery alone)",
+}
 PREFIX = "drain"
 
 
@@ -45,12 +51,18 @@ async def _fill(redis: aioredis.Redis, keys: Keys, jobs: int) -> None:
         await redis.lpush(keys.queue("marketing"), *encoded)
 
 
-async def _count(redis: aioredis.Redis, keys: Keys) -> int:
-    return int(await redis.hget(keys.stats, "marketing_list_updates") or 0)
+async def _remaining(redis: aioredis.Redis, keys: Keys) -> int:
+    """Jobs not yet done: queued, or held by the consumer (at-least-once)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.llen(keys.queue("marketing"))
+    held = [key async for key in redis.scan_iter(match=f"{keys.prefix}:processing:*")]
+    for key in held:
+        pipe.llen(key)
+    return sum(int(n) for n in await pipe.execute())
 
 
-async def _round(url: str, mode: str, jobs: int, concurrency: int) -> float:
-    """One drain of ``jobs`` jobs; jobs/s from the first done to the last."""
+async def _round(url: str, mode: str, jobs: int, concurrency: int, handler: str) -> float:
+    """One drain of ``jobs`` jobs; jobs/s from the first taken to the last done."""
     redis = aioredis.Redis.from_url(url)
     keys = Keys(PREFIX)
     await _fill(redis, keys, jobs)
@@ -64,19 +76,19 @@ async def _round(url: str, mode: str, jobs: int, concurrency: int) -> float:
         "CONSUMER_CONCURRENCY": f"marketing={concurrency}",
     }
     # A blocking start is fine: nothing else runs on this loop.
-    process = subprocess.Popen([sys.executable, "-m", "consumers"], env=env, cwd=ROOT)  # noqa: ASYNC220
+    module = "consumers" if handler == "real" else "loadtest.noop_consumer"
+    process = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT)  # noqa: ASYNC220
     try:
         deadline = time.monotonic() + 300
-        first = 0
-        while (first := await _count(redis, keys)) == 0:
+        while (left := await _remaining(redis, keys)) == jobs:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the consumer exited or stalled ({mode})")
-            await asyncio.sleep(0.005)
-        began = time.perf_counter()
-        while (done := await _count(redis, keys)) < jobs:
+            await asyncio.sleep(0.002)
+        began, first = time.perf_counter(), jobs - left
+        while (left := await _remaining(redis, keys)) > 0:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the consumer exited or stalled at {done}/{jobs} ({mode})")
-            await asyncio.sleep(0.005)
+                raise RuntimeError(f"the consumer exited or stalled, {left} left ({mode})")
+            await asyncio.sleep(0.002)
         elapsed = time.perf_counter() - began
     finally:
         process.terminate()
@@ -85,25 +97,27 @@ async def _round(url: str, mode: str, jobs: int, concurrency: int) -> float:
     return (jobs - first) / elapsed
 
 
-async def _rounds(url: str, jobs: int, rounds: int, concurrency: int) -> dict[str, list[float]]:
+async def _rounds(
+    url: str, jobs: int, rounds: int, concurrency: int, handler: str
+) -> dict[str, list[float]]:
     rates: dict[str, list[float]] = {mode: [] for mode in DELIVERY_MODES}
     for index in range(rounds):
         order = DELIVERY_MODES if index % 2 == 0 else DELIVERY_MODES[::-1]
         for mode in order:
-            rate = await _round(url, mode, jobs, concurrency)
+            rate = await _round(url, mode, jobs, concurrency, handler)
             rates[mode].append(rate)
             print(f"round {index + 1}: {mode:<14} {rate:>8,.0f} jobs/s", flush=True)
     return rates
 
 
-def _run(jobs: int, rounds: int, concurrency: int) -> dict[str, Any]:
+def _run(jobs: int, rounds: int, concurrency: int, handler: str) -> dict[str, Any]:
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
         server = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
         try:
             wait_until_ready(port, time.monotonic() + 15, server)
             url = f"redis://127.0.0.1:{port}/0"
-            rates = asyncio.run(_rounds(url, jobs, rounds, concurrency))
+            rates = asyncio.run(_rounds(url, jobs, rounds, concurrency, handler))
         finally:
             server.terminate()
             server.wait(15)
@@ -112,7 +126,7 @@ def _run(jobs: int, rounds: int, concurrency: int) -> dict[str, Any]:
         "jobs": jobs,
         "rounds": rounds,
         "concurrency": concurrency,
-        "handler": "marketing_signup (one script: done-marker, ZADD, HINCRBY)",
+        "handler": HANDLERS_DESCRIBED[handler],
         "rates": rates,
         "medians": medians,
         "cpus": os.cpu_count(),
@@ -124,13 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per round (20000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (3)")
     parser.add_argument("--concurrency", type=int, default=8, help="consumer tasks (8)")
+    parser.add_argument(
+        "--handler",
+        choices=sorted(HANDLERS_DESCRIBED),
+        default="real",
+        help="real: the marketing_signup handler; noop: a handler doing nothing (real)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args(argv)
     if options.jobs < 100 or options.rounds < 1 or options.concurrency < 1:
         parser.error("--jobs must be at least 100, --rounds and --concurrency at least 1")
-    result = _run(options.jobs, options.rounds, options.concurrency)
+    result = _run(options.jobs, options.rounds, options.concurrency, options.handler)
     medians = result["medians"]
-    print(f"\nmedian of {options.rounds} rounds, {options.jobs} jobs, {options.concurrency} tasks:")
+    print(
+        f"\nmedian of {options.rounds} rounds, {options.jobs} jobs, {options.concurrency} tasks, "
+        f"{HANDLERS_DESCRIBED[options.handler]}:"
+    )
     for mode, rate in medians.items():
         print(f"  {mode:<14} {rate:>8,.0f} jobs/s")
     ratio = medians["at-least-once"] / medians["at-most-once"]
