@@ -114,6 +114,10 @@ class Consumer:
         self._concurrency = {q: settings.consumer_concurrency[q] for q in settings.consumer_queues}
         self._in_flight: dict[asyncio.Task[None], _InFlight] = {}
         self._samples: dict[str, list[tuple[float, float]]] = {q: [] for q in self._concurrency}
+        #: Per queue: finished jobs (bytes, id) whose ack goes with the fetch loop's next take.
+        self._acks: dict[str, list[tuple[bytes, str]]] = {q: [] for q in self._concurrency}
+        #: Per queue: set when one of its jobs finishes (or on stop), to wake a full fetch loop.
+        self._freed = {q: asyncio.Event() for q in self._concurrency}
         self._outage = _Outage()
         self._leased = asyncio.Event()
         self._drained = asyncio.Event()
@@ -143,9 +147,12 @@ class Consumer:
         crashed = [t for t in done if t is not stopped and t.exception() is not None]
         stop.set()
         stopped.cancel()
+        for freed in self._freed.values():
+            freed.set()
         # Loops end by themselves: fetches at their next block timeout, the others at once.
         await asyncio.wait(loops)
         await self._drain()
+        await self._flush_acks()
         await self._flush_latency()
         self._drained.set()
         await asyncio.wait({heartbeat})
@@ -158,6 +165,13 @@ class Consumer:
     async def _fetch_loop(self, queue: str) -> None:
         limit = self._concurrency[queue]
         running: set[asyncio.Task[None]] = set()
+        freed = self._freed[queue]
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self._in_flight.pop(task, None)
+            freed.set()
+
         # Never hold a job without a lease: wait for the first heartbeat.
         if not await self._until(self._leased):
             return
@@ -165,15 +179,31 @@ class Consumer:
         reconciled = time.monotonic()
         suspect = False
         while not self._stop.is_set():
-            if len(running) >= limit:
-                await self._until(*running, timeout=None)
+            free = limit - len(running)
+            if free <= 0:
+                freed.clear()
+                await freed.wait()  # a job finished, or the stop (run() sets it)
                 continue
+            # Finished jobs' acks ride along with the next take: one round trip per batch.
+            acks, self._acks[queue] = self._acks[queue], []
             try:
                 if suspect or time.monotonic() - reconciled >= self._settings.lease_ttl:
-                    await self._reconcile(queue)
+                    await self._reconcile(queue, acks)
                     reconciled, suspect = time.monotonic(), False
-                raw = await self._broker.fetch(queue, self._settings.fetch_timeout)
+                raws, found = await self._broker.take(queue, free, acks)
+                if found < len(acks):
+                    logger.warning(
+                        "queue %s: %d jobs finished after being recovered from this consumer "
+                        "(its lease lapsed); another delivery will find them done",
+                        queue,
+                        len(acks) - found,
+                    )
+                acks = []
+                if not raws:
+                    raw = await self._broker.fetch(queue, self._settings.fetch_timeout)
+                    raws = [] if raw is None else [raw]
             except RedisError as exc:
+                self._acks[queue][:0] = acks  # not sent: they go with the next round trip
                 self._outage.failed(exc)
                 suspect = True
                 backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
@@ -181,23 +211,23 @@ class Consumer:
                 continue
             self._outage.ok()
             backoff = 0.0
-            if raw is None:
-                continue
-            task = asyncio.create_task(self._process(queue, raw))
-            self._in_flight[task] = _InFlight(queue, raw)
-            running.add(task)
-            task.add_done_callback(running.discard)
-            task.add_done_callback(self._forget)
+            for raw in raws:
+                task = asyncio.create_task(self._process(queue, raw))
+                self._in_flight[task] = _InFlight(queue, raw)
+                running.add(task)
+                task.add_done_callback(finished)
 
-    async def _reconcile(self, queue: str) -> None:
+    async def _reconcile(self, queue: str, acks: list[tuple[bytes, str]]) -> None:
         """Return held jobs this consumer is not running. A fetch whose reply was lost (the
         connection dropped after Redis moved the job; the client's retry then fetched again)
         leaves one behind in the processing list. Only the queue's fetch loop calls this,
-        between fetches, so no fetch into the list is under way."""
+        between fetches, so no fetch into the list is under way; finished jobs whose ack is
+        not sent yet (``acks``) are not orphans."""
         if self._broker.mode != "at-least-once":
             return
-        running = {job.raw for job in self._in_flight.values() if job.queue == queue}
-        orphans = [raw for raw in await self._broker.held(queue) if raw not in running]
+        known = {job.raw for job in self._in_flight.values() if job.queue == queue}
+        known.update(raw for raw, _ in acks)
+        orphans = [raw for raw in await self._broker.held(queue) if raw not in known]
         for raw in orphans:
             await self._broker.return_job(queue, raw)
         if orphans:
@@ -207,6 +237,15 @@ class Consumer:
                 queue,
                 len(orphans),
             )
+
+    async def _flush_acks(self) -> None:
+        """Send the acks still waiting for a fetch loop's next round trip (on the way out)."""
+        for queue, acks in self._acks.items():
+            if acks:
+                self._acks[queue] = []
+                await self._settle(
+                    f"acks on {queue}", functools.partial(self._broker.take, queue, 0, acks)
+                )
 
     async def _until(
         self, *waitables: asyncio.Event | asyncio.Task[None], timeout: float | None = None
@@ -225,9 +264,6 @@ class Consumer:
                 if waiter not in waitables:  # never cancel a job task
                     waiter.cancel()
         return not self._stop.is_set()
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
 
     # --- running one job ----------------------------------------------------------------
 
@@ -263,14 +299,8 @@ class Consumer:
             return
         run = time.monotonic() - clock
         self._samples[queue].append((max(0.0, started - job.enqueued_at), run))
-        if await self._settle(job.id, lambda: self._broker.ack(queue, raw, job.id)) is False:
-            logger.warning(
-                "job %s (%s): done, but it had been recovered from this consumer (its lease "
-                "lapsed); another delivery will find it done",
-                job.id,
-                job.type,
-            )
-        logger.debug("job %s (%s) done in %.1f ms", job.id, job.type, run * 1e3)
+        if self._broker.mode == "at-least-once":
+            self._acks[queue].append((raw, job.id))
 
     async def _failed(self, queue: str, raw: bytes, job: Job, error: str, exc: Exception) -> None:
         attempts = job.attempt + 1

@@ -38,7 +38,7 @@ LATENCY_SAMPLES: Final = 1000
 #: Due retries moved per promoter call and queue.
 PROMOTE_BATCH: Final = 100
 
-SettleAction = Literal["ack", "return", "retry", "dead"]
+SettleAction = Literal["return", "retry", "dead"]
 
 
 class JobSink(Protocol):
@@ -69,6 +69,10 @@ class DirectQueue:
         job = new_job(job_type, payload)
         await self._redis.lpush(self._keys.queue(queue_for(job_type)), job.encode())
         return job
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def new_consumer_id() -> str:
@@ -121,6 +125,30 @@ if ARGV[6] ~= '' then
   redis.call('HDEL', KEYS[3], ARGV[6])
 end
 return 1
+"""
+
+# Acknowledge finished jobs and take up to ARGV[1] more without blocking, in one step: under
+# load a consumer makes one round trip per batch, not two per job. Removals first is safe
+# here: an OOM refusal at LMOVE leaves the acks done and nothing taken.
+# KEYS: queue, processing list, deliveries hash
+# ARGV: how many to take, how many acks n, then n job bytes, then their n ids
+# Returns {acks that found their job, taken job bytes...}
+_ACK_AND_TAKE = """
+local n = tonumber(ARGV[2])
+local removed = 0
+for i = 3, 2 + n do
+  removed = removed + redis.call('LREM', KEYS[2], -1, ARGV[i])
+end
+if n > 0 then
+  redis.call('HDEL', KEYS[3], unpack(ARGV, 3 + n, 2 + 2 * n))
+end
+local taken = {removed}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not raw then break end
+  taken[#taken + 1] = raw
+end
+return taken
 """
 
 # Renew a consumer's lease and note when it was last seen (Redis time). 1 if the lease was
@@ -220,6 +248,7 @@ class Broker:
         self.consumer_id = consumer_id or new_consumer_id()
         self._held = mode == "at-least-once"
         self._settle = redis.register_script(_SETTLE)
+        self._ack_and_take = redis.register_script(_ACK_AND_TAKE)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._recover = redis.register_script(_RECOVER)
         self._promote = redis.register_script(_PROMOTE)
@@ -240,20 +269,35 @@ class Broker:
         else:
             reply = await self.redis.brpop([source], timeout=timeout)
             raw = None if reply is None else reply[1]
-        if raw is None:
-            return None
-        return raw if isinstance(raw, bytes) else raw.encode()
+        return None if raw is None else _bytes(raw)
+
+    async def take(
+        self, queue: str, count: int, acks: Sequence[tuple[bytes, str]] = ()
+    ) -> tuple[list[bytes], int]:
+        """Acknowledge ``acks`` (job bytes and id) and take up to ``count`` more jobs of
+        ``queue`` without blocking, in one round trip. Returns the jobs taken and how many acks
+        still found their job (fewer: some were recovered from this consumer meanwhile)."""
+        if not self._held:
+            if count < 1:
+                return [], len(acks)
+            # With a count, RPOP answers a list (or nil when the queue is empty).
+            found: list[bytes] | None = await self.redis.rpop(self.keys.queue(queue), count)  # type: ignore[assignment]
+            return [_bytes(raw) for raw in found or ()], len(acks)
+        keys = [
+            self.keys.queue(queue),
+            self.keys.processing(queue, self.consumer_id),
+            self.keys.deliveries,
+        ]
+        args: list[bytes | str | int] = [count, len(acks)]
+        args += [raw for raw, _ in acks]
+        args += [job_id for _, job_id in acks]
+        removed, *taken = await self._ack_and_take(keys=keys, args=args)
+        return [_bytes(raw) for raw in taken], int(removed)
 
     async def held(self, queue: str) -> list[bytes]:
         """The jobs of ``queue`` in this consumer's processing list."""
         found = await self.redis.lrange(self.keys.processing(queue, self.consumer_id), 0, -1)
-        return [raw if isinstance(raw, bytes) else raw.encode() for raw in found]
-
-    async def ack(self, queue: str, raw: bytes, job_id: str = "") -> bool:
-        """The job is done. False if it was no longer held (recovered from this consumer)."""
-        if not self._held:
-            return True
-        return await self._do_settle(queue, raw, "ack", self.keys.queue(queue), job_id=job_id)
+        return [_bytes(raw) for raw in found]
 
     async def return_job(self, queue: str, raw: bytes) -> bool:
         """Put an unfinished job back at the head of its queue, unchanged: it runs next."""

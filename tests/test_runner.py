@@ -371,7 +371,7 @@ async def test_settling_a_job_no_longer_held_does_nothing(
     await redis.delete(keys.processing("email", "c1"))  # as a recovery would
     assert await broker.return_job("email", raw) is False
     assert await broker.retry("email", raw, job, 1.0) is False
-    assert await broker.ack("email", raw, job.id) is False
+    assert await broker.take("email", 0, [(raw, job.id)]) == ([], 0)
     assert await redis.llen(keys.queue("email")) == 0
     assert await redis.zcard(keys.delayed["email"]) == 0
 
@@ -610,3 +610,35 @@ async def test_dead_letters_requeue_all_skips_what_cannot_be_decoded_and_purge_e
     assert await dead.requeue(jobs[0].id) == (0, 0)  # already requeued
     assert await dead.purge() == 1
     assert await dead.count() == 0
+
+
+async def test_take_acks_finished_jobs_and_takes_a_batch_oldest_first(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, consumer_id="c1")
+    queue = DirectQueue(redis, keys)
+    jobs = [await queue.push("welcome_email", {"email": f"u{i}@example.com"}) for i in range(5)]
+    taken, found = await broker.take("email", 3)
+    assert ([decode(raw).id for raw in taken], found) == ([j.id for j in jobs[:3]], 0)
+    held = keys.processing("email", "c1")
+    assert await redis.llen(held) == 3
+    # Two finished: acked in the same round trip that takes the rest.
+    acks = [(raw, decode(raw).id) for raw in taken[:2]]
+    await redis.hset(keys.deliveries, jobs[0].id, 1)  # as if it had been recovered once
+    taken, found = await broker.take("email", 10, acks)
+    assert ([decode(raw).id for raw in taken], found) == ([j.id for j in jobs[3:]], 2)
+    assert await redis.llen(held) == 3  # the third of the first batch and the last two
+    assert await redis.hget(keys.deliveries, jobs[0].id) is None
+    assert await broker.take("email", 10) == ([], 0)
+
+
+async def test_take_at_most_once_pops_a_batch_and_holds_nothing(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, consumer_id="c1", mode="at-most-once")
+    queue = DirectQueue(redis, keys)
+    jobs = [await queue.push("welcome_email", {"email": f"u{i}@example.com"}) for i in range(3)]
+    taken, _ = await broker.take("email", 2)
+    assert [decode(raw).id for raw in taken] == [jobs[0].id, jobs[1].id]
+    assert await redis.llen(keys.processing("email", "c1")) == 0
+    assert await redis.llen(keys.queue("email")) == 1
