@@ -1,0 +1,225 @@
+"""What a run means: request figures, the pipeline's view from /stats, a JSON report and a
+PNG chart."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadtest.client import Connection, HttpError
+from loadtest.generator import Recording
+
+PIPELINE_COUNTERS = ("emails_sent", "marketing_list_updates", "profiles_generated")
+#: Above this share of one core, the generator may be what limits the rate.
+CPU_WARNING = 0.9
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of sorted values (None for none)."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(1, math.ceil(fraction * len(sorted_values))) - 1]
+
+
+def summarise(recording: Recording, rate: float | None) -> dict[str, Any]:
+    latencies = sorted(recording.latency)
+    statuses = Counter("error" if s == 0 else str(s) for s in recording.status)
+    ms = {
+        name: None if (v := percentile(latencies, q)) is None else round(v * 1e3, 3)
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
+    }
+    failed = sum(n for code, n in statuses.items() if code == "error" or int(code) >= 500)
+    per_second: list[dict[str, Any]] = []
+    buckets: dict[int, list[float]] = {}
+    for done, latency in zip(recording.completed, recording.latency, strict=True):
+        buckets.setdefault(int(done), []).append(latency)
+    for second in sorted(buckets):
+        if second >= recording.measured_seconds:
+            continue  # answers to requests sent just before the end: not a whole second
+        values = sorted(buckets[second])
+        per_second.append(
+            {
+                "t": second,
+                "requests": len(values),
+                "p50_ms": round((percentile(values, 0.5) or 0) * 1e3, 3),
+                "p99_ms": round((percentile(values, 0.99) or 0) * 1e3, 3),
+            }
+        )
+    cpu_share = (
+        recording.cpu_seconds / recording.measured_seconds if recording.measured_seconds else 0
+    )
+    return {
+        "mode": "closed loop" if rate is None else f"open loop at {rate:g} req/s",
+        "requests": len(latencies),
+        "requests_per_second": round(len(latencies) / recording.measured_seconds, 1),
+        "latency_ms": ms,
+        "status_codes": dict(sorted(statuses.items())),
+        "errors": dict(recording.errors),
+        "failed": failed,
+        "scheduled": recording.scheduled if rate is not None else None,
+        "unfinished": recording.unfinished if rate is not None else None,
+        "generator_cpu": round(cpu_share, 3),
+        "per_second": per_second,
+        "backlog": recording.backlog,
+    }
+
+
+async def pipeline_view(
+    host: str,
+    port: int,
+    before: dict[str, Any],
+    accepted: int,
+    load_seconds: float,
+    timeout: float,
+    backlog: list[dict[str, Any]],
+    measured_seconds: float,
+) -> dict[str, Any]:
+    """Wait until every accepted signup's jobs are processed (each counter grew by
+    ``accepted``); time it from the end of the load, and read the queue waits. Meanwhile the
+    queues' depths keep being added to ``backlog`` once a second (its time axis goes on from
+    ``measured_seconds``, the end of the load)."""
+    connection = Connection(host, port)
+    started = time.perf_counter()
+    sampled = started - 1.0
+    stats: dict[str, Any] = {}
+    try:
+        while True:
+            try:
+                status, body = await connection.request("GET", "/stats")
+            except HttpError:
+                status, body = 0, b""
+            if status == 200:
+                stats = orjson.loads(body)
+                now = time.perf_counter()
+                if now - sampled >= 1.0:
+                    sampled = now
+                    backlog.append(
+                        {
+                            "t": round(measured_seconds + now - started, 3),
+                            "queues": stats.get("queues", {}),
+                            "processing": stats.get("processing", {}),
+                        }
+                    )
+                done = all(stats[c] - before.get(c, 0) >= accepted for c in PIPELINE_COUNTERS)
+                if done:
+                    break
+            if time.perf_counter() - started > timeout:
+                return {
+                    "drained": False,
+                    "message": f"not every accepted signup was processed within {timeout:g} s",
+                    "left": {
+                        c: accepted - (stats.get(c, 0) - before.get(c, 0))
+                        for c in PIPELINE_COUNTERS
+                    },
+                }
+            await asyncio.sleep(0.1)
+    finally:
+        connection.close()
+    after = time.perf_counter() - started
+    latency = stats.get("latency", {})
+    return {
+        "drained": True,
+        "signups": accepted,
+        "seconds_after_load": round(after, 3),
+        "processed_per_second": round(accepted / (load_seconds + after), 1),
+        "queue_wait_ms": {
+            queue: {"p50": v["wait_ms"]["p50"], "p99": v["wait_ms"]["p99"]}
+            for queue, v in latency.items()
+        },
+    }
+
+
+async def read_stats(host: str, port: int) -> dict[str, Any]:
+    connection = Connection(host, port)
+    try:
+        status, body = await connection.request("GET", "/stats")
+    finally:
+        connection.close()
+    if status != 200:
+        raise HttpError(f"GET /stats answered {status}")
+    result: dict[str, Any] = orjson.loads(body)
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The final report, for a terminal."""
+    ms = summary["latency_ms"]
+    lines = [
+        f"{summary['mode']}: {summary['requests']:,} requests, "
+        f"{summary['requests_per_second']:,.1f} req/s",
+        "latency ms: " + "  ".join(f"{name} {_fmt(value)}" for name, value in ms.items()),
+        "status codes: "
+        + ", ".join(f"{code} x{count:,}" for code, count in summary["status_codes"].items()),
+    ]
+    if summary["errors"]:
+        lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in summary["errors"].items()))
+    if summary.get("unfinished"):
+        lines.append(f"unfinished when the run ended: {summary['unfinished']:,}")
+    pipeline = summary.get("pipeline")
+    if pipeline:
+        if pipeline["drained"]:
+            waits = ", ".join(
+                f"{q} {_fmt(w['p50'])}/{_fmt(w['p99'])}"
+                for q, w in pipeline["queue_wait_ms"].items()
+            )
+            lines += [
+                f"pipeline: all {pipeline['signups']:,} accepted signups processed "
+                f"{pipeline['seconds_after_load']:.2f} s after the load ended; "
+                f"{pipeline['processed_per_second']:,.1f} signups/s end to end",
+                f"queue wait p50/p99 ms: {waits}",
+            ]
+        else:
+            lines.append(f"pipeline: {pipeline['message']}; left {pipeline['left']}")
+    cpu = summary["generator_cpu"]
+    lines.append(f"generator CPU: {cpu:.0%} of one core")
+    if cpu >= CPU_WARNING:
+        lines.append(
+            "WARNING: the generator used most of a core; it, not the server, may be the limit "
+            "(run it on another machine, or compare with wrk)"
+        )
+    return "\n".join(lines)
+
+
+def write_json(summary: dict[str, Any], path: Path) -> None:
+    path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+
+
+def write_chart(summary: dict[str, Any], path: Path) -> None:
+    """Throughput, latency percentiles and queue depth over time, as a PNG."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = [row["t"] for row in summary["per_second"]]
+    figure, (rate, latency, depth) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    rate.plot(seconds, [row["requests"] for row in summary["per_second"]], color="tab:blue")
+    rate.set_ylabel("requests/s")
+    rate.set_title(f"POST /signup, {summary['mode']}")
+    latency.plot(seconds, [row["p50_ms"] for row in summary["per_second"]], label="p50")
+    latency.plot(seconds, [row["p99_ms"] for row in summary["per_second"]], label="p99")
+    latency.set_ylabel("latency ms")
+    latency.legend()
+    backlog = summary["backlog"]
+    for queue in sorted({q for row in backlog for q in row["queues"]}):
+        depth.plot(
+            [row["t"] for row in backlog],
+            [row["queues"].get(queue, 0) + row["processing"].get(queue, 0) for row in backlog],
+            label=queue,
+        )
+    depth.set_ylabel("jobs queued + held")
+    depth.set_xlabel("seconds")
+    if backlog:
+        depth.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

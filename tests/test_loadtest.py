@@ -1,0 +1,133 @@
+"""The load tester against the real service: closed and open loop, the report, the pipeline
+view, the JSON and the chart; and its one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from loadtest.generator import Recording
+from loadtest.report import render, summarise
+from pipeline.embedded_redis import free_port
+from tests.conftest import RedisServer
+from tests.processes import ROOT, child_env, consumer_argv, http, web
+
+
+def loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest", "--quiet", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+async def test_closed_loop_reports_requests_and_the_pipeline(
+    spawn: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = child_env(redis_server, LOG_LEVEL="WARNING")
+    async with web(spawn, env) as (port, _):
+        spawn(consumer_argv(), env)
+        report, chart = tmp_path / "report.json", tmp_path / "chart.png"
+        result = loadtest(
+            f"--url=http://127.0.0.1:{port}",
+            "--concurrency=4",
+            "--duration=2",
+            "--warmup=0.5",
+            f"--json={report}",
+            f"--chart={chart}",
+        )
+        assert result.returncode == 0, result.stderr
+        summary = orjson.loads(report.read_bytes())
+        assert summary["requests"] > 0
+        assert summary["status_codes"] == {"201": summary["requests"]}
+        assert summary["failed"] == 0
+        ms = summary["latency_ms"]
+        assert 0 < ms["p50"] <= ms["p90"] <= ms["p99"] <= ms["p99.9"] <= ms["max"]
+        pipeline = summary["pipeline"]
+        assert pipeline["drained"] is True
+        users = (await http(port, "GET", "/stats"))[1]["users"]
+        assert pipeline["signups"] == users  # the warmup's signups too
+        assert set(pipeline["queue_wait_ms"]) == {"email", "marketing", "profile"}
+        assert summary["backlog"], "queue depths sampled"
+        assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        assert "201 x" in result.stdout
+        assert "accepted signups processed" in result.stdout
+
+
+async def test_open_loop_sends_on_schedule_whatever_the_server_does(
+    spawn: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = child_env(redis_server, LOG_LEVEL="WARNING")
+    async with web(spawn, env) as (port, _):
+        report = tmp_path / "report.json"
+        result = loadtest(
+            f"--url=http://127.0.0.1:{port}",
+            "--rate=50",
+            "--duration=2",
+            "--warmup=0",
+            "--no-pipeline",
+            f"--json={report}",
+        )
+        assert result.returncode == 0, result.stderr
+        summary = orjson.loads(report.read_bytes())
+        assert summary["mode"] == "open loop at 50 req/s"
+        assert summary["scheduled"] == 100
+        assert (summary["requests"], summary["unfinished"]) == (100, 0)
+        assert summary["status_codes"] == {"201": 100}
+        assert "pipeline" not in summary
+
+
+def test_latency_counts_from_the_scheduled_time_and_cpu_is_reported() -> None:
+    recording = Recording(
+        completed=array("d", [0.1 * i for i in range(1, 11)]),
+        latency=array("d", [0.001 * i for i in range(1, 11)]),
+        status=array("i", [201] * 8 + [503, 0]),
+        errors=Counter({"ConnectionResetError": 1}),
+        measured_seconds=1.0,
+        cpu_seconds=0.95,
+    )
+    summary = summarise(recording, rate=None)
+    assert summary["latency_ms"] == {
+        "p50": 5.0,
+        "p90": 9.0,
+        "p99": 10.0,
+        "p99.9": 10.0,
+        "max": 10.0,
+    }
+    assert summary["status_codes"] == {"201": 8, "503": 1, "error": 1}
+    assert summary["failed"] == 2
+    text = render(summary)
+    assert "generator CPU: 95% of one core" in text
+    assert "WARNING: the generator used most of a core" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "0"], "'0': expected more than 0"),
+        (["--url", "ftp://host"], "expected http://host[:port]"),
+        (["--concurrency", "4", "--rate", "5"], "not allowed with argument"),
+        (["--duration", "soon"], "'soon': expected a number"),
+    ],
+)
+def test_bad_arguments_are_one_line(args: list[str], message: str) -> None:
+    result = loadtest(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+
+
+def test_an_unreachable_service_is_one_line() -> None:
+    result = loadtest(f"--url=http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot reach the service" in result.stderr
