@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from loadtest.generator import Recording
 from loadtest.report import render, summarise
@@ -30,8 +31,18 @@ def loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
     )
 
 
+def locust(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def test_closed_loop_reports_requests_and_the_pipeline(
-    spawn: Any, redis_server: RedisServer, tmp_path: Path
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     env = child_env(redis_server, LOG_LEVEL="WARNING")
     async with web(spawn, env) as (port, _):
@@ -64,7 +75,7 @@ async def test_closed_loop_reports_requests_and_the_pipeline(
 
 
 async def test_open_loop_sends_on_schedule_whatever_the_server_does(
-    spawn: Any, redis_server: RedisServer, tmp_path: Path
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     env = child_env(redis_server, LOG_LEVEL="WARNING")
     async with web(spawn, env) as (port, _):
@@ -131,3 +142,28 @@ def test_an_unreachable_service_is_one_line() -> None:
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "cannot reach the service" in result.stderr
+
+
+async def test_the_locustfile_signs_up_users_headless(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    env = child_env(redis_server, LOG_LEVEL="WARNING")
+    async with web(spawn, env) as (port, _):
+        result = locust(
+            "--headless",
+            "--users=4",
+            "--spawn-rate=4",
+            "--run-time=2s",
+            f"--host=http://127.0.0.1:{port}",
+            "--json",  # the final stats on stdout (its CSV can miss the last second)
+        )
+        assert result.returncode == 0, result.stderr[-2000:]  # locust exits 1 on any failure
+        [signup] = [
+            entry for entry in orjson.loads(result.stdout) if entry["name"] == "POST /signup"
+        ]
+        requests, failures = signup["num_requests"], signup["num_failures"]
+        assert requests > 0
+        assert failures == 0
+        # Locust stops its 4 users mid-request: up to 4 signups the server made go unrecorded.
+        users = (await http(port, "GET", "/stats"))[1]["users"]
+        assert requests <= users <= requests + 4
