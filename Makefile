@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | cksum | cut -d' ' -f1)
+BENCH_STAMP := .bench-venv/.installed-$(shell cksum < loadtest/bench/requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench-drain lock clean
+.PHONY: run test lint typecheck bench bench-drain lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -28,6 +29,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## bench: signup req/s (wrk) of this service vs the bare stack and the Flask peer, and consumer
+## jobs/s vs a BRPOP loop, arq and SAQ; one table, also written to bench-results.md/.json.
+bench: $(STAMP) $(BENCH_STAMP)
+	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python -m loadtest.bench
+
+# The benchmark-only venv: the peers (arq needs redis-py < 6, unlike the application).
+$(BENCH_STAMP): loadtest/bench/requirements.txt
+	rm -f .bench-venv/.installed-*
+	$(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/pip install --quiet --disable-pip-version-check -r loadtest/bench/requirements.txt
+	touch $@
+
 ## bench-drain: jobs/s of one consumer process in each delivery mode (median of 3 rounds).
 bench-drain: $(STAMP)
 	$(BIN)/python -m loadtest.drain
@@ -40,4 +55,4 @@ lock:
 	rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .bench-venv .run .pytest_cache .mypy_cache .ruff_cache bench-results.md bench-results.json

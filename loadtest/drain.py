@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import redis.asyncio as aioredis
 
 from pipeline.embedded_redis import free_port, server_args, wait_until_ready
@@ -61,8 +62,11 @@ async def _remaining(redis: aioredis.Redis, keys: Keys) -> int:
     return sum(int(n) for n in await pipe.execute())
 
 
-async def _round(url: str, mode: str, jobs: int, concurrency: int, handler: str) -> float:
-    """One drain of ``jobs`` jobs; jobs/s from the first taken to the last done."""
+async def drain_round(
+    url: str, mode: str, jobs: int, concurrency: int, handler: str
+) -> tuple[float, float]:
+    """One drain of ``jobs`` jobs: jobs/s from the first taken to the last done, and the
+    consumer's RSS (MB) at the end."""
     redis = aioredis.Redis.from_url(url)
     keys = Keys(PREFIX)
     await _fill(redis, keys, jobs)
@@ -90,11 +94,12 @@ async def _round(url: str, mode: str, jobs: int, concurrency: int, handler: str)
                 raise RuntimeError(f"the consumer exited or stalled, {left} left ({mode})")
             await asyncio.sleep(0.002)
         elapsed = time.perf_counter() - began
+        rss = psutil.Process(process.pid).memory_info().rss / 2**20
     finally:
         process.terminate()
         process.wait(30)
         await redis.aclose()
-    return (jobs - first) / elapsed
+    return (jobs - first) / elapsed, rss
 
 
 async def _rounds(
@@ -104,7 +109,7 @@ async def _rounds(
     for index in range(rounds):
         order = DELIVERY_MODES if index % 2 == 0 else DELIVERY_MODES[::-1]
         for mode in order:
-            rate = await _round(url, mode, jobs, concurrency, handler)
+            rate, _ = await drain_round(url, mode, jobs, concurrency, handler)
             rates[mode].append(rate)
             print(f"round {index + 1}: {mode:<14} {rate:>8,.0f} jobs/s", flush=True)
     return rates

@@ -1,0 +1,352 @@
+"""``python -m loadtest.bench`` (``make bench``): side by side in one run, alternating rounds,
+medians.
+
+Signup, with wrk (same threads, connections, duration and worker count for each):
+  - ``bare``: a bare Quart app on hypercorn answering a constant 201 (the stack's ceiling);
+  - ``service``: this service on hypercorn (consumers not running);
+  - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer).
+Consumers, each draining the same number of no-op jobs with the same concurrency:
+  - ``at-least-once`` and ``at-most-once``: this project's consumer process;
+  - ``brpop``, ``arq``, ``saq``: a hand-written BRPOP loop, arq and SAQ (benchmark-only venv).
+
+Prints one table with ratios and RSS, and writes it (and the raw figures) to the results
+files. Every server and worker is stopped by its process group when its round ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from loadtest.client import Connection, HttpError
+from loadtest.drain import drain_round
+from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+LUA = Path(__file__).with_name("signup.lua")
+SERVERS = ("bare", "service", "flask")
+CONSUMERS = ("at-least-once", "at-most-once", "brpop", "arq", "saq")
+PROBE = b'{"username": "bench_probe", "email": "bench_probe@example.com"}'
+
+
+def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
+    bind = f"127.0.0.1:{port}"
+    if server == "flask":
+        return [
+            bench_python, "-m", "gunicorn", "loadtest.bench.flask_peer:app",
+            "--worker-class", "gthread", "--workers", str(workers), "--threads", "8",
+            "--bind", bind, "--log-level", "warning",
+        ]  # fmt: skip
+    app = "loadtest.bench.bare:app" if server == "bare" else "service:app"
+    return [
+        sys.executable, "-m", "hypercorn", app, "--worker-class", "uvloop",
+        "--workers", str(workers), "--bind", bind,
+    ]  # fmt: skip
+
+
+@contextmanager
+def _server(argv: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A server in its own process group, answering POST /signup, stopped (group) on exit."""
+    process = subprocess.Popen(
+        argv, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    try:
+        asyncio.run(_until_answering(port, process))
+        yield process
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, signum)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+async def _until_answering(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        connection = Connection("127.0.0.1", port, timeout=2)
+        try:
+            status, _ = await connection.request("POST", "/signup", PROBE)
+            if status in (201, 409):
+                return
+        except HttpError:
+            pass
+        finally:
+            connection.close()
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{process.args!r} did not answer within 30 s")
+
+
+def _worker_rss(process: subprocess.Popen[bytes]) -> float:
+    """The largest RSS (MB) among the server's worker processes (the master's children)."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+        return max(child.memory_info().rss for child in children) / 2**20
+    except (psutil.Error, ValueError):
+        return float("nan")
+
+
+def _wrk(url: str, connections: int, threads: int, seconds: float) -> dict[str, Any]:
+    result = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(LUA),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        env={**os.environ, "BENCH_RUN": str(time.time_ns() % 10**10)},
+        check=True,
+    )
+    found = re.search(r"^BENCH (\{.*\})$", result.stdout, re.MULTILINE)
+    if not found:
+        raise RuntimeError(f"wrk printed no figures:\n{result.stdout}\n{result.stderr}")
+    figures: dict[str, Any] = json.loads(found.group(1))
+    seconds_run = figures["duration_us"] / 1e6
+    errors = sum(figures[k] for k in ("non_2xx", "connect", "read", "write", "timeout"))
+    return {
+        "rps": figures["requests"] / seconds_run,
+        "p50_ms": figures["p50_us"] / 1e3,
+        "p99_ms": figures["p99_us"] / 1e3,
+        "errors": errors,
+    }
+
+
+def bench_signup(
+    options: argparse.Namespace, redis_url: str, client: redis.Redis
+) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {server: [] for server in SERVERS}
+    env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING"}
+    env["PYTHONPATH"] = str(ROOT)
+    for index in range(options.rounds):
+        order = SERVERS[index % len(SERVERS) :] + SERVERS[: index % len(SERVERS)]
+        for server in order:
+            port = free_port()
+            client.flushall()
+            with _server(
+                _argv(server, port, options.workers, options.bench_python), env, port
+            ) as process:
+                url = f"http://127.0.0.1:{port}/signup"
+                if options.warmup:
+                    _wrk(url, options.connections, options.threads, options.warmup)
+                figures = _wrk(url, options.connections, options.threads, options.duration)
+                figures["rss_mb"] = _worker_rss(process)
+            results[server].append(figures)
+            print(
+                f"round {index + 1}  {server:<8} {figures['rps']:>9,.0f} req/s  "
+                f"p50 {figures['p50_ms']:6.2f} ms  p99 {figures['p99_ms']:6.2f} ms  "
+                f"errors {figures['errors']}  worker RSS {figures['rss_mb']:.1f} MB",
+                flush=True,
+            )
+    client.flushall()
+    return results
+
+
+def bench_consumers(
+    options: argparse.Namespace, redis_url: str, client: redis.Redis
+) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in CONSUMERS}
+    for index in range(options.rounds):
+        order = CONSUMERS[index % len(CONSUMERS) :] + CONSUMERS[: index % len(CONSUMERS)]
+        for kind in order:
+            client.flushall()
+            if kind in ("at-least-once", "at-most-once"):
+                rate, rss = asyncio.run(
+                    drain_round(redis_url, kind, options.jobs, options.concurrency, "noop")
+                )
+                figures = {"jobs_per_s": rate, "rss_mb": rss}
+            else:
+                figures = _peer_drain(options, kind, redis_url)
+            results[kind].append(figures)
+            print(
+                f"round {index + 1}  {kind:<14} {figures['jobs_per_s']:>9,.0f} jobs/s  "
+                f"RSS {figures['rss_mb']:.1f} MB",
+                flush=True,
+            )
+    client.flushall()
+    return results
+
+
+def _peer_drain(options: argparse.Namespace, kind: str, redis_url: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [
+            options.bench_python,
+            "-m",
+            "loadtest.bench.peer_drain",
+            kind,
+            "--url",
+            redis_url,
+            "--jobs",
+            str(options.jobs),
+            "--concurrency",
+            str(options.concurrency),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    found = re.search(r"^BENCH (\{.*\})$", result.stdout, re.MULTILINE)
+    if not found:
+        raise RuntimeError(f"{kind} printed no figures:\n{result.stdout}\n{result.stderr}")
+    figures = json.loads(found.group(1))
+    return {"jobs_per_s": figures["jobs"] / figures["seconds"], "rss_mb": figures["rss_mb"]}
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
+def table(options: argparse.Namespace, signup: dict[str, Any], consumers: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M")
+    lines = [f"# make bench: {platform.node()}, {os.cpu_count()} CPUs, {when}", ""]
+    if signup:
+        ceiling = _median(signup["bare"], "rps")
+        ceiling_p99 = _median(signup["bare"], "p99_ms")
+        peer = _median(signup["flask"], "rps")
+        lines += [
+            f"POST /signup: wrk -t{options.threads} -c{options.connections} "
+            f"-d{options.duration:g}s, {options.workers} workers, median of {options.rounds} "
+            "alternating rounds",
+            "",
+            "| server | req/s | vs ceiling | vs Flask | p50 ms | p99 ms | p99 vs ceiling "
+            "| errors | worker RSS MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        names = {
+            "bare": "bare Quart, constant 201 (ceiling)",
+            "service": "this service",
+            "flask": "Flask + gunicorn gthread 2x8 (peer)",
+        }
+        for server in SERVERS:
+            rows = signup[server]
+            rps, p99 = _median(rows, "rps"), _median(rows, "p99_ms")
+            lines.append(
+                f"| {names[server]} | {rps:,.0f} | {rps / ceiling:.2f} | {rps / peer:.2f} "
+                f"| {_median(rows, 'p50_ms'):.2f} | {p99:.2f} | {p99 / ceiling_p99:.2f} "
+                f"| {sum(r['errors'] for r in rows)} | {_median(rows, 'rss_mb'):.1f} |"
+            )
+        lines.append("")
+    if consumers:
+        arq, saq = _median(consumers["arq"], "jobs_per_s"), _median(consumers["saq"], "jobs_per_s")
+        lines += [
+            f"Consumers: {options.jobs:,} no-op jobs, {options.concurrency} at a time, one "
+            f"process, median of {options.rounds} alternating rounds",
+            "",
+            "| consumer | jobs/s | vs arq | vs SAQ | RSS MB |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        names = {
+            "at-least-once": "this project, at-least-once",
+            "at-most-once": "this project, at-most-once",
+            "brpop": "hand-written loop, one BRPOP per job",
+            "arq": "arq (poll_delay 0)",
+            "saq": "SAQ",
+        }
+        for kind in CONSUMERS:
+            rows = consumers[kind]
+            rate = _median(rows, "jobs_per_s")
+            lines.append(
+                f"| {names[kind]} | {rate:,.0f} | {rate / arq:.1f} | {rate / saq:.1f} "
+                f"| {_median(rows, 'rss_mb'):.1f} |"
+            )
+        lines.append("")
+    lines.append(
+        "Everything (wrk, servers, Redis, consumers) shares this machine: compare the ratios, "
+        "not the absolute figures, across machines."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (3; at least 3 for medians)")
+    parser.add_argument("--duration", type=float, default=10, help="wrk seconds per round (10)")
+    parser.add_argument(
+        "--warmup", type=float, default=2, help="wrk warm-up seconds, not counted (2)"
+    )
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--workers", type=int, default=2, help="server workers (2)")
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs per drain (20000)")
+    parser.add_argument("--concurrency", type=int, default=8, help="jobs at a time (8)")
+    parser.add_argument("--only", choices=["signup", "consumers"], help="run one half")
+    parser.add_argument(
+        "--bench-python", default=str(ROOT / ".bench-venv" / "bin" / "python"),
+        help="python of the benchmark-only venv (arq, SAQ, Flask, gunicorn)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench-results", help="results file stem"
+    )
+    options = parser.parse_args(argv)
+    if options.rounds < 1 or options.duration <= 0 or options.jobs < 100:
+        parser.error("--rounds at least 1, --duration above 0, --jobs at least 100")
+    if options.only != "consumers" and shutil.which("wrk") is None:
+        parser.error("wrk is not installed (make bench installs it)")
+    if not Path(options.bench_python).exists():
+        parser.error(f"no benchmark venv at {options.bench_python} (make bench makes it)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        server = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
+        try:
+            wait_until_ready(port, time.monotonic() + 15, server)
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            client = redis.Redis.from_url(redis_url)
+            signup = {} if options.only == "consumers" else bench_signup(options, redis_url, client)
+            consumers = (
+                {} if options.only == "signup" else bench_consumers(options, redis_url, client)
+            )
+            client.close()
+        finally:
+            server.terminate()
+            server.wait(15)
+    report = table(options, signup, consumers)
+    print("\n" + report)
+    options.results.with_suffix(".md").write_text(report + "\n")
+    options.results.with_suffix(".json").write_text(
+        json.dumps(
+            {"signup": signup, "consumers": consumers, "options": vars(options)},
+            default=str,
+            indent=2,
+        )
+    )
+    print(f"\nwritten to {options.results.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
