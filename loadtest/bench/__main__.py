@@ -106,7 +106,7 @@ def _worker_rss(process: subprocess.Popen[bytes]) -> float:
     """The largest RSS (MB) among the server's worker processes (the master's children)."""
     try:
         children = psutil.Process(process.pid).children(recursive=True)
-        return max(child.memory_info().rss for child in children) / 2**20
+        return float(max(child.memory_info().rss for child in children)) / 2**20
     except (psutil.Error, ValueError):
         return float("nan")
 
@@ -228,7 +228,7 @@ def _peer_drain(options: argparse.Namespace, kind: str, redis_url: str) -> dict[
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(row[key] for row in rows)
+    return float(statistics.median(float(row[key]) for row in rows))
 
 
 def table(options: argparse.Namespace, signup: dict[str, Any], consumers: dict[str, Any]) -> str:
