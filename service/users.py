@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
+from pipeline.batching import ScriptBatcher
 from pipeline.jobs import Job, new_job
 from pipeline.keys import Keys
 from pipeline.queue import queue_for
@@ -80,7 +80,8 @@ class UserStore:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
-        self._create: AsyncScript = redis.register_script(_CREATE_USER)
+        # Signups that reach their commit in the same loop tick share one round trip.
+        self._create = ScriptBatcher(redis, _CREATE_USER)
 
     async def create(self, user: NewUser, jobs: SignupJobs, receiver_errors: int) -> str | None:
         """Commit the user with its jobs. Return None, or the field whose claim is taken.
@@ -101,7 +102,7 @@ class UserStore:
             receiver_errors,
         ]
         args += [job.encode() for _, job in jobs.queued]
-        commit = asyncio.ensure_future(self._create(keys=script_keys, args=args))
+        commit = self._create(script_keys, args)
         commit.add_done_callback(_log_orphaned_failure)
         result = await asyncio.shield(commit)
         return None if result == b"ok" else bytes(result).decode()

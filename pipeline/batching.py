@@ -1,0 +1,73 @@
+"""Auto-pipelining of one Lua script: the calls concurrent callers make in the same event-loop
+tick go to Redis as one pipeline of EVALSHAs, one round trip for all of them.
+
+Each script still runs atomically on its own (a pipeline is not a transaction), and each
+caller gets its own result or error. A failure of the round trip itself (Redis unreachable, a
+timeout) fails every call of that batch, as it would have failed each of them alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
+
+
+class ScriptBatcher:
+    """Calls one script for many concurrent callers, a pipeline per loop tick."""
+
+    def __init__(self, redis: aioredis.Redis, source: str) -> None:
+        self._redis = redis
+        self._script = redis.register_script(source)
+        self._pending: list[Call] = []
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue one call; its future resolves to the script's reply (or its error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((keys, args, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _run(self, batch: list[Call]) -> None:
+        try:
+            results = await self._execute(batch)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                # Redis lost its script cache (a restart, SCRIPT FLUSH): load it, go again.
+                await self._redis.script_load(self._script.script)
+                retried = await self._execute([batch[i] for i in missing])
+                for index, result in zip(missing, retried, strict=True):
+                    results[index] = result
+        except Exception as exc:  # the round trip failed: every call fails with it
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, batch: list[Call]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results

@@ -1,0 +1,90 @@
+"""Auto-pipelining of a script against the real Redis: one round trip per loop tick, each
+caller its own answer, recovery from a lost script cache, a failed round trip fails all."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from pipeline.batching import ScriptBatcher
+from pipeline.embedded_redis import free_port
+
+# Echo ARGV[1] after counting it under KEYS[1]; refuse 'bad'.
+ECHO = """
+if ARGV[1] == 'bad' then return redis.error_reply('ERR refused ' .. ARGV[1]) end
+redis.call('INCR', KEYS[1])
+return ARGV[1]
+"""
+
+
+class CountingBatcher(ScriptBatcher):
+    """Counts the pipelines it sends (its own code; Redis is real)."""
+
+    trips = 0
+
+    async def _execute(self, batch):  # type: ignore[no-untyped-def]
+        CountingBatcher.trips += 1
+        return await super()._execute(batch)
+
+
+async def test_calls_in_one_tick_share_one_round_trip_and_get_their_own_answers(
+    redis: aioredis.Redis,
+) -> None:
+    await redis.script_load(ECHO)  # cached already: no NOSCRIPT round (tested below)
+    CountingBatcher.trips = 0
+    batcher = CountingBatcher(redis, ECHO)
+    calls = [batcher(["count"], [f"v{i}"]) for i in range(20)]
+    assert await asyncio.gather(*calls) == [f"v{i}".encode() for i in range(20)]
+    assert CountingBatcher.trips == 1
+    assert await redis.get("count") == b"20"
+    # The next tick is the next round trip.
+    assert await batcher(["count"], ["again"]) == b"again"
+    assert CountingBatcher.trips == 2
+
+
+async def test_an_error_belongs_to_its_own_call(redis: aioredis.Redis) -> None:
+    batcher = ScriptBatcher(redis, ECHO)
+    results = await asyncio.gather(
+        batcher(["count"], ["a"]), batcher(["count"], ["bad"]), batcher(["count"], ["b"]),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert results[0] == b"a" and results[2] == b"b"
+    assert isinstance(results[1], ResponseError) and "refused bad" in str(results[1])
+    assert await redis.get("count") == b"2"
+
+
+async def test_a_lost_script_cache_is_reloaded(redis: aioredis.Redis) -> None:
+    batcher = ScriptBatcher(redis, ECHO)
+    assert await batcher(["count"], ["first"]) == b"first"
+    await redis.script_flush()
+    assert await asyncio.gather(batcher(["count"], ["x"]), batcher(["count"], ["y"])) == [
+        b"x",
+        b"y",
+    ]
+    assert await redis.get("count") == b"3"
+
+
+async def test_a_failed_round_trip_fails_every_call_of_the_batch() -> None:
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    batcher = ScriptBatcher(client, ECHO)
+    results = await asyncio.gather(
+        *(batcher(["count"], [str(i)]) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+    await client.aclose()
+
+
+@pytest.mark.parametrize("cancelled", [True, False])
+async def test_a_cancelled_caller_does_not_stop_the_batch(
+    redis: aioredis.Redis, cancelled: bool
+) -> None:
+    batcher = ScriptBatcher(redis, ECHO)
+    first, second = batcher(["count"], ["a"]), batcher(["count"], ["b"])
+    if cancelled:
+        first.cancel()
+    assert await second == b"b"
+    assert await redis.get("count") == b"2"  # the cancelled caller's script ran too
