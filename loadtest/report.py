@@ -204,10 +204,12 @@ def write_chart(summary: dict[str, Any], path: Path) -> None:
     figure, (rate, latency, depth) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     rate.plot(seconds, [row["requests"] for row in summary["per_second"]], color="tab:blue")
     rate.set_ylabel("requests/s")
+    rate.set_ylim(bottom=0)
     rate.set_title(f"POST /signup, {summary['mode']}")
     latency.plot(seconds, [row["p50_ms"] for row in summary["per_second"]], label="p50")
     latency.plot(seconds, [row["p99_ms"] for row in summary["per_second"]], label="p99")
     latency.set_ylabel("latency ms")
+    latency.set_ylim(bottom=0)
     latency.legend()
     backlog = summary["backlog"]
     for queue in sorted({q for row in backlog for q in row["queues"]}):
