@@ -8,6 +8,8 @@ accounts differ only by case or Unicode width.
 
 from __future__ import annotations
 
+import functools
+import sys
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,27 @@ FIELDS = ("username", "email")
 _USERNAME_PUNCTUATION = frozenset("_.-")
 JSON_TYPE = "application/json"
 FORM_TYPE = "application/x-www-form-urlencoded"
+#: Valid email domains whose check is remembered (see _cache_domain_checks).
+DOMAIN_CACHE_SIZE = 4096
+
+
+def _cache_domain_checks() -> None:
+    """Remember email-validator's verdict on valid domains.
+
+    Checking the domain (IDNA, special-use names) is about 60% of a ``validate_email`` call,
+    ~17 us per signup, and it depends on the domain alone, which signups repeat (a few big
+    providers). So ``validate_email`` gets a bounded LRU cache of its own domain check. A
+    domain that fails raises, which is never cached, so only valid domains are kept, and the
+    verdicts are email-validator's own. ``tests/test_validation.py`` fails if a new
+    email-validator no longer looks the function up where this replaces it.
+    """
+    module: Any = sys.modules["email_validator.validate_email"]
+    check = module.validate_email_domain_name
+    if not hasattr(check, "cache_info"):
+        module.validate_email_domain_name = functools.lru_cache(maxsize=DOMAIN_CACHE_SIZE)(check)
+
+
+_cache_domain_checks()
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,3 +158,29 @@ def test_form_body_is_parsed() -> None:
         "application/x-www-form-urlencoded", "utf-8", b"username=Zo%C3%AB&email=z%40example.com"
     )
     assert data == {"username": "Zoë", "email": "z@example.com"}
+
+
+def test_email_domain_checks_are_cached_with_email_validators_own_verdicts() -> None:
+    import sys
+
+    from email_validator import EmailNotValidError, validate_email
+
+    from service.validation import validate_signup
+
+    module = sys.modules["email_validator.validate_email"]
+    cached = module.validate_email_domain_name
+    assert hasattr(cached, "cache_info"), "email-validator no longer uses the cached check"
+    uncached = cached.__wrapped__
+    for address in ["a@Example.COM", "b@bücher.de", "c@xn--bcher-kva.de", "d@sub.example.org"]:
+        domain = address.rpartition("@")[2]
+        expected = uncached(domain, test_environment=False, globally_deliverable=True)
+        for _ in range(2):  # the first computes, the second is remembered
+            fields = validate_signup({"username": "alice", "email": address})
+            assert fields.email == address.partition("@")[0] + "@" + expected["domain"]
+    before = cached.cache_info().currsize
+    for bad in ["x@localhost", "x@nodot", "x@-bad-.com", "x@example.123"]:
+        with pytest.raises(EmailNotValidError):
+            validate_email(bad, check_deliverability=False)
+        with pytest.raises(ValidationError):
+            validate_signup({"username": "alice", "email": bad})
+    assert cached.cache_info().currsize == before  # invalid domains are never kept
