@@ -8,8 +8,18 @@ drop a reply the server may already have popped).
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import urlsplit
+
+import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.connection import (
+    AbstractConnection,
+    BlockingConnectionPool,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -17,6 +27,43 @@ from pipeline.settings import Settings
 
 #: Seconds a consumer connection's socket timeout exceeds the BRPOP block time.
 FETCH_SOCKET_MARGIN = 5.0
+
+
+class _HiredisPacking:
+    """Commands packed by hiredis (C), as redis-py's sync client packs them: its asyncio
+    client packs in Python, which was the largest client-side cost of a consumer's round trip
+    (about 15 us for an ack-and-take of 8 jobs; 2.6 us this way). The bytes are the same."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py does: a command name with spaces ("CLIENT LIST") is several arguments.
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class HiredisConnection(_HiredisPacking, Connection):
+    pass
+
+
+class HiredisSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+def connection_class(url: str) -> type[AbstractConnection]:
+    """The hiredis-packing connection class for the URL's scheme (what ``from_url`` would
+    pick, which a ``connection_class`` argument would otherwise override)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "rediss":
+        return HiredisSSLConnection
+    if scheme == "unix":
+        return HiredisUnixConnection
+    return HiredisConnection
 
 
 def web_client(settings: Settings) -> aioredis.Redis:
@@ -29,6 +76,7 @@ def web_client(settings: Settings) -> aioredis.Redis:
         socket_timeout=settings.redis_socket_timeout,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
+        connection_class=connection_class(settings.redis_url),
     )
     # from_pool: the client owns the pool, so aclose() closes its connections too.
     return aioredis.Redis.from_pool(pool)
@@ -47,5 +95,6 @@ def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_timeout=False,
         health_check_interval=30,
+        connection_class=connection_class(settings.redis_url),
     )
     return aioredis.Redis.from_pool(pool)

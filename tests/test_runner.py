@@ -642,3 +642,35 @@ async def test_take_at_most_once_pops_a_batch_and_holds_nothing(
     assert [decode(raw).id for raw in taken] == [jobs[0].id, jobs[1].id]
     assert await redis.llen(keys.processing("email", "c1")) == 0
     assert await redis.llen(keys.queue("email")) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "a" * 40, 2, b"k1", "k2", "ü", 1.5, 1e-05, 123456789012, -1, b"\x00\xff"),
+        ("SET", "k", "v", "PX", 5000),
+        ("CLIENT LIST",),
+        ("BLMOVE", "a", "b", 1.0, "RIGHT", "LEFT"),
+    ],
+)
+def test_hiredis_packing_sends_the_same_bytes_as_redis_py(args: tuple[object, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from pipeline.connections import HiredisConnection
+
+    packed = b"".join(HiredisConnection().pack_command(*args))
+    assert packed == b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://h:6379/0", "HiredisConnection"),
+        ("rediss://h:6380/0", "HiredisSSLConnection"),
+        ("unix:///tmp/redis.sock", "HiredisUnixConnection"),
+    ],
+)
+def test_each_scheme_keeps_its_kind_of_connection(url: str, expected: str) -> None:
+    from pipeline.connections import connection_class
+
+    assert connection_class(url).__name__ == expected
