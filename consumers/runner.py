@@ -54,6 +54,8 @@ CANCEL_WAIT, CANCEL_TRIES = 1.0, 3
 #: How often due retries are promoted, and latency samples written.
 PROMOTE_INTERVAL: Final = 0.25
 LATENCY_FLUSH_INTERVAL: Final = 1.0
+#: How often the watchdog looks for jobs past their timeout (its precision).
+WATCHDOG_INTERVAL: Final = 0.1
 #: A dead consumer is forgotten this many lease periods after it was last seen (until then
 #: the sweeper still looks at its processing lists).
 FORGET_AFTER_LEASES: Final = 12
@@ -118,6 +120,9 @@ class Consumer:
         self._acks: dict[str, list[tuple[bytes, str]]] = {q: [] for q in self._concurrency}
         #: Per queue: set when one of its jobs finishes (or on stop), to wake a full fetch loop.
         self._freed = {q: asyncio.Event() for q in self._concurrency}
+        #: Running handlers' deadlines (monotonic), and those the watchdog cancelled for it.
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._timed_out: set[asyncio.Task[None]] = set()
         self._outage = _Outage()
         self._leased = asyncio.Event()
         self._drained = asyncio.Event()
@@ -133,6 +138,7 @@ class Consumer:
         """Consume until ``stop`` is set, then drain. ``force`` cuts the grace period short."""
         self._stop, self._force = stop, force or asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         loops = {
             asyncio.create_task(self._fetch_loop(queue), name=f"fetch:{queue}")
             for queue in self._concurrency
@@ -141,7 +147,7 @@ class Consumer:
         loops.add(asyncio.create_task(self._maintain(), name="maintainer"))
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait(
-            {*loops, heartbeat, stopped}, return_when=asyncio.FIRST_COMPLETED
+            {*loops, heartbeat, watchdog, stopped}, return_when=asyncio.FIRST_COMPLETED
         )
         self._deadline = asyncio.get_running_loop().time() + self._settings.shutdown_grace_period
         crashed = [t for t in done if t is not stopped and t.exception() is not None]
@@ -155,7 +161,7 @@ class Consumer:
         await self._flush_acks()
         await self._flush_latency()
         self._drained.set()
-        await asyncio.wait({heartbeat})
+        await asyncio.wait({heartbeat, watchdog})
         await self._release()
         for task in crashed:
             raise RuntimeError(f"{task.get_name()} crashed") from task.exception()
@@ -279,10 +285,17 @@ class Consumer:
             return
         limit = self._settings.job_timeout.get(job.type, 30.0)
         started, clock = time.time(), time.monotonic()
-        timeout = asyncio.timeout(limit)
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = clock + limit
         try:
-            async with timeout:
-                await handler(self._context, job)
+            await handler(self._context, job)
+        except asyncio.CancelledError as exc:
+            # The watchdog's cancellation, and no other (a stop's comes on top), is a timeout.
+            if task not in self._timed_out or task.uncancel() > 0:
+                raise
+            await self._failed(queue, raw, job, f"timed out after {limit:g} s", exc)
+            return
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Redis, not the job, failed: put the job back, not counting an attempt.
             logger.warning(
@@ -291,18 +304,19 @@ class Consumer:
             await self._settle(job.id, lambda: self._broker.return_job(queue, raw))
             return
         except Exception as exc:
-            if timeout.expired():
-                error = f"timed out after {limit:g} s"
-            else:
-                error = f"{type(exc).__name__}: {exc}"
-            await self._failed(queue, raw, job, error, exc)
+            await self._failed(queue, raw, job, f"{type(exc).__name__}: {exc}", exc)
             return
+        finally:
+            self._deadlines.pop(task, None)
+            self._timed_out.discard(task)
         run = time.monotonic() - clock
         self._samples[queue].append((max(0.0, started - job.enqueued_at), run))
         if self._broker.mode == "at-least-once":
             self._acks[queue].append((raw, job.id))
 
-    async def _failed(self, queue: str, raw: bytes, job: Job, error: str, exc: Exception) -> None:
+    async def _failed(
+        self, queue: str, raw: bytes, job: Job, error: str, exc: BaseException
+    ) -> None:
         attempts = job.attempt + 1
         allowed = self._settings.job_max_attempts.get(job.type, 5)
         exc_info = (type(exc), exc, exc.__traceback__)
@@ -409,6 +423,17 @@ class Consumer:
                 )
             self._leased.set()
             await self._pause(self._drained, ttl / 3)
+
+    async def _watchdog(self) -> None:
+        """Cancel handlers past their type's ``JOB_TIMEOUT``, checked every WATCHDOG_INTERVAL:
+        one task for all jobs, instead of a timer armed and disarmed around each one."""
+        while not self._drained.is_set():
+            now = time.monotonic()
+            for task, deadline in self._deadlines.items():
+                if deadline <= now and task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
+            await self._pause(self._drained, WATCHDOG_INTERVAL)
 
     async def _sweep(self) -> None:
         """Recover the jobs of consumers whose lease expired, at start-up and every second or
