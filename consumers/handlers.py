@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.email import EmailBackend, welcome_email
+from pipeline.batching import ScriptBatcher
 from pipeline.jobs import Job
 from pipeline.keys import Keys
 
@@ -69,9 +70,10 @@ class HandlerContext:
         self.email = email
         self.email_from = email_from
         self.idempotency_ttl = idempotency_ttl
-        self.mark_email_sent = redis.register_script(_MARK_EMAIL_SENT)
-        self.add_to_marketing = redis.register_script(_ADD_TO_MARKETING)
-        self.save_profile = redis.register_script(_SAVE_PROFILE)
+        # Effects of jobs that finish in the same loop tick share one round trip.
+        self.mark_email_sent = ScriptBatcher(redis, _MARK_EMAIL_SENT)
+        self.add_to_marketing = ScriptBatcher(redis, _ADD_TO_MARKETING)
+        self.save_profile = ScriptBatcher(redis, _SAVE_PROFILE)
 
 
 Handler = Callable[[HandlerContext, Job], Awaitable[None]]
