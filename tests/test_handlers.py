@@ -235,3 +235,20 @@ async def test_a_failed_email_is_not_marked_done(
     with pytest.raises(Exception):  # noqa: B017 - whichever connection error the OS gives
         await send_welcome_email(context_for(redis, keys, settings), job)
     assert await redis.exists(keys.done(job.id)) == 0
+
+
+async def test_headers_that_are_not_ascii_arrive_encoded_and_whole(
+    redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
+) -> None:
+    settings = make_settings(
+        {"SMTP_URL": smtp_server.url, "EMAIL_FROM": "Zoë Team <team@example.com>"}
+    )  # type: ignore[operator]
+    job = new_job(
+        "welcome_email", {"user_id": "u1", "username": "Łukasz_ü", "email": "l@example.com"}
+    )
+    await send_welcome_email(context_for(redis, keys, settings), job)
+    [message] = smtp_server.messages
+    assert str(message["From"]) == "Zoë Team <team@example.com>"
+    assert str(message["Subject"]) == "Welcome, Łukasz_ü!"
+    text = message.get_body(("plain",))
+    assert text is not None and "Hello Łukasz_ü," in text.get_content()
