@@ -288,27 +288,33 @@ class Consumer:
         task = asyncio.current_task()
         assert task is not None
         self._deadlines[task] = clock + limit
+        failure: tuple[str, BaseException] | None = None
+        redis_down: Exception | None = None
         try:
             await handler(self._context, job)
         except asyncio.CancelledError as exc:
             # The watchdog's cancellation, and no other (a stop's comes on top), is a timeout.
             if task not in self._timed_out or task.uncancel() > 0:
                 raise
-            await self._failed(queue, raw, job, f"timed out after {limit:g} s", exc)
-            return
+            failure = (f"timed out after {limit:g} s", exc)
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            redis_down = exc
+        except Exception as exc:
+            failure = (f"{type(exc).__name__}: {exc}", exc)
+        finally:
+            # The handler is over: settling below is not under its timeout.
+            self._deadlines.pop(task, None)
+            self._timed_out.discard(task)
+        if redis_down is not None:
             # Redis, not the job, failed: put the job back, not counting an attempt.
             logger.warning(
-                "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, exc
+                "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, redis_down
             )
             await self._settle(job.id, lambda: self._broker.return_job(queue, raw))
             return
-        except Exception as exc:
-            await self._failed(queue, raw, job, f"{type(exc).__name__}: {exc}", exc)
+        if failure is not None:
+            await self._failed(queue, raw, job, *failure)
             return
-        finally:
-            self._deadlines.pop(task, None)
-            self._timed_out.discard(task)
         run = time.monotonic() - clock
         self._samples[queue].append((max(0.0, started - job.enqueued_at), run))
         if self._broker.mode == "at-least-once":

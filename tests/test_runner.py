@@ -674,3 +674,35 @@ def test_each_scheme_keeps_its_kind_of_connection(url: str, expected: str) -> No
     from pipeline.connections import connection_class
 
     assert connection_class(url).__name__ == expected
+
+
+class SlowSettlingBroker(Broker):
+    """Settles a retry slowly, as through a Redis outage (the Redis is real)."""
+
+    async def retry(self, queue: str, raw: bytes, retried: Job, delay: float) -> bool:
+        await asyncio.sleep(0.5)
+        return await super().retry(queue, raw, retried, delay)
+
+
+async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
+    make_settings: Callable[..., Settings], redis: aioredis.Redis, keys: Keys
+) -> None:
+    _calls.clear()
+    settings = make_settings(
+        {**FAST, "JOB_TIMEOUT": "0.1", "RETRY_BASE_DELAY": "60", "CONSUMER_QUEUES": "email"}
+    )
+    client = consumer_client(settings, max_connections=16)
+    ctx = HandlerContext(client, keys, ConsoleEmailBackend(), settings.email_from)
+    consumer = Consumer(SlowSettlingBroker(client, keys), {"welcome_email": failing}, ctx, settings)
+    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        await eventually(lambda: _zcard(redis, keys.delayed["email"], 1), what="the retry")
+        [waiting] = await redis.zrange(keys.delayed["email"], 0, -1)
+        assert (decode(waiting).id, decode(waiting).attempt) == (job.id, 1)
+        assert await redis.llen(keys.processing("email", consumer.consumer_id)) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
