@@ -1,14 +1,16 @@
 """The consumer runner: fetch loops, handler tasks, retries, the lease, recovery, and a
 graceful drain.
 
-Each queue has one fetch loop that fetches (short block) while fewer than its concurrency of
-jobs are running, and starts each job as a task, so a slow job never blocks fetching. A job
-runs under its type's timeout; then it is settled in one script: acknowledged, scheduled for
-a retry with exponential backoff and jitter, or dead-lettered after its last attempt.
+Each queue has one fetch loop. Per round trip it acknowledges the jobs finished since the last
+one and takes up to the free slots' worth of new ones (blocking only when the queue is empty),
+and starts each job as a task, so a slow job never blocks fetching. A job runs under its
+type's timeout. A failed one is then settled in one script: scheduled for a retry with
+exponential backoff and jitter, or dead-lettered after its last attempt.
 
 Beside the fetch loops: the heartbeat renews this consumer's lease (from before the first
-fetch until the last job is settled), the sweeper recovers the jobs of consumers whose lease
-expired, and the maintainer promotes due retries and records latency samples.
+fetch until the last job is settled), the watchdog cancels handlers past their timeout, the
+sweeper recovers the jobs of consumers whose lease expired, and the maintainer promotes due
+retries and records latency samples.
 
 Stopping: ``stop`` is set (SIGTERM / SIGINT). Fetch loops are never cancelled - a blocking
 pop cancelled in flight would lose the job the server already popped - they see the flag when
