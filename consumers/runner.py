@@ -94,6 +94,11 @@ class _Outage:
         return self.back_at is None or time.monotonic() - self.back_at >= seconds
 
 
+def _next_backoff(backoff: float) -> float:
+    """The next wait while Redis is unreachable: from BACKOFF_START, doubling, up to the cap."""
+    return min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+
+
 def retry_delay(attempts: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: half of ``base * 2**(attempts - 1)`` (capped), plus a
     random part up to the other half, so retries of jobs that failed together spread out."""
@@ -214,7 +219,7 @@ class Consumer:
                 self._acks[queue][:0] = acks  # not sent: they go with the next round trip
                 self._outage.failed(exc)
                 suspect = True
-                backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+                backoff = _next_backoff(backoff)
                 await self._until(timeout=backoff)
                 continue
             self._outage.ok()
@@ -328,33 +333,26 @@ class Consumer:
         attempts = job.attempt + 1
         allowed = self._settings.job_max_attempts.get(job.type, 5)
         exc_info = (type(exc), exc, exc.__traceback__)
-        if attempts >= allowed:
-            logger.error(
-                "job %s (%s) failed attempt %d of %d: %s; dead-lettering it",
-                job.id,
-                job.type,
-                attempts,
-                allowed,
-                error,
-                exc_info=exc_info,
-            )
-            await self._dead_letter(
-                queue, raw, job, f"failed {attempts} attempts; last: {error}", error=error
-            )
-            return
+        dead = attempts >= allowed
         delay = retry_delay(
             attempts, self._settings.retry_base_delay, self._settings.retry_max_delay
         )
-        logger.warning(
-            "job %s (%s) failed attempt %d of %d: %s; retrying in %.2f s",
+        logger.log(
+            logging.ERROR if dead else logging.WARNING,
+            "job %s (%s) failed attempt %d of %d: %s; %s",
             job.id,
             job.type,
             attempts,
             allowed,
             error,
-            delay,
+            "dead-lettering it" if dead else f"retrying in {delay:.2f} s",
             exc_info=exc_info,
         )
+        if dead:
+            await self._dead_letter(
+                queue, raw, job, f"failed {attempts} attempts; last: {error}", error=error
+            )
+            return
         retried = dataclasses.replace(job, attempt=attempts, enqueued_at=time.time() + delay)
         await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay))
 
@@ -389,7 +387,7 @@ class Consumer:
                     else:
                         logger.critical("job %s: could not settle it (%s): job lost", job_id, exc)
                     return None
-                backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+                backoff = _next_backoff(backoff)
                 await self._pause(self._force, backoff)
                 continue
             self._outage.ok()
@@ -418,7 +416,7 @@ class Consumer:
                 held = await self._broker.heartbeat(ttl, about)
             except RedisError as exc:
                 self._outage.failed(exc)
-                backoff = min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+                backoff = _next_backoff(backoff)
                 await self._pause(self._drained, backoff)
                 continue
             self._outage.ok()

@@ -28,13 +28,13 @@ _UNAVAILABLE = (
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
 )
-#: Write refusals, plain or wrapped in "Error running script ...: -OOM ...". A script is
-#: refused at its first write, so nothing of the signup was written.
 _HTTP_MESSAGES = {
     404: "no such resource",
     405: "that method is not allowed here",
     413: "the body is too large",
 }
+#: Write refusals, plain or wrapped in "Error running script ...: -OOM ...". A script is
+#: refused at its first write, so nothing of the signup was written.
 _REFUSED_WRITE = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF) ")
 
 
