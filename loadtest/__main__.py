@@ -35,27 +35,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see --help)\n")
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+def _number(
+    kind: Callable[[str], float], minimum: float, *, inclusive: bool
+) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` above ``minimum`` (or equal, if ``inclusive``)."""
+    wanted = f"{minimum:g} or more" if inclusive else f"more than {minimum:g}"
+
     def parse(raw: str) -> float:
         try:
             value = kind(raw)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{raw!r}: expected a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{raw!r}: expected more than 0")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"{raw!r}: expected {wanted}")
         return value
 
     return parse
 
 
-def _non_negative(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r}: expected a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{raw!r}: expected 0 or more")
-    return value
+_positive_int = _number(int, 0, inclusive=False)
+_positive = _number(float, 0, inclusive=False)
+_non_negative = _number(float, 0, inclusive=True)
 
 
 def _url(raw: str) -> tuple[str, int]:
@@ -73,19 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     loop = parser.add_mutually_exclusive_group()
     loop.add_argument(
         "--concurrency",
-        type=_positive(int),
+        type=_positive_int,
         help="closed loop: connections, each one request at a time (default 64)",
     )
-    loop.add_argument("--rate", type=_positive(float), help="open loop: requests per second")
+    loop.add_argument("--rate", type=_positive, help="open loop: requests per second")
     parser.add_argument(
         "--connections",
-        type=_positive(int),
+        type=_positive_int,
         default=64,
         help="open loop: connections to send on (64)",
     )
-    parser.add_argument(
-        "--duration", type=_positive(float), default=10.0, help="measured seconds (10)"
-    )
+    parser.add_argument("--duration", type=_positive, default=10.0, help="measured seconds (10)")
     parser.add_argument(
         "--warmup", type=_non_negative, default=2.0, help="seconds of load before measuring (2)"
     )
@@ -93,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
     parser.add_argument(
         "--drain-timeout",
-        type=_positive(float),
+        type=_positive,
         default=60.0,
         help="seconds to wait for the pipeline to process every accepted signup (60)",
     )

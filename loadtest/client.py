@@ -8,8 +8,10 @@ an error, which the server under test never sends.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
+
+import orjson
 
 MAX_HEAD: Final = 64 * 1024
 
@@ -96,3 +98,16 @@ class Connection:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+async def poll_stats(connection: Connection) -> dict[str, Any] | None:
+    """The service's ``GET /stats``, or None when it failed or did not answer 200 (a poller
+    carries on and asks again)."""
+    try:
+        status, body = await connection.request("GET", "/stats")
+    except HttpError:
+        return None
+    if status != 200:
+        return None
+    stats: dict[str, Any] = orjson.loads(body)
+    return stats

@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import orjson
 import psutil
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+from pipeline.embedded_redis import scratch_server
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
 from pipeline.settings import DELIVERY_MODES
@@ -116,16 +115,8 @@ async def _rounds(
 
 
 def _run(jobs: int, rounds: int, concurrency: int, handler: str) -> dict[str, Any]:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as directory:
-        server = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
-        try:
-            wait_until_ready(port, time.monotonic() + 15, server)
-            url = f"redis://127.0.0.1:{port}/0"
-            rates = asyncio.run(_rounds(url, jobs, rounds, concurrency, handler))
-        finally:
-            server.terminate()
-            server.wait(15)
+    with scratch_server() as url:
+        rates = asyncio.run(_rounds(url, jobs, rounds, concurrency, handler))
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
     return {
         "jobs": jobs,

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from loadtest.client import Connection, HttpError
+from loadtest.client import Connection, HttpError, poll_stats
 
 #: How often the open loop's scheduler wakes to queue the requests that fell due.
 SCHEDULER_TICK = 0.001
@@ -55,6 +55,16 @@ class Recording:
     measured_seconds: float = 0.0
     cpu_seconds: float = 0.0
     backlog: list[dict[str, Any]] = field(default_factory=list)  # per second, from /stats
+
+
+def backlog_row(stats: dict[str, Any], t: float) -> dict[str, Any]:
+    """One sample of the backlog over time: the queues' depths and the jobs held, at ``t``
+    seconds from the start of the measured phase."""
+    return {
+        "t": round(t, 3),
+        "queues": stats.get("queues", {}),
+        "processing": stats.get("processing", {}),
+    }
 
 
 class _Signups:
@@ -178,19 +188,10 @@ class LoadRun:
         connection = Connection(self.plan.host, self.plan.port)
         try:
             while True:
-                try:
-                    status, body = await connection.request("GET", "/stats")
-                except HttpError:
-                    status, body = 0, b""
-                if status == 200:
-                    stats = orjson.loads(body)
-                    self.recording.backlog.append(
-                        {
-                            "t": round(time.perf_counter() - self._measuring_from, 3),
-                            "queues": stats.get("queues", {}),
-                            "processing": stats.get("processing", {}),
-                        }
-                    )
+                stats = await poll_stats(connection)
+                if stats is not None:
+                    t = time.perf_counter() - self._measuring_from
+                    self.recording.backlog.append(backlog_row(stats, t))
                 await asyncio.sleep(1.0)
         finally:
             connection.close()

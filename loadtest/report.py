@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from loadtest.client import Connection, HttpError
-from loadtest.generator import Recording
+from loadtest.client import Connection, HttpError, poll_stats
+from loadtest.generator import Recording, backlog_row
 
 PIPELINE_COUNTERS = ("emails_sent", "marketing_list_updates", "profiles_generated")
 #: Above this share of one core, the generator may be what limits the rate.
@@ -91,22 +91,12 @@ async def pipeline_view(
     stats: dict[str, Any] = {}
     try:
         while True:
-            try:
-                status, body = await connection.request("GET", "/stats")
-            except HttpError:
-                status, body = 0, b""
-            if status == 200:
-                stats = orjson.loads(body)
+            if (answer := await poll_stats(connection)) is not None:
+                stats = answer
                 now = time.perf_counter()
                 if now - sampled >= 1.0:
                     sampled = now
-                    backlog.append(
-                        {
-                            "t": round(measured_seconds + now - started, 3),
-                            "queues": stats.get("queues", {}),
-                            "processing": stats.get("processing", {}),
-                        }
-                    )
+                    backlog.append(backlog_row(stats, measured_seconds + now - started))
                 done = all(stats[c] - before.get(c, 0) >= accepted for c in PIPELINE_COUNTERS)
                 if done:
                     break

@@ -11,7 +11,10 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -68,6 +71,21 @@ def server_args(port: int, directory: Path, *, appendonly: bool = False) -> list
         "--loglevel",
         "warning",
     ]
+
+
+@contextmanager
+def scratch_server() -> Iterator[str]:
+    """A throwaway server (no persistence) on a free port in a temporary directory, for the
+    benchmarks: yields its URL, and stops it on the way out."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        process = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
+        try:
+            wait_until_ready(port, time.monotonic() + 15, process)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(15)
 
 
 def wait_until_ready(

@@ -26,7 +26,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ import redis
 
 from loadtest.client import Connection, HttpError
 from loadtest.drain import drain_round
-from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+from pipeline.embedded_redis import free_port, scratch_server
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("signup.lua")
@@ -319,21 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("wrk is not installed (make bench installs it)")
     if not Path(options.bench_python).exists():
         parser.error(f"no benchmark venv at {options.bench_python} (make bench makes it)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as directory:
-        server = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
-        try:
-            wait_until_ready(port, time.monotonic() + 15, server)
-            redis_url = f"redis://127.0.0.1:{port}/0"
-            client = redis.Redis.from_url(redis_url)
-            signup = {} if options.only == "consumers" else bench_signup(options, redis_url, client)
-            consumers = (
-                {} if options.only == "signup" else bench_consumers(options, redis_url, client)
-            )
-            client.close()
-        finally:
-            server.terminate()
-            server.wait(15)
+    with scratch_server() as redis_url:
+        client = redis.Redis.from_url(redis_url)
+        signup = {} if options.only == "consumers" else bench_signup(options, redis_url, client)
+        consumers = {} if options.only == "signup" else bench_consumers(options, redis_url, client)
+        client.close()
     report = table(options, signup, consumers)
     print("\n" + report)
     options.results.with_suffix(".md").write_text(report + "\n")
