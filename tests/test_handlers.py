@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import ssl
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumers.email import ConsoleEmailBackend, SmtpEmailBackend, email_backend
 from consumers.handlers import (
@@ -252,3 +254,35 @@ async def test_headers_that_are_not_ascii_arrive_encoded_and_whole(
     assert str(message["Subject"]) == "Welcome, Łukasz_ü!"
     text = message.get_body(("plain",))
     assert text is not None and "Hello Łukasz_ü," in text.get_content()
+
+
+class FlakyMarkContext(HandlerContext):
+    """Redis fails twice right after the SMTP server accepted (our code; Redis is real)."""
+
+    failures = 2
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        real = self.mark_email_sent
+
+        async def flaky(keys: list[Any], args: list[Any]) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise RedisConnectionError("Redis went away")
+            return await real(keys=keys, args=args)
+
+        self.mark_email_sent = flaky  # type: ignore[assignment]
+
+
+async def test_a_lost_done_marker_write_is_retried_not_sent_again(
+    redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
+) -> None:
+    settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
+    ctx = FlakyMarkContext(redis, keys, email_backend(settings), settings.email_from)
+    job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
+    await send_welcome_email(ctx, job)
+    await send_welcome_email(ctx, job)  # redelivered: the marker made it
+    assert ctx.failures == 0
+    assert smtp_server.recipients() == ["a@example.com"]
+    assert await redis.exists(keys.done(job.id)) == 1
+    assert (await read_stats(redis, keys))["emails_sent"] == 1

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumers.email import ConsoleEmailBackend
 from consumers.handlers import HANDLERS, Handler, HandlerContext
@@ -570,8 +571,6 @@ _flaky_calls: list[str] = []
 async def redis_down_once(ctx: HandlerContext, job: Job) -> None:
     _flaky_calls.append(job.id)
     if len(_flaky_calls) == 1:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
         raise RedisConnectionError("Redis went away")
 
 
@@ -702,6 +701,58 @@ async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
         [waiting] = await redis.zrange(keys.delayed["email"], 0, -1)
         assert (decode(waiting).id, decode(waiting).attempt) == (job.id, 1)
         assert await redis.llen(keys.processing("email", consumer.consumer_id)) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
+async def test_the_heartbeat_says_when_the_lease_had_lapsed(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, consumer_id="c1")
+    assert await broker.heartbeat(30, {"pid": 1}) is False  # nothing held before
+    assert await broker.heartbeat(30, {"pid": 1}) is True
+    await redis.delete(keys.lease("c1"))  # expired meanwhile
+    assert await broker.heartbeat(30, {"pid": 1}) is False
+    assert await redis.zscore(keys.consumers, "c1") is not None
+
+
+async def test_a_dead_consumer_is_forgotten_only_after_forget_after(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    dead = Broker(redis, keys, consumer_id="gone")
+    await dead.heartbeat(0.05, {})
+    await eventually(lambda: _exists(redis, keys.lease("gone"), 0), what="the lease to expire")
+    sweeper = Broker(redis, keys)
+    assert await sweeper.recover("gone", max_deliveries=3, forget_after=60) == (0, 0)
+    assert await redis.zscore(keys.consumers, "gone") is not None  # still looked at
+    assert await sweeper.recover("gone", max_deliveries=3, forget_after=0) == (0, 0)
+    assert await redis.zscore(keys.consumers, "gone") is None
+
+
+async def test_after_an_outage_the_sweeper_first_lets_live_consumers_renew(
+    make_settings: Callable[..., Settings], redis: aioredis.Redis, keys: Keys
+) -> None:
+    dead = Broker(redis, keys, consumer_id="dead-1")
+    await dead.heartbeat(0.05, {})
+    await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    assert await dead.fetch("email", 1) is not None
+    await eventually(lambda: _exists(redis, keys.lease("dead-1"), 0), what="the lease to expire")
+    consumer, client = build_consumer(
+        make_settings({**FAST, "LEASE_TTL": "2"}),
+        {"welcome_email": held_email},
+        consumer_queues=("email",),
+    )
+    # As if this consumer had just seen Redis come back from an outage.
+    consumer._outage.failed(RedisConnectionError("down"))
+    consumer._outage.ok()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        await asyncio.sleep(1.0)  # the behaviour under test is a wait: half the quiet period
+        assert await redis.llen(keys.processing("email", "dead-1")) == 1
+        await eventually(lambda: _llen(redis, keys.processing("email", "dead-1"), 0))
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
