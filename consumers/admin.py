@@ -1,4 +1,4 @@
-"""The operator's commands: ``dead list|requeue|purge`` and ``stats``.
+"""The operator's commands: ``dead list|requeue|purge``, ``stats`` and ``check``.
 
 Each prints what it did on stdout and returns the exit code; a Redis that cannot be reached is
 one line on stderr and exit 1.
@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pipeline.connections import web_client
@@ -31,6 +32,8 @@ async def operate(settings: Settings, options: argparse.Namespace) -> int:
     try:
         if options.command == "stats":
             return _print_stats(await read_stats(redis, keys), as_json=options.json)
+        if options.command == "check":
+            return await _check(redis, keys)
         dead = DeadLetters(redis, keys)
         if options.dead_command == "list":
             return _print_dead(await dead.list(options.limit), as_json=options.json)
@@ -43,6 +46,20 @@ async def operate(settings: Settings, options: argparse.Namespace) -> int:
         return 1
     finally:
         await redis.aclose()
+
+
+async def _check(redis: aioredis.Redis, keys: Keys) -> int:
+    """Exit 0 when at least one consumer holds a live lease (a container health check)."""
+    registered = await redis.zrange(keys.consumers, 0, -1)
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in registered]
+    leases = await redis.mget([keys.lease(i) for i in ids]) if ids else []
+    live = sum(lease is not None for lease in leases)
+    if live:
+        print(f"ok: {live} live consumer{'s' if live != 1 else ''}")
+        return 0
+    why = f"{len(registered)} registered, every lease expired" if registered else "none registered"
+    print(f"{PROG}: error: no consumer holds a live lease ({why})", file=sys.stderr)
+    return 1
 
 
 async def _requeue(dead: DeadLetters, job_id: str | None) -> int:

@@ -6,9 +6,11 @@ override the matching environment variables. SIGTERM or SIGINT stops gracefully;
 stops at once. Exit 0 after a graceful stop.
 
 ``python -m consumers dead list [--limit N] [--json]``, ``dead requeue (--all | JOB_ID)``,
-``dead purge`` and ``stats [--json]`` operate the pipeline.
+``dead purge`` and ``stats [--json]`` operate the pipeline; ``check`` exits 0 only when at least
+one consumer holds a live lease (a container health check).
 
-Exit 2 on bad arguments or settings, 1 when Redis cannot be reached or a job id is not found:
+Exit 2 on bad arguments or settings, 1 when Redis cannot be reached, a job id is not found or
+``check`` finds no live consumer:
 one line on stderr either way.
 """
 
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_flag(parse_delivery_mode),
         help="at-least-once or at-most-once (env DELIVERY_MODE; default at-least-once)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{dead,stats}")
+    commands = parser.add_subparsers(dest="command", metavar="{dead,stats,check}")
     dead = commands.add_parser("dead", help="list, requeue or purge dead letters")
     dead_commands = dead.add_subparsers(dest="dead_command", metavar="{list,requeue,purge}")
     dead_commands.required = True
@@ -102,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
         "stats", help="queue depths, jobs held, retries waiting, dead letters, live consumers"
     )
     stats.add_argument("--json", action="store_true", help="print the stats as JSON")
+    commands.add_parser(
+        "check", help="exit 0 only when at least one consumer holds a live lease (health check)"
+    )
     return parser
 
 

@@ -14,6 +14,7 @@ from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.deps import EXTENSION, Deps
 from service.errors import ApiError, UnavailableError
+from service.health import health
 from service.receivers import connect_receivers
 from service.routes import api, json_response
 from service.signals import user_signed_up
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> Quart:
     app = Quart(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.register_blueprint(api)
+    app.register_blueprint(health)
     connect_receivers(user_signed_up)
 
     @app.before_serving

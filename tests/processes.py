@@ -93,6 +93,18 @@ def consumer_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "consumers", *args]
 
 
+def admin(redis_server: RedisServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m consumers <args>``: an operator's command, run to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumers", *args],
+        env=child_env(redis_server, **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One HTTP/1.1 request over a fresh connection; the status and the JSON body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

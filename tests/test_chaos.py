@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import free_port, server_args, wait_until_ready
 from pipeline.keys import Keys
 from tests.conftest import RedisServer, SmtpSink, eventually
-from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
+from tests.processes import ROOT, Child, admin, child_env, consumer_argv, http, push_emails, web
 
 Spawn = Callable[[list[str], dict[str, str]], Child]
 
@@ -232,18 +232,6 @@ async def test_redis_restart_with_aof_mid_stream_loses_no_accepted_signup(
     finally:
         server.process.terminate()
         server.process.wait(15)
-
-
-def admin(redis_server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m consumers <args>``: an operator's command, run to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "consumers", *args],
-        env=child_env(redis_server),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 async def test_an_always_failing_job_is_dead_lettered_then_requeued_by_the_operator(

@@ -1,0 +1,41 @@
+"""Health checks for load balancers and orchestrators: ``GET /healthz`` and ``GET /readyz``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from quart import Blueprint, Response
+from redis.exceptions import RedisError
+
+from service.deps import deps
+from service.routes import json_response
+
+logger = logging.getLogger(__name__)
+
+health = Blueprint("health", __name__)
+
+#: How long ``/readyz`` waits for Redis to answer PING.
+READY_TIMEOUT = 1.0
+
+
+@health.get("/healthz")
+async def healthz() -> Response:
+    """Liveness: the process answers. No Redis call, so a Redis outage never restarts us."""
+    return json_response({"status": "ok"})
+
+
+@health.get("/readyz")
+async def readyz() -> Response:
+    """Readiness: 200 when Redis answers PING within a second, else 503 with the reason."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await deps().redis.ping()
+    except TimeoutError:
+        reason = f"Redis did not answer PING within {READY_TIMEOUT:g} s"
+    except RedisError as exc:
+        reason = f"Redis did not answer PING: {exc}"
+    else:
+        return json_response({"status": "ready"})
+    logger.warning("not ready: %s", reason)
+    return json_response({"error": "not_ready", "message": reason}, 503)
