@@ -145,7 +145,7 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     if options.command is not None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(settings, options))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(settings))
     return 0

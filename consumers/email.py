@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
-from email.header import Header
+from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -14,6 +14,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from pipeline.logs import mask_email
 from pipeline.settings import Settings, SmtpConfig
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,15 @@ class ConsoleEmailBackend:
     """Logs each message instead of sending it: the default when ``SMTP_URL`` is unset."""
 
     async def send(self, message: Message) -> None:
-        text = _plain_text(message)
+        # Addresses are masked at INFO; the whole message, address included, is at DEBUG.
+        _, address = parseaddr(str(message["To"]))
         logger.info(
-            "email to %s, subject %r (console backend, not sent):\n%s",
-            message["To"],
-            message["Subject"],
-            text,
+            "email to %s, subject %r (console backend, not sent)",
+            mask_email(address),
+            str(make_header(decode_header(str(message["Subject"])))),
         )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("the email to %s:\n%s", message["To"], _plain_text(message))
 
 
 class SmtpEmailBackend:

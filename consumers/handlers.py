@@ -23,6 +23,7 @@ from consumers.email import EmailBackend, welcome_email
 from pipeline.batching import ScriptBatcher
 from pipeline.jobs import Job
 from pipeline.keys import Keys
+from pipeline.logs import mask_email
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,12 @@ async def send_welcome_email(ctx: HandlerContext, job: Job) -> None:
         return
     payload = job.payload
     await ctx.email.send(welcome_email(ctx.email_from, payload["email"], payload["username"]))
+    logger.info(
+        "job %s: welcome email for user %s sent to %s",
+        job.id,
+        payload.get("user_id"),
+        mask_email(payload["email"]),
+    )
     for delay in (*MARK_RETRY_DELAYS, None):
         try:
             await ctx.mark_email_sent(keys=[done, ctx.keys.stats], args=[ctx.idempotency_ttl])

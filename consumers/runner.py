@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.handlers import Handler, HandlerContext
+from pipeline import logs
 from pipeline.errors import JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.queue import Broker, dead_entry
@@ -286,6 +287,9 @@ class Consumer:
         except JobDecodeError as exc:
             await self._dead_letter(queue, raw, None, f"undecodable job: {exc}")
             return
+        # Every line logged while the job runs carries its id and its signup's request id.
+        logs.job_id.set(job.id)
+        logs.request_id.set(job.request_id)
         handler = self._handlers.get(job.type)
         if handler is None:
             await self._dead_letter(queue, raw, job, f"unknown job type {job.type!r}")

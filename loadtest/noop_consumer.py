@@ -20,7 +20,7 @@ async def noop(ctx: HandlerContext, job: Job) -> None:
 
 def main() -> int:
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(settings, dict.fromkeys(JOB_QUEUES, noop)))
     return 0

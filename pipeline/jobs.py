@@ -1,7 +1,9 @@
 """The job envelope: versioned JSON, one per job, unique by id.
 
 ``{"v": 1, "id": <uuid hex>, "type": "welcome_email", "attempt": 0, "enqueued_at": <epoch s>,
-"payload": {...}}``. Job ids are unique, so the encoded bytes of two jobs never compare equal.
+"payload": {...}}``, plus ``"request_id"`` when the job was queued while handling a request
+(older jobs without it still decode). Job ids are unique, so the encoded bytes of two jobs
+never compare equal.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Final
 
 import orjson
 
+from pipeline import logs
 from pipeline.errors import JobDecodeError
 
 ENVELOPE_VERSION: Final = 1
@@ -27,24 +30,33 @@ class Job:
     payload: dict[str, Any]
     enqueued_at: float
     attempt: int = 0
+    #: The id of the request that queued the job, for joining log lines up.
+    request_id: str | None = None
 
     def encode(self) -> bytes:
         """The bytes that travel on the queue."""
-        return orjson.dumps(
-            {
-                "v": ENVELOPE_VERSION,
-                "id": self.id,
-                "type": self.type,
-                "attempt": self.attempt,
-                "enqueued_at": self.enqueued_at,
-                "payload": self.payload,
-            }
-        )
+        envelope = {
+            "v": ENVELOPE_VERSION,
+            "id": self.id,
+            "type": self.type,
+            "attempt": self.attempt,
+            "enqueued_at": self.enqueued_at,
+            "payload": self.payload,
+        }
+        if self.request_id is not None:
+            envelope["request_id"] = self.request_id
+        return orjson.dumps(envelope)
 
 
 def new_job(job_type: str, payload: dict[str, Any]) -> Job:
-    """A fresh job with a new id, stamped with the current time."""
-    return Job(id=uuid.uuid4().hex, type=job_type, payload=payload, enqueued_at=time.time())
+    """A fresh job with a new id, stamped with the current time and the request id (if any)."""
+    return Job(
+        id=uuid.uuid4().hex,
+        type=job_type,
+        payload=payload,
+        enqueued_at=time.time(),
+        request_id=logs.request_id.get(),
+    )
 
 
 def decode(raw: bytes) -> Job:
@@ -69,6 +81,14 @@ def decode(raw: bytes) -> Job:
         raise JobDecodeError("the attempt is not a whole number")
     if not isinstance(enqueued_at, int | float) or isinstance(enqueued_at, bool):
         raise JobDecodeError("the envelope has no enqueued_at time")
+    request_id = data.get("request_id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise JobDecodeError("the request_id is not a string")
     return Job(
-        id=job_id, type=job_type, payload=payload, enqueued_at=float(enqueued_at), attempt=attempt
+        id=job_id,
+        type=job_type,
+        payload=payload,
+        enqueued_at=float(enqueued_at),
+        attempt=attempt,
+        request_id=request_id,
     )

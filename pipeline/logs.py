@@ -1,15 +1,102 @@
-"""One logging set-up for both processes."""
+"""One logging set-up for both processes: human-readable lines, or JSON lines
+(``LOG_FORMAT=json``).
+
+Every line logged while a request or a job is handled carries its request id (and, in a
+consumer, the job id): they live in context variables the formatters read. A job carries the
+request id of the signup that queued it, so a welcome email's lines join up with the signup's.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any, Final, Literal
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+import orjson
+
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
+
+#: The id of the request being handled, or of the request that queued the job being run.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+#: The id of the job being run (consumers only).
+job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s:%(ids)s %(message)s"
+#: Attributes every LogRecord has: anything else on a record came in through ``extra=``.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ids"}
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level``. hypercorn keeps its own handlers, so its loggers do not
-    also propagate to ours (each line would show twice)."""
-    logging.basicConfig(level=level, format=FORMAT)
+def mask_email(address: str) -> str:
+    """``alice@example.com`` -> ``a***@example.com``: what INFO lines show of an address."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-21 10:00:00,123 INFO consumers.handlers: [req=…] message``. (Job ids are in
+    the messages themselves.)"""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = request_id.get()
+        record.ids = "" if rid is None else f" [req={rid}]"
+        return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: a line break in logged input cannot forge another line.
+        # (A traceback, appended after this, keeps its lines.)
+        if "\n" in record.message or "\r" in record.message:
+            record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        return super().formatMessage(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+    ``request_id`` and ``job_id`` when known, ``exc_info`` with a traceback, and the fields
+    given through ``extra=``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, Any] = {
+            "time": f"{seconds}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid, jid = request_id.get(), job_id.get()
+        if rid is not None:
+            line["request_id"] = rid
+        if jid is not None:
+            line["job_id"] = jid
+        for name, value in record.__dict__.items():
+            if name not in _STANDARD and name not in line:
+                line[name] = value
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Log to stderr at ``level`` in ``log_format``, replacing any earlier set-up. hypercorn's
+    own loggers go through the same handler (hypercorn's access log is off: the web app writes
+    one access line per request itself, with the request id)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
     for name in ("hypercorn.error", "hypercorn.access"):
-        logging.getLogger(name).propagate = False
+        hypercorn = logging.getLogger(name)
+        hypercorn.handlers = []
+        hypercorn.propagate = True

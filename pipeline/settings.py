@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import SettingsError
 from pipeline.keys import JOB_QUEUES, QUEUES
+from pipeline.logs import LOG_FORMATS, LogFormat
 
 T = TypeVar("T")
 SmtpSecurity = Literal["none", "starttls", "tls"]
@@ -75,6 +76,8 @@ class Settings:
     retry_max_delay: float = 300.0
     idempotency_ttl: int = 24 * 3600
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    access_log: bool = True
 
     def __repr__(self) -> str:
         # Never print a password: the URL is shown with its credentials masked.
@@ -138,6 +141,8 @@ class Settings:
                 env, "IDEMPOTENCY_TTL", _integer(60, 365 * 86_400), defaults.idempotency_ttl
             ),
             log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
+            log_format=_get(env, "LOG_FORMAT", _log_format, defaults.log_format),
+            access_log=_get(env, "ACCESS_LOG", _boolean, defaults.access_log),
         )
 
 
@@ -298,6 +303,24 @@ def _log_level(raw: str) -> str:
     if level not in logging.getLevelNamesMapping():
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level
+
+
+def _log_format(raw: str) -> LogFormat:
+    for name in LOG_FORMATS:
+        if raw.lower() == name:
+            return name
+    raise ValueError(f"expected {' or '.join(LOG_FORMATS)}")
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS.update({"0": False, "false": False, "no": False, "off": False})
+
+
+def _boolean(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.lower()]
+    except KeyError:
+        raise ValueError("expected true or false (1/0, yes/no, on/off)") from None
 
 
 def main() -> int:

@@ -19,5 +19,5 @@ try:
 except SettingsError as exc:
     sys.exit(f"error: {exc}")
 
-configure_logging(_settings.log_level)
+configure_logging(_settings.log_level, _settings.log_format)
 app = create_app(_settings)

@@ -15,6 +15,7 @@ from pipeline.settings import Settings
 from service.deps import EXTENSION, Deps
 from service.errors import ApiError, UnavailableError
 from service.health import health
+from service.middleware import RequestObserver
 from service.receivers import connect_receivers
 from service.routes import api, json_response
 from service.signals import user_signed_up
@@ -63,6 +64,9 @@ def create_app(settings: Settings) -> Quart:
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(redis_errors.RedisError, _render_redis_error)
     app.register_error_handler(Exception, _render_unexpected)
+    app.asgi_app = RequestObserver(  # type: ignore[method-assign]
+        app, app.asgi_app, access_log=settings.access_log
+    )
     return app
 
 

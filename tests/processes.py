@@ -107,25 +107,49 @@ def admin(redis_server: RedisServer, *args: str, **env: str) -> subprocess.Compl
 
 async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One HTTP/1.1 request over a fresh connection; the status and the JSON body."""
+    status, _, payload = await request(port, method, path, body)
+    return status, payload
+
+
+async def request(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP/1.1 request over a fresh connection; the status, the headers (names in lower
+    case) and the body (decoded if JSON)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = orjson.dumps(body) if body is not None else b""
     head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
     writer.write(head.encode() + b"\r\n" + data)
     await writer.drain()
     response = await reader.read()
     writer.close()
-    status_line, _, rest = response.partition(b"\r\n")
-    _, _, payload = rest.partition(b"\r\n\r\n")
-    return int(status_line.split()[1]), orjson.loads(payload) if payload else None
+    head_bytes, _, payload = response.partition(b"\r\n\r\n")
+    status_line, *header_lines = head_bytes.decode("latin-1").split("\r\n")
+    found = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
+    decoded: Any = payload
+    if found.get("content-type", "").startswith("application/json") and payload:
+        decoded = orjson.loads(payload)
+    elif not payload:
+        decoded = None
+    return int(status_line.split()[1]), found, decoded
 
 
 @asynccontextmanager
-async def web(spawn: Any, env: dict[str, str]) -> AsyncIterator[tuple[int, Child]]:
+async def web(
+    spawn: Any, env: dict[str, str], workers: int = 1
+) -> AsyncIterator[tuple[int, Child]]:
+    """hypercorn serving the app with the deployed config (``hypercorn.toml``)."""
     port = free_port()
+    argv = [sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml"]
     child = spawn(
-        [sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{port}"], env
+        [*argv, "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "service:app"], env
     )
 
     async def answers() -> bool:

@@ -63,11 +63,21 @@ async def test_welcome_email_to_the_console_without_smtp(
     ctx = context_for(redis, keys, settings)
     assert isinstance(ctx.email, ConsoleEmailBackend)
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
-    with caplog.at_level(logging.INFO, logger="consumers.email"):
+    with caplog.at_level(logging.INFO):
         await send_welcome_email(ctx, job)
-    assert "a@example.com" in caplog.text
-    assert "Hello alice" in caplog.text
+    # At INFO the address is masked and the body left out.
+    assert "email to a***@example.com, subject 'Welcome, alice!'" in caplog.text
+    assert "welcome email for user u1 sent to a***@example.com" in caplog.text
+    assert "a@example.com" not in caplog.text
+    assert "Hello alice" not in caplog.text
     assert (await read_stats(redis, keys))["emails_sent"] == 1
+
+    caplog.clear()
+    again = new_job("welcome_email", {"user_id": "u2", "username": "bo", "email": "b@example.com"})
+    with caplog.at_level(logging.DEBUG, logger="consumers.email"):
+        await send_welcome_email(ctx, again)
+    assert "the email to b@example.com:" in caplog.text
+    assert "Hello bo" in caplog.text
 
 
 async def test_smtp_failure_raises_and_counts_nothing(

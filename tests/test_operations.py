@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
 from collections.abc import Callable
+from typing import Any
 
+import orjson
+import pytest
 import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
 
+from pipeline import logs
 from pipeline.embedded_redis import free_port
+from pipeline.jobs import decode
 from pipeline.keys import Keys
+from pipeline.logs import JsonFormatter, TextFormatter
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.conftest import RedisServer, eventually
-from tests.processes import Child, admin, child_env, consumer_argv
+from tests.processes import Child, admin, child_env, consumer_argv, request, web
 
 Spawn = Callable[[list[str], dict[str, str]], Child]
 
@@ -94,3 +102,129 @@ async def test_check_follows_a_consumers_lease(
     )
     result = admin(redis_server, "check")
     assert "no consumer holds a live lease (1 registered, every lease expired)" in result.stderr
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+
+async def test_a_request_id_is_echoed_and_travels_in_the_signups_jobs(
+    client: QuartClient, redis: aioredis.Redis, keys: Keys
+) -> None:
+    response = await client.post(
+        "/signup",
+        json={"username": "trace", "email": "trace@example.com"},
+        headers={"X-Request-ID": "trace-42"},
+    )
+    assert response.status_code == 201
+    assert response.headers["X-Request-ID"] == "trace-42"
+    for queue in keys.queues.values():
+        (raw,) = await redis.lrange(queue, 0, -1)
+        assert decode(raw).request_id == "trace-42"
+
+
+@pytest.mark.parametrize("sent", [None, "", "has space", "x" * 129, "tab\there", "caf\u00e9"])
+async def test_a_missing_or_unsafe_request_id_is_replaced_by_a_generated_one(
+    client: QuartClient, sent: str | None
+) -> None:
+    headers = {} if sent is None else {"X-Request-ID": sent}
+    response = await client.get("/healthz", headers=headers)
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+
+
+def _record(message: str, *args: object, exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logging.LogRecord("some.logger", logging.WARNING, __file__, 1, message, args, exc_info)
+
+
+def test_json_lines_carry_the_ids_the_extra_fields_and_the_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        record = _record("job %s failed", "j1", exc=exc)
+    record.status = 201
+    token, job = logs.request_id.set("r1"), logs.job_id.set("j1")
+    try:
+        line = JsonFormatter().format(record)
+    finally:
+        logs.request_id.reset(token)
+        logs.job_id.reset(job)
+    assert "\n" not in line
+    fields = orjson.loads(line)
+    assert fields["level"] == "WARNING"
+    assert fields["logger"] == "some.logger"
+    assert fields["message"] == "job j1 failed"
+    assert (fields["request_id"], fields["job_id"], fields["status"]) == ("r1", "j1", 201)
+    assert fields["exc_info"].endswith("ValueError: boom")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["time"])
+
+
+def test_text_lines_show_the_request_id_and_cannot_be_split_by_input() -> None:
+    token = logs.request_id.set("r1")
+    try:
+        line = TextFormatter().format(_record("user %s", "eve\nINFO forged line"))
+    finally:
+        logs.request_id.reset(token)
+    assert line.endswith("WARNING some.logger: [req=r1] user eve\\nINFO forged line")
+    assert "\n" not in line
+
+
+def test_mask_email() -> None:
+    assert logs.mask_email("alice@example.com") == "a***@example.com"
+    assert logs.mask_email("not-an-address") == "***"
+
+
+async def test_one_signup_can_be_traced_through_both_processes_json_logs(
+    spawn: Spawn, redis_server: RedisServer
+) -> None:
+    env = child_env(redis_server, LOG_FORMAT="json")
+    consumer = spawn(consumer_argv(), env)
+    async with web(spawn, env) as (port, server):
+        status, headers, _ = await request(
+            port,
+            "POST",
+            "/signup",
+            {"username": "tracy", "email": "tracy@example.com"},
+            headers={"X-Request-ID": "trace-e2e"},
+        )
+        assert status == 201
+        assert headers["x-request-id"] == "trace-e2e"
+
+        def lines(child: Child) -> list[dict[str, Any]]:
+            return [orjson.loads(line) for line in child.output().splitlines() if line]
+
+        def traced(child: Child) -> list[dict[str, Any]]:
+            return [line for line in lines(child) if line.get("request_id") == "trace-e2e"]
+
+        await eventually(
+            lambda: any("welcome email" in line["message"] for line in traced(consumer)),
+            what="the welcome email's log line",
+        )
+        (access,) = traced(server)
+        assert access["logger"] == "service.access"
+        assert (access["method"], access["path"], access["status"]) == ("POST", "/signup", 201)
+        (sent,) = [line for line in traced(consumer) if "welcome email" in line["message"]]
+        assert "t***@example.com" in sent["message"]
+        assert len(sent["job_id"]) == 32
+        # Every line of both processes is JSON, and no INFO line shows the address.
+        assert "tracy@example.com" not in consumer.output() + server.output()
+
+
+async def test_the_access_line_names_the_request_and_can_be_turned_off(
+    make_settings: Callable[..., Settings], redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    for enabled in (True, False):
+        app = create_app(make_settings(access_log=enabled))
+        async with app.test_app() as test_app:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="service.access"):
+                await test_app.test_client().get("/users/nobody?x=%0Aforged")
+        access = [r for r in caplog.records if r.name == "service.access"]
+        if not enabled:
+            assert access == []
+            continue
+        (record,) = access
+        assert re.fullmatch(
+            r'- "GET /users/nobody\?x=%0Aforged" 404 \d+\.\d ms', record.getMessage()
+        )
+        fields = (record.method, record.path, record.status)  # type: ignore[attr-defined]
+        assert fields == ("GET", "/users/nobody?x=%0Aforged", 404)

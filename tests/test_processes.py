@@ -208,8 +208,9 @@ def test_procfile_runs_the_settings_check_before_hypercorn() -> None:
     web = next(
         line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:")
     )
-    assert "python -m pipeline.settings && exec hypercorn service:app" in web
+    assert "python -m pipeline.settings && exec hypercorn --config hypercorn.toml" in web
     assert "${PORT:-8000}" in web
+    assert "--workers ${WEB_CONCURRENCY:-2}" in web
 
 
 async def test_client_gone_mid_body_leaves_nothing(

@@ -1,0 +1,135 @@
+"""The ASGI middleware around the app: a request id for every request, one access log line,
+and the HTTP metrics.
+
+It wraps ``app.asgi_app`` rather than using Quart's request hooks so that the time measured
+and the status seen are the client's: from the first byte handed to the app to the last one
+sent, error handlers included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from quart import Quart
+
+from pipeline import logs
+
+logger = logging.getLogger("service.access")
+
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Any]
+#: What an incoming ``X-Request-ID`` may be; anything else is replaced by a generated id, so
+#: a client cannot put line breaks or escapes into our logs through it.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_HEADER = b"x-request-id"
+UNMATCHED = "<unmatched>"
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's ``X-Request-ID`` when it is a sensible id, else a new one."""
+    for name, value in headers:
+        if name == _HEADER:
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID_RE.fullmatch(text) else new_request_id()
+    return new_request_id()
+
+
+class Routes:
+    """Maps a path to the route rule that serves it (``/users/<user_id>``), the label that
+    keeps metrics' cardinality bounded. Built from the app's URL map on first use."""
+
+    def __init__(self, app: Quart) -> None:
+        self._app = app
+        self._static: dict[str, str] | None = None
+        self._prefixes: list[tuple[str, str]] = []
+
+    def __call__(self, path: str) -> str:
+        if self._static is None:
+            self._build()
+        assert self._static is not None
+        found = self._static.get(path)
+        if found is not None:
+            return found
+        for prefix, rule in self._prefixes:
+            if path.startswith(prefix) and "/" not in path[len(prefix) :]:
+                return rule
+        return UNMATCHED
+
+    def _build(self) -> None:
+        static: dict[str, str] = {}
+        for rule in self._app.url_map.iter_rules():
+            text = rule.rule
+            if "<" in text:
+                self._prefixes.append((text[: text.index("<")], text))
+            else:
+                static[text] = text
+        self._static = static
+
+
+Observer = Callable[[str, str, int, float], None]
+
+
+class RequestObserver:
+    """Gives each HTTP request its id (``X-Request-ID``, echoed in the response), logs one
+    access line and hands (method, route, status, seconds) to ``observe``."""
+
+    def __init__(
+        self, app: Quart, asgi_app: ASGIApp, *, access_log: bool, observe: Observer | None = None
+    ) -> None:
+        self._asgi_app = asgi_app
+        self._routes = Routes(app)
+        self._access_log = access_log
+        self._observe = observe
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self._asgi_app(scope, receive, send)
+            return
+        rid = request_id_of(scope["headers"])  # type: ignore[arg-type]
+        token = logs.request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (_HEADER, rid.encode())]
+            await send(message)
+
+        try:
+            await self._asgi_app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            method, path = scope["method"], scope["path"]
+            if self._observe is not None:
+                self._observe(method, self._routes(path), status, seconds)
+            # The raw target, still percent-encoded: it cannot hold a line break.
+            path = scope["raw_path"].decode("latin-1")
+            if scope["query_string"]:
+                path += "?" + scope["query_string"].decode("latin-1")
+            if self._access_log and logger.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                logger.info(
+                    '%s "%s %s" %d %.1f ms',
+                    client[0] if client else "-",
+                    method,
+                    path,
+                    status,
+                    seconds * 1000,
+                    extra={"method": method, "path": path, "status": status,
+                           "duration_ms": round(seconds * 1000, 3)},
+                )  # fmt: skip
+            logs.request_id.reset(token)
