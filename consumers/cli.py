@@ -1,7 +1,8 @@
 """The consumer command line.
 
 ``python -m consumers [--queues email,profile] [--concurrency 8|email=8,profile=2]
-[--grace-period S] [--delivery at-least-once|at-most-once]`` runs the consumers. Flags
+[--grace-period S] [--delivery at-least-once|at-most-once] [--metrics-port P]`` runs the
+consumers (and, with a metrics port, serves ``GET /metrics`` on it). Flags
 override the matching environment variables. SIGTERM or SIGINT stops gracefully; a second one
 stops at once. Exit 0 after a graceful stop.
 
@@ -29,6 +30,7 @@ from typing import Any, NoReturn
 from consumers.admin import operate
 from consumers.email import email_backend
 from consumers.handlers import HANDLERS, Handler, HandlerContext
+from consumers.metrics import ConsumerMetrics, serve_metrics
 from consumers.runner import Consumer
 from pipeline.connections import consumer_client
 from pipeline.errors import SettingsError
@@ -40,6 +42,7 @@ from pipeline.settings import (
     parse_concurrency,
     parse_delivery_mode,
     parse_grace_period,
+    parse_port,
     parse_queues,
     redact_url,
 )
@@ -86,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_flag(parse_delivery_mode),
         help="at-least-once or at-most-once (env DELIVERY_MODE; default at-least-once)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_flag(parse_port),
+        help="serve Prometheus metrics on this port at /metrics (env METRICS_PORT; default off)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="{dead,stats,check}")
     dead = commands.add_parser("dead", help="list, requeue or purge dead letters")
     dead_commands = dead.add_subparsers(dest="dead_command", metavar="{list,requeue,purge}")
@@ -131,6 +139,7 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
             ("consumer_concurrency", options.concurrency),
             ("shutdown_grace_period", options.grace_period),
             ("delivery_mode", options.delivery),
+            ("metrics_port", options.metrics_port),
         )
         if value is not None
     }
@@ -190,7 +199,18 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) ->
         redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
     )
     broker = Broker(redis, keys, mode=settings.delivery_mode)
-    consumer = Consumer(broker, handlers, context, settings)
+    metrics = ConsumerMetrics()
+    consumer = Consumer(broker, handlers, context, settings, metrics)
+    server = None
+    if settings.metrics_port is not None:
+        try:
+            server = await serve_metrics(metrics, settings.metrics_port)
+        except OSError as exc:
+            await redis.aclose()
+            raise SystemExit(
+                f"{PROG}: error: cannot serve metrics on port {settings.metrics_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
     logger.info(
         "consumer %s: consuming %s from %s (prefix %r), %s",
         broker.consumer_id,
@@ -202,6 +222,9 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) ->
     try:
         await consumer.run(stop, force)
     finally:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
         await redis.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):

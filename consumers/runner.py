@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.handlers import Handler, HandlerContext
+from consumers.metrics import ConsumerMetrics
 from pipeline import logs
 from pipeline.errors import JobDecodeError
 from pipeline.jobs import Job, decode
@@ -68,6 +69,13 @@ FORGET_AFTER_LEASES: Final = 12
 class _InFlight:
     queue: str
     raw: bytes
+
+
+def _type_of(raw: bytes) -> str | None:
+    try:
+        return decode(raw).type
+    except JobDecodeError:
+        return None
 
 
 class _Outage:
@@ -116,8 +124,10 @@ class Consumer:
         handlers: Mapping[str, Handler],
         context: HandlerContext,
         settings: Settings,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         self._broker = broker
+        self._metrics = metrics if metrics is not None else ConsumerMetrics()
         self._handlers = handlers
         self._context = context
         self._settings = settings
@@ -296,6 +306,7 @@ class Consumer:
             return
         limit = self._settings.job_timeout.get(job.type, 30.0)
         started, clock = time.time(), time.monotonic()
+        self._metrics.waited(queue, max(0.0, started - job.enqueued_at))
         task = asyncio.current_task()
         assert task is not None
         self._deadlines[task] = clock + limit
@@ -316,17 +327,21 @@ class Consumer:
             # The handler is over: settling below is not under its timeout.
             self._deadlines.pop(task, None)
             self._timed_out.discard(task)
+        run = time.monotonic() - clock
+        if redis_down is None:
+            self._metrics.ran(job.type, run)
         if redis_down is not None:
             # Redis, not the job, failed: put the job back, not counting an attempt.
             logger.warning(
                 "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, redis_down
             )
-            await self._settle(job.id, lambda: self._broker.return_job(queue, raw))
+            if await self._settle(job.id, lambda: self._broker.return_job(queue, raw)):
+                self._metrics.finished(job.type, "returned")
             return
         if failure is not None:
             await self._failed(queue, raw, job, *failure)
             return
-        run = time.monotonic() - clock
+        self._metrics.finished(job.type, "succeeded")
         self._samples[queue].append((max(0.0, started - job.enqueued_at), run))
         if self._broker.mode == "at-least-once":
             self._acks[queue].append((raw, job.id))
@@ -358,7 +373,8 @@ class Consumer:
             )
             return
         retried = dataclasses.replace(job, attempt=attempts, enqueued_at=time.time() + delay)
-        await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay))
+        if await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay)):
+            self._metrics.finished(job.type, "retried")
 
     async def _dead_letter(
         self, queue: str, raw: bytes, job: Job | None, reason: str, error: str | None = None
@@ -367,9 +383,10 @@ class Consumer:
             logger.error("queue %s: dead-lettering a job: %s", queue, reason)
         entry = dead_entry(queue, raw, reason, job=job, error=error)
         job_id = job.id if job else ""
-        await self._settle(
+        if await self._settle(
             job_id or "?", lambda: self._broker.dead_letter(queue, raw, entry, job_id)
-        )
+        ):
+            self._metrics.finished(job.type if job else None, "dead_lettered")
 
     async def _settle(self, job_id: str, operation: Callable[[], Awaitable[T]]) -> T | None:
         """Run a settling operation, retrying through a Redis outage until it succeeds or the
@@ -466,6 +483,8 @@ class Consumer:
                 forget_after=ttl * FORGET_AFTER_LEASES,
             )
             if returned > 0 or dead > 0:
+                self._metrics.recovered.labels("returned").inc(returned)
+                self._metrics.recovered.labels("dead_lettered").inc(dead)
                 logger.warning(
                     "recovered consumer %s (lease expired): %d jobs returned to their queues, "
                     "%d dead-lettered after %d deliveries",
@@ -549,6 +568,7 @@ class Consumer:
         returning = functools.partial(self._broker.return_job, job.queue, job.raw)
         if await self._settle(f"on {job.queue}", returning):
             logger.info("queue %s: returned an unfinished job to the queue", job.queue)
+            self._metrics.finished(_type_of(job.raw), "returned")
 
     async def _release(self) -> None:
         """Give up the lease; anything still held (a job whose return failed) goes back now."""

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -78,6 +79,10 @@ class Settings:
     log_level: str = "INFO"
     log_format: LogFormat = "text"
     access_log: bool = True
+    metrics_dir: str = field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "signup-metrics")
+    )
+    metrics_port: int | None = None
 
     def __repr__(self) -> str:
         # Never print a password: the URL is shown with its credentials masked.
@@ -143,6 +148,8 @@ class Settings:
             log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
             log_format=_get(env, "LOG_FORMAT", _log_format, defaults.log_format),
             access_log=_get(env, "ACCESS_LOG", _boolean, defaults.access_log),
+            metrics_dir=_get(env, "METRICS_DIR", _directory, defaults.metrics_dir),
+            metrics_port=_get(env, "METRICS_PORT", parse_port, None),
         )
 
 
@@ -310,6 +317,27 @@ def _log_format(raw: str) -> LogFormat:
         if raw.lower() == name:
             return name
     raise ValueError(f"expected {' or '.join(LOG_FORMATS)}")
+
+
+def _directory(raw: str) -> str:
+    path = os.path.abspath(raw)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError("not a directory this process can create or write")
+    return path
+
+
+def parse_port(raw: str) -> int:
+    """A TCP port to listen on, 1 to 65535."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("expected a port number") from None
+    if not 1 <= value <= 65535:
+        raise ValueError("expected a port number from 1 to 65535")
+    return value
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}

@@ -93,3 +93,25 @@ async def read_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
         name: _latency(samples) for name, samples in zip(QUEUES, latencies, strict=True)
     }
     return stats
+
+
+#: How many dead letters (the newest) :func:`dead_by_queue` reads to split the count by queue.
+DEAD_SPLIT_LIMIT = 10_000
+
+
+async def dead_by_queue(redis: aioredis.Redis, keys: Keys, total: int) -> dict[str, int]:
+    """Dead letters per queue they came from, counting the newest :data:`DEAD_SPLIT_LIMIT`;
+    any older ones (and any entry that cannot be read) count under ``"unknown"``."""
+    counts = dict.fromkeys(QUEUES, 0)
+    entries = await redis.lrange(keys.dead, 0, DEAD_SPLIT_LIMIT - 1) if total else []
+    for raw in entries:
+        try:
+            queue = orjson.loads(raw).get("queue")
+        except (orjson.JSONDecodeError, AttributeError):
+            queue = None
+        if queue in counts:
+            counts[queue] += 1
+    unknown = total - sum(counts.values())
+    if unknown > 0:
+        counts["unknown"] = unknown
+    return counts

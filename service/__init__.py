@@ -1,6 +1,10 @@
 """The web service. ``service:app`` is the ASGI app hypercorn serves.
 
 Settings are read from the environment once, here; a bad value stops start-up with one line.
+In a hypercorn worker, metrics are kept in prometheus_client's multiprocess mode, in a
+directory under ``METRICS_DIR`` shared by the workers of one hypercorn master, so a scrape
+served by any worker sums them all. (Imported anywhere else, as by the tests, the process
+keeps its metrics to itself.)
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import sys
 
 from pipeline.errors import SettingsError
 from pipeline.logs import configure_logging
+from pipeline.metrics import is_spawned_worker, use_multiprocess_dir
 from pipeline.settings import Settings
 from service.app import create_app
 
@@ -20,4 +25,9 @@ except SettingsError as exc:
     sys.exit(f"error: {exc}")
 
 configure_logging(_settings.log_level, _settings.log_format)
+if is_spawned_worker():
+    try:
+        use_multiprocess_dir(_settings.metrics_dir)
+    except OSError as exc:
+        sys.exit(f"error: METRICS_DIR={_settings.metrics_dir!r}: {exc.strerror or exc}")
 app = create_app(_settings)

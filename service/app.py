@@ -15,6 +15,8 @@ from pipeline.settings import Settings
 from service.deps import EXTENSION, Deps
 from service.errors import ApiError, UnavailableError
 from service.health import health
+from service.metrics import EXTENSION as METRICS
+from service.metrics import WebMetrics, metrics_api
 from service.middleware import RequestObserver
 from service.receivers import connect_receivers
 from service.routes import api, json_response
@@ -46,6 +48,8 @@ def create_app(settings: Settings) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.register_blueprint(api)
     app.register_blueprint(health)
+    app.register_blueprint(metrics_api)
+    metrics = app.extensions[METRICS] = WebMetrics()
     connect_receivers(user_signed_up)
 
     @app.before_serving
@@ -65,7 +69,7 @@ def create_app(settings: Settings) -> Quart:
     app.register_error_handler(redis_errors.RedisError, _render_redis_error)
     app.register_error_handler(Exception, _render_unexpected)
     app.asgi_app = RequestObserver(  # type: ignore[method-assign]
-        app, app.asgi_app, access_log=settings.access_log
+        app, app.asgi_app, access_log=settings.access_log, observe=metrics.observe
     )
     return app
 

@@ -12,6 +12,7 @@ from quart import Blueprint, Response, current_app, request
 from pipeline.stats import read_stats
 from service.deps import deps
 from service.errors import ApiError, ConflictError
+from service.metrics import web_metrics
 from service.signals import emit, user_signed_up
 from service.users import NewUser, SignupJobs
 from service.validation import parse_body, validate_signup
@@ -49,7 +50,11 @@ async def signup() -> Response:
         email=user.email,
         created_at=user.created_at,
     )
-    taken = await deps().users.create(user, jobs, receiver_errors=failures)
+    if failures:
+        counter = web_metrics().receiver_errors
+        for name in failures:
+            counter.labels(name).inc()
+    taken = await deps().users.create(user, jobs, receiver_errors=len(failures))
     if taken is not None:
         raise ConflictError(taken)
     return json_response(

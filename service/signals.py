@@ -24,18 +24,19 @@ signals = Namespace()
 user_signed_up = signals.signal("user-signed-up", doc="A user signed up.")
 
 
-async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> int:
-    """Await every async receiver of ``signal`` for ``sender``; return how many raised."""
-    failures = 0
+async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> list[str]:
+    """Await every async receiver of ``signal`` for ``sender``; return the names of those that
+    raised (or were skipped for not being async)."""
+    failures: list[str] = []
     for receiver in signal.receivers_for(sender):
         if not iscoroutinefunction(receiver):
             logger.error("receiver %s of %r is not async; skipped", _name(receiver), signal.name)
-            failures += 1
+            failures.append(_name(receiver))
             continue
         try:
             await receiver(sender, **kwargs)
         except Exception:
-            failures += 1
+            failures.append(_name(receiver))
             logger.exception("receiver %s of %r raised", _name(receiver), signal.name)
     return failures
 

@@ -6,6 +6,7 @@ import logging
 import re
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,8 +21,17 @@ from pipeline.keys import Keys
 from pipeline.logs import JsonFormatter, TextFormatter
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.conftest import RedisServer, eventually
-from tests.processes import Child, admin, child_env, consumer_argv, request, web
+from tests.conftest import RedisServer, Samples, eventually, parse_metrics, scrape
+from tests.processes import (
+    Child,
+    admin,
+    child_env,
+    consumer_argv,
+    http,
+    push_emails,
+    request,
+    web,
+)
 
 Spawn = Callable[[list[str], dict[str, str]], Child]
 
@@ -228,3 +238,102 @@ async def test_the_access_line_names_the_request_and_can_be_turned_off(
         )
         fields = (record.method, record.path, record.status)  # type: ignore[attr-defined]
         assert fields == ("GET", "/users/nobody?x=%0Aforged", 404)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def sample(metrics: Samples, name: str, **labels: str) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_signups_move_the_outcome_counters_and_the_request_metrics(
+    client: QuartClient,
+) -> None:
+    before = await scrape(client)
+    assert sample(before, "signup_signups_total", outcome="created") == 0
+    body = {"username": "metric", "email": "metric@example.com"}
+    assert (await client.post("/signup", json=body)).status_code == 201
+    assert (await client.post("/signup", json=body)).status_code == 409
+    assert (await client.post("/signup", json={"username": "x"})).status_code == 422
+    after = await scrape(client)
+    for outcome, count in (("created", 1), ("conflict", 1), ("invalid", 1), ("unavailable", 0)):
+        assert sample(after, "signup_signups_total", outcome=outcome) == count, outcome
+    requests = "signup_http_requests_total"
+    assert sample(after, requests, route="/signup", method="POST", status="201") == 1
+    assert sample(after, requests, route="/signup", method="POST", status="409") == 1
+    assert sample(after, requests, route="/metrics", method="GET", status="200") == 1
+    histogram = "signup_http_request_duration_seconds_count"
+    assert sample(after, histogram, route="/signup") == 3
+    # The queues' gauges come from Redis: one signup's three jobs wait.
+    for queue in ("email", "marketing", "profile"):
+        assert sample(after, "signup_queue_depth", queue=queue) == 1
+        assert sample(after, "signup_dead_letters", queue=queue) == 0
+    assert sample(after, "signup_redis_up") == 1
+
+
+async def test_a_users_route_is_labelled_by_its_rule_not_its_path(client: QuartClient) -> None:
+    await client.get("/users/0123456789abcdef0123456789abcdef")
+    await client.get("/no/such/thing")
+    metrics = await scrape(client)
+    requests = "signup_http_requests_total"
+    assert sample(metrics, requests, route="/users/<user_id>", method="GET", status="404") == 1
+    assert sample(metrics, requests, route="<unmatched>", method="GET", status="404") == 1
+
+
+async def test_metrics_without_redis_still_answer_with_redis_up_0(
+    make_settings: Callable[..., Settings],
+) -> None:
+    app = create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    async with app.test_app() as test_app:
+        metrics = await scrape(test_app.test_client())
+    assert sample(metrics, "signup_redis_up") == 0
+    assert ("signup_queue_depth", (("queue", "email"),)) not in metrics
+
+
+async def test_metrics_are_summed_over_hypercorns_workers(
+    spawn: Spawn, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = child_env(redis_server, METRICS_DIR=str(tmp_path / "metrics"), ACCESS_LOG="false")
+    async with web(spawn, env, workers=2) as (port, _):
+        signups = 30
+        for i in range(signups):
+            body = {"username": f"worker{i}", "email": f"worker{i}@example.com"}
+            assert (await http(port, "POST", "/signup", body))[0] == 201
+        # Each scrape is a new connection, served by either worker: each must see all.
+        for _ in range(6):
+            status, _, text = await request(port, "GET", "/metrics")
+            assert status == 200
+            metrics = parse_metrics(text.decode())
+            assert sample(metrics, "signup_signups_total", outcome="created") == signups
+    (directory,) = (tmp_path / "metrics").iterdir()
+    assert len(list(directory.glob("counter_*.db"))) == 2  # one file per worker
+
+
+async def test_a_processed_job_moves_the_consumers_metrics(
+    spawn: Spawn, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
+) -> None:
+    port = free_port()
+    consumer = spawn(consumer_argv("--metrics-port", str(port)), child_env(redis_server))
+    await eventually(lambda: "consuming" in consumer.output(), what="the consumer to start")
+    await push_emails(redis, keys, 3)
+    await redis.lpush(keys.queue("email"), b"not a job")
+
+    async def scraped() -> Samples:
+        status, _, text = await request(port, "GET", "/metrics")
+        assert status == 200
+        return parse_metrics(text.decode())
+
+    async def all_finished() -> bool:
+        metrics = await scraped()
+        return (
+            sample(metrics, "signup_jobs_total", type="welcome_email", outcome="succeeded") == 3
+            and sample(metrics, "signup_jobs_total", type="unknown", outcome="dead_lettered") == 1
+        )
+
+    await eventually(all_finished, what="the jobs to be counted")
+    metrics = await scraped()
+    assert sample(metrics, "signup_job_queue_wait_seconds_count", queue="email") == 3
+    assert sample(metrics, "signup_job_run_seconds_count", type="welcome_email") == 3
+    assert sample(metrics, "signup_jobs_recovered_total", outcome="returned") == 0
+    assert (await request(port, "GET", "/other"))[0] == 404

@@ -22,7 +22,7 @@ from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.app import create_app
 from service.signals import user_signed_up
-from tests.conftest import eventually
+from tests.conftest import eventually, scrape
 
 JSON = {"Content-Type": "application/json"}
 
@@ -330,6 +330,9 @@ async def test_failing_receiver_is_isolated_logged_and_counted(
     for queue in ("email", "marketing", "profile"):
         assert await redis.llen(keys.queue(queue)) == 1
     assert int(await redis.hget(keys.stats, "receiver_errors")) == 2
+    metrics = await scrape(client)
+    assert metrics[("signup_receiver_errors_total", (("receiver", "broken_receiver"),))] == 1
+    assert metrics[("signup_receiver_errors_total", (("receiver", "sync_receiver"),))] == 1
     raised = [r for r in caplog.records if "broken_receiver" in r.getMessage()]
     assert raised and raised[0].exc_info is not None
     assert "receiver exploded" in caplog.text

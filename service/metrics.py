@@ -1,0 +1,154 @@
+"""The web app's Prometheus metrics and ``GET /metrics``.
+
+Counters and histograms are kept per hypercorn worker and summed across the workers by
+prometheus_client's multiprocess mode (``service`` turns it on, see
+:func:`pipeline.metrics.use_multiprocess_dir`); the queue gauges are read from Redis per scrape.
+Recording a request costs two label lookups in a dict and three increments: no Redis call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from quart import Blueprint, Response, current_app
+from redis.exceptions import RedisError
+
+from pipeline.metrics import REQUEST_BUCKETS, QueueCollector
+from pipeline.stats import dead_by_queue, read_stats
+from service.deps import deps
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "signup_metrics"
+SIGNUP_ROUTE = ("POST", "/signup")
+OUTCOMES = ("created", "conflict", "invalid", "unavailable", "error")
+
+
+def signup_outcome(status: int) -> str:
+    """What a ``POST /signup`` answered, as the ``outcome`` label."""
+    if status == 201:
+        return "created"
+    if status == 409:
+        return "conflict"
+    if status == 503:
+        return "unavailable"
+    if 400 <= status < 500:
+        return "invalid"
+    return "error"
+
+
+class WebMetrics:
+    """The web app's metrics, in their own registry (one per app, so tests start at zero)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "signup_http_requests",
+            "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "signup_http_request_duration_seconds",
+            "Time from a request's arrival at the app to its last byte sent, by route.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.signups = Counter(
+            "signup_signups",
+            "POST /signup answers by outcome: created, conflict, invalid, unavailable, error.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.receiver_errors = Counter(
+            "signup_receiver_errors",
+            "Receivers of user-signed-up that raised (the signup went on without them).",
+            ["receiver"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.signups.labels(outcome)
+        self._requests: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._outcomes: dict[int, Counter] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Record one answered request (the middleware calls this)."""
+        key = (route, method, status)
+        children = self._requests.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.duration.labels(route),
+            )
+            self._requests[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        if (method, route) == SIGNUP_ROUTE:
+            outcome = self._outcomes.get(status)
+            if outcome is None:
+                outcome = self._outcomes[status] = self.signups.labels(signup_outcome(status))
+            outcome.inc()
+
+    def collectors(self) -> list[Collector]:
+        """What a scrape reports of this app: every worker's counts in multiprocess mode,
+        else this process's."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            merged = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(merged, directory)  # type: ignore[no-untyped-call]
+            return [merged]
+        return [self.registry]
+
+
+def web_metrics() -> WebMetrics:
+    """The current app's metrics."""
+    found: WebMetrics = current_app.extensions[EXTENSION]
+    return found
+
+
+class _Combined(Collector):
+    def __init__(self, parts: list[Collector], redis_up: bool) -> None:
+        self._parts = parts
+        self._redis_up = redis_up
+
+    def collect(self) -> Iterable[Metric]:
+        for part in self._parts:
+            yield from part.collect()
+        yield GaugeMetricFamily(
+            "signup_redis_up",
+            "Whether this scrape could read the queues' state from Redis.",
+            value=int(self._redis_up),
+        )
+
+
+metrics_api = Blueprint("metrics", __name__)
+
+
+@metrics_api.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus text format: the app's counters and histograms, and the queues' gauges
+    (left out, with ``signup_redis_up 0``, when Redis cannot be read)."""
+    parts = web_metrics().collectors()
+    current = deps()
+    try:
+        stats = await read_stats(current.redis, current.keys)
+        stats["dead_by_queue"] = await dead_by_queue(
+            current.redis, current.keys, stats["dead_letter"]
+        )
+    except RedisError as exc:
+        logger.warning("metrics: queue gauges left out, Redis unavailable: %s", exc)
+        redis_up = False
+    else:
+        parts.append(QueueCollector(stats))
+        redis_up = True
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Combined(parts, redis_up))
+    return Response(generate_latest(registry), status=200, content_type=CONTENT_TYPE_LATEST)
