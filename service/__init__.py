@@ -9,6 +9,7 @@ keeps its metrics to itself.)
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from pipeline.errors import SettingsError
@@ -26,6 +27,12 @@ except SettingsError as exc:
 
 configure_logging(_settings.log_level, _settings.log_format)
 if is_spawned_worker():
+    # hypercorn's master alone decides when its workers stop (it tells them through an
+    # event, and they drain their requests in flight). Its SIGTERM to the workers still
+    # draining once the first has stopped (hypercorn 0.18), or a SIGTERM sent to every
+    # process of the group (Heroku, systemd), would otherwise cut those requests off. With
+    # ``daemon = false`` (hypercorn.toml) the master waits for them before exiting.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         use_multiprocess_dir(_settings.metrics_dir)
     except OSError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 import signal
 from collections.abc import Callable
@@ -337,3 +339,33 @@ async def test_a_processed_job_moves_the_consumers_metrics(
     assert sample(metrics, "signup_job_run_seconds_count", type="welcome_email") == 3
     assert sample(metrics, "signup_jobs_recovered_total", outcome="returned") == 0
     assert (await request(port, "GET", "/other"))[0] == 404
+
+
+# --- serving ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["master", "whole-group"])
+async def test_a_request_in_flight_at_sigterm_still_gets_its_201(
+    spawn: Spawn, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, to_group: bool
+) -> None:
+    """SIGTERM to hypercorn's master (docker stop), or to every process of the group (Heroku,
+    systemd), while a signup waits on Redis in one of two workers: it is answered 201."""
+    async with web(spawn, child_env(redis_server), workers=2) as (port, server):
+        # Hold writes for 0.8 s (below the web client's 1 s socket timeout): the signup's
+        # commit waits in Redis while SIGTERM arrives.
+        await redis.execute_command("CLIENT", "PAUSE", 800, "WRITE")
+        body = {"username": "inflight", "email": "inflight@example.com"}
+        answer = asyncio.create_task(request(port, "POST", "/signup", body))
+
+        async def commit_waiting() -> bool:
+            return int((await redis.info("clients"))["blocked_clients"]) >= 1
+
+        await eventually(commit_waiting, what="the signup's commit to wait in Redis")
+        if to_group:
+            os.killpg(server.process.pid, signal.SIGTERM)
+        else:
+            server.signal(signal.SIGTERM)
+        status, _, created = await asyncio.wait_for(answer, 10)
+        assert status == 201, created
+        assert await server.wait(30) == 0
+    assert await redis.hget(keys.user(created["user_id"]), "username") == b"inflight"
