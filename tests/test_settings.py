@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from pipeline.errors import SettingsError
@@ -129,3 +132,15 @@ def test_passwords_are_never_shown() -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"REDIS_URL": "redis://user:hunter2@host:notaport"})
     assert "hunter2" not in str(caught.value)
+
+
+def test_every_setting_is_in_the_readme_table_and_the_env_example() -> None:
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "pipeline" / "settings.py").read_text()
+    read = set(re.findall(r'_get\(\s*env,\s*"([A-Z_]+)"', source))
+    assert len(read) >= 25
+    readme = (root / "README.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z_]+)` \| ", readme, flags=re.MULTILINE))
+    example = set(re.findall(r"^# ([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
+    assert read <= table, read - table
+    assert table <= example, table - example
