@@ -112,6 +112,11 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("JOB_TIMEOUT", "forever"),
         ("RETRY_BASE_DELAY", "-1"),
         ("IDEMPOTENCY_TTL", "1"),
+        ("LOG_FORMAT", "xml"),
+        ("ACCESS_LOG", "maybe"),
+        ("METRICS_PORT", "0"),
+        ("METRICS_PORT", "http"),
+        ("METRICS_DIR", "/proc/1/no/such"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:
@@ -144,3 +149,15 @@ def test_every_setting_is_in_the_readme_table_and_the_env_example() -> None:
     example = set(re.findall(r"^# ([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
     assert read <= table, read - table
     assert table <= example, table - example
+
+
+def test_logging_and_metrics_settings() -> None:
+    settings = Settings.from_env(
+        {"LOG_FORMAT": "JSON", "ACCESS_LOG": "off", "METRICS_PORT": "9100", "METRICS_DIR": "m"}
+    )
+    assert (settings.log_format, settings.access_log, settings.metrics_port) == (
+        "json",
+        False,
+        9100,
+    )
+    assert settings.metrics_dir == str(Path("m").resolve())
