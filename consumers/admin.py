@@ -20,7 +20,7 @@ from pipeline.connections import web_client
 from pipeline.dead import DeadLetter, DeadLetters
 from pipeline.keys import QUEUES, Keys
 from pipeline.settings import Settings, redact_url
-from pipeline.stats import read_stats
+from pipeline.stats import read_stats, text
 
 PROG = "python -m consumers"
 
@@ -51,7 +51,7 @@ async def operate(settings: Settings, options: argparse.Namespace) -> int:
 async def _check(redis: aioredis.Redis, keys: Keys) -> int:
     """Exit 0 when at least one consumer holds a live lease (a container health check)."""
     registered = await redis.zrange(keys.consumers, 0, -1)
-    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in registered]
+    ids = [text(i) for i in registered]
     leases = await redis.mget([keys.lease(i) for i in ids]) if ids else []
     live = sum(lease is not None for lease in leases)
     if live:

@@ -200,6 +200,8 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
 
 #: Parses ``SHUTDOWN_GRACE_PERIOD`` and the consumer's ``--grace-period``.
 parse_grace_period = _seconds(0.0, 3600)
+#: Parses ``METRICS_PORT`` and the consumer's ``--metrics-port``: a TCP port to listen on.
+parse_port = _integer(1, 65535)
 
 
 def _redis_url(raw: str) -> str:
@@ -327,17 +329,6 @@ def _directory(raw: str) -> str:
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError("not a directory this process can create or write")
     return path
-
-
-def parse_port(raw: str) -> int:
-    """A TCP port to listen on, 1 to 65535."""
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError("expected a port number") from None
-    if not 1 <= value <= 65535:
-        raise ValueError("expected a port number from 1 to 65535")
-    return value
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}

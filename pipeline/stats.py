@@ -40,8 +40,9 @@ def _latency(samples: Sequence[bytes]) -> dict[str, Any]:
     }
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def text(value: object) -> str:
+    """A Redis reply as text (the clients here do not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def read_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
@@ -63,7 +64,7 @@ async def read_stats(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     delayed = replies[1 + len(QUEUES) : 1 + 2 * len(QUEUES)]
     dead, registered = replies[1 + 2 * len(QUEUES) : 3 + 2 * len(QUEUES)]
     latencies = replies[3 + 2 * len(QUEUES) :]
-    ids = [_text(i) for i in registered]
+    ids = [text(i) for i in registered]
 
     processing = dict.fromkeys(QUEUES, 0)
     consumers: list[dict[str, Any]] = []
