@@ -152,6 +152,11 @@ class Consumer:
     def consumer_id(self) -> str:
         return self._broker.consumer_id
 
+    @property
+    def metrics(self) -> ConsumerMetrics:
+        """This consumer's Prometheus metrics."""
+        return self._metrics
+
     async def run(self, stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set, then drain. ``force`` cuts the grace period short."""
         self._stop, self._force = stop, force or asyncio.Event()
@@ -306,7 +311,8 @@ class Consumer:
             return
         limit = self._settings.job_timeout.get(job.type, 30.0)
         started, clock = time.time(), time.monotonic()
-        self._metrics.waited(queue, max(0.0, started - job.enqueued_at))
+        wait = max(0.0, started - job.enqueued_at)
+        self._metrics.waited(queue, wait)
         task = asyncio.current_task()
         assert task is not None
         self._deadlines[task] = clock + limit
@@ -328,8 +334,6 @@ class Consumer:
             self._deadlines.pop(task, None)
             self._timed_out.discard(task)
         run = time.monotonic() - clock
-        if redis_down is None:
-            self._metrics.ran(job.type, run)
         if redis_down is not None:
             # Redis, not the job, failed: put the job back, not counting an attempt.
             logger.warning(
@@ -338,11 +342,12 @@ class Consumer:
             if await self._settle(job.id, lambda: self._broker.return_job(queue, raw)):
                 self._metrics.finished(job.type, "returned")
             return
+        self._metrics.ran(job.type, run)
         if failure is not None:
             await self._failed(queue, raw, job, *failure)
             return
         self._metrics.finished(job.type, "succeeded")
-        self._samples[queue].append((max(0.0, started - job.enqueued_at), run))
+        self._samples[queue].append((wait, run))
         if self._broker.mode == "at-least-once":
             self._acks[queue].append((raw, job.id))
 

@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import signal
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import values
 from quart.typing import TestClientProtocol as QuartClient
 
 from pipeline import logs
@@ -21,10 +24,12 @@ from pipeline.embedded_redis import free_port
 from pipeline.jobs import decode
 from pipeline.keys import Keys
 from pipeline.logs import JsonFormatter, TextFormatter
+from pipeline.metrics import use_multiprocess_dir
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.conftest import RedisServer, Samples, eventually, parse_metrics, scrape
 from tests.processes import (
+    ROOT,
     Child,
     admin,
     child_env,
@@ -369,3 +374,37 @@ async def test_a_request_in_flight_at_sigterm_still_gets_its_201(
         assert status == 201, created
         assert await server.wait(30) == 0
     assert await redis.hget(keys.user(created["user_id"]), "username") == b"inflight"
+
+
+def test_metrics_dirs_of_masters_that_are_gone_are_removed(tmp_path: Path) -> None:
+    gone = tmp_path / "web-999999999-1"  # no such pid
+    reused = tmp_path / f"web-{os.getpid()}-0"  # a live pid, but started at another time
+    gone.mkdir()
+    reused.mkdir()
+    try:
+        mine = Path(use_multiprocess_dir(str(tmp_path)))
+    finally:
+        # This test process goes back to keeping its metrics to itself.
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    assert mine.parent == tmp_path and mine.name.startswith(f"web-{os.getpid()}-")
+    assert mine != reused
+    assert sorted(tmp_path.iterdir()) == [mine]
+
+
+def test_a_metrics_port_in_use_is_one_line(redis_server: RedisServer) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            consumer_argv("--metrics-port", str(port)),
+            env=child_env(redis_server),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"python -m consumers: error: cannot serve metrics on port {port}: ")

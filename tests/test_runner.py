@@ -21,7 +21,7 @@ from pipeline.keys import Keys
 from pipeline.queue import Broker, DirectQueue
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
-from tests.conftest import eventually
+from tests.conftest import eventually, parse_metrics
 
 
 @dataclass
@@ -757,3 +757,45 @@ async def test_after_an_outage_the_sweeper_first_lets_live_consumers_renew(
         stop.set()
         await asyncio.wait_for(task, 10)
         await client.aclose()
+
+
+def _count(consumer: Consumer, name: str, **labels: str) -> float:
+    metrics = parse_metrics(consumer.metrics.exposition().decode())
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_retries_and_dead_letters_are_counted_by_outcome(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    _calls.clear()
+    await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    running = await start_consumer({"welcome_email": failing}, env={"JOB_MAX_ATTEMPTS": "3"})  # type: ignore[operator]
+    await eventually(lambda: _llen(redis, keys.dead, 1), what="a dead letter")
+    consumer = running.consumer
+    await eventually(
+        lambda: (
+            _count(consumer, "signup_jobs_total", type="welcome_email", outcome="dead_lettered")
+            == 1
+        ),
+        what="the dead letter to be counted",
+    )
+    jobs = "signup_jobs_total"
+    assert _count(consumer, jobs, type="welcome_email", outcome="retried") == 2
+    assert _count(consumer, jobs, type="welcome_email", outcome="succeeded") == 0
+    assert _count(consumer, "signup_job_run_seconds_count", type="welcome_email") == 3
+    assert _count(consumer, "signup_job_queue_wait_seconds_count", queue="email") == 3
+
+
+async def test_jobs_recovered_from_a_dead_consumer_are_counted(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    dead = Broker(redis, keys, consumer_id="dead-2")
+    await dead.heartbeat(0.05, {})
+    await DirectQueue(redis, keys).push("welcome_email", {"email": "first@example.com"})
+    assert await dead.fetch("email", 1) is not None
+    await eventually(lambda: _exists(redis, keys.lease("dead-2"), 0), what="the lease to expire")
+    running = await start_consumer({"welcome_email": held_email}, {"email": 1})  # type: ignore[operator]
+    await eventually(lambda: len(GATE.finished) == 1, what="the recovered job")
+    consumer = running.consumer
+    assert _count(consumer, "signup_jobs_recovered_total", outcome="returned") == 1
+    assert _count(consumer, "signup_jobs_recovered_total", outcome="dead_lettered") == 0
