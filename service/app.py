@@ -18,6 +18,7 @@ from service.health import health
 from service.metrics import EXTENSION as METRICS
 from service.metrics import WebMetrics, metrics_api
 from service.middleware import RequestObserver
+from service.openapi import document_api
 from service.receivers import connect_receivers
 from service.routes import api, json_response
 from service.signals import user_signed_up
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> Quart:
     app.register_blueprint(health)
     app.register_blueprint(metrics_api)
     metrics = app.extensions[METRICS] = WebMetrics()
+    document_api(app)
     connect_receivers(user_signed_up)
 
     @app.before_serving

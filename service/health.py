@@ -9,6 +9,7 @@ from quart import Blueprint, Response
 from redis.exceptions import RedisError
 
 from service.deps import deps
+from service.openapi import Live, NotReady, Ready, responses
 from service.routes import json_response
 
 logger = logging.getLogger(__name__)
@@ -20,12 +21,14 @@ READY_TIMEOUT = 1.0
 
 
 @health.get("/healthz")
+@responses((200, Live))
 async def healthz() -> Response:
     """Liveness: the process answers. No Redis call, so a Redis outage never restarts us."""
     return json_response({"status": "ok"})
 
 
 @health.get("/readyz")
+@responses((200, Ready), (503, NotReady))
 async def readyz() -> Response:
     """Readiness: 200 when Redis answers PING within a second, else 503 with the reason."""
     try:

@@ -18,6 +18,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from quart import Blueprint, Response, current_app
+from quart_schema import hide
 from redis.exceptions import RedisError
 
 from pipeline.metrics import REQUEST_BUCKETS, QueueCollector
@@ -133,6 +134,7 @@ metrics_api = Blueprint("metrics", __name__)
 
 
 @metrics_api.get("/metrics")
+@hide  # Prometheus text, not JSON: described in the README, left out of /openapi.json.
 async def metrics() -> Response:
     """Prometheus text format: the app's counters and histograms, and the queues' gauges
     (left out, with ``signup_redis_up 0``, when Redis cannot be read)."""

@@ -8,11 +8,26 @@ from typing import Any, cast
 
 import orjson
 from quart import Blueprint, Response, current_app, request
+from quart_schema import document_request, operation_id
 
 from pipeline.stats import read_stats
 from service.deps import deps
 from service.errors import ApiError, ConflictError
 from service.metrics import web_metrics
+from service.openapi import (
+    Conflict,
+    Invalid,
+    MalformedBody,
+    NotFound,
+    SignupCreated,
+    SignupRequest,
+    Stats,
+    TooLarge,
+    Unavailable,
+    UnsupportedMediaType,
+    User,
+    responses,
+)
 from service.signals import emit, user_signed_up
 from service.users import NewUser, SignupJobs
 from service.validation import parse_body, validate_signup
@@ -26,8 +41,23 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 @api.post("/signup")
+@operation_id("signup")
+@document_request(SignupRequest)
+@responses(
+    (201, SignupCreated),
+    (400, MalformedBody),
+    (409, Conflict),
+    (413, TooLarge),
+    (415, UnsupportedMediaType),
+    (422, Invalid),
+    (503, Unavailable),
+)
 async def signup() -> Response:
-    """Create a user, emit ``user-signed-up``, commit the user with the receivers' jobs."""
+    """Sign a user up.
+
+    Creates the user and emits ``user-signed-up``; the receivers queue its follow-up jobs,
+    which are written with the user in one step, or not at all.
+    """
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
     fields = validate_signup(
         parse_body(request.mimetype, request.mimetype_params.get("charset"), body)
@@ -63,6 +93,8 @@ async def signup() -> Response:
 
 
 @api.get("/users/<user_id>")
+@operation_id("user")
+@responses((200, User), (404, NotFound), (503, Unavailable))
 async def get_user(user_id: str) -> Response:
     """A user with its profile (null until generated)."""
     found = await deps().users.get(user_id)
@@ -72,6 +104,8 @@ async def get_user(user_id: str) -> Response:
 
 
 @api.get("/stats")
+@operation_id("stats")
+@responses((200, Stats), (503, Unavailable))
 async def stats() -> Response:
     """Counters, queue depths, jobs held and waiting to be retried, dead letters, the number
     of live consumers, and recent queue-wait and run-time percentiles per queue."""

@@ -1,0 +1,309 @@
+"""The HTTP API described for OpenAPI: its models, and ``/openapi.json`` and ``/docs``.
+
+The models document the API; they do not validate it. Requests are parsed and checked by
+``service.validation`` (so a bad signup keeps its 422 body naming each field), and the views
+build their JSON with orjson. ``tests/test_openapi.py`` decodes real responses with these
+models, so the document cannot drift from what the API answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from quart import Quart
+from quart_schema import DataSource, Info, QuartSchema
+from quart_schema.openapi import OpenAPIProvider
+from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
+from werkzeug.routing import Rule
+
+from service.validation import EMAIL_MAX, FORM_TYPE, JSON_TYPE, USERNAME_MAX, USERNAME_MIN
+
+F = TypeVar("F", bound=Callable[..., Any])
+REF_TEMPLATE = "#/components/schemas/{name}"
+
+Message = Annotated[str, msgspec.Meta(description="What went wrong, for a person to read.")]
+REQUEST_ID_PARAMETER = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "description": "Your id for the request, echoed in `X-Request-ID` and carried into the "
+    "logs of the jobs it causes. Ignored unless it is 1 to 128 of letters, digits and "
+    "`. _ : / + = -`.",
+    "schema": {"type": "string"},
+}
+REQUEST_ID_HEADER = {
+    "required": True,
+    "description": "The request's id: the client's own `X-Request-ID` if it is sane "
+    "(1 to 128 of letters, digits and `. _ : / + = -`), else a generated one.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:/+=-]{1,128}$"},
+}
+
+
+class Struct(msgspec.Struct, forbid_unknown_fields=True):
+    """A model whose JSON has exactly these fields."""
+
+
+# Requests.
+
+
+class SignupRequest(Struct):
+    """A signup, as JSON or as a URL-encoded form (UTF-8)."""
+
+    username: Annotated[
+        str,
+        msgspec.Meta(
+            description=f"{USERNAME_MIN} to {USERNAME_MAX} letters, digits, '_', '.' or '-' "
+            "(Unicode letters and combining marks count as letters), counted after NFKC "
+            "normalisation. Stored NFKC-normalised with its case kept; unique ignoring case "
+            "and Unicode width."
+        ),
+    ]
+    email: Annotated[
+        str,
+        msgspec.Meta(
+            description=f"A valid address of at most {EMAIL_MAX} characters (syntax only, no "
+            "DNS). Unique ignoring case and Unicode width."
+        ),
+    ]
+
+
+# Successful responses.
+
+
+class SignupCreated(Struct):
+    """The user was created, and its welcome email, marketing-list update and profile are
+    queued."""
+
+    user_id: Annotated[str, msgspec.Meta(description="32 hexadecimal digits.")]
+    username: Annotated[str, msgspec.Meta(description="As stored (NFKC-normalised).")]
+    email: Annotated[str, msgspec.Meta(description="As stored (the domain lower-cased).")]
+
+
+class Profile(Struct):
+    """A generated profile."""
+
+    display_name: str
+    initials: str
+    avatar_url: str
+    created_at: Annotated[str, msgspec.Meta(description="ISO 8601, UTC.")]
+
+
+class User(Struct):
+    """The user, with its profile (null until a consumer has generated it)."""
+
+    user_id: str
+    username: str
+    email: str
+    created_at: Annotated[float, msgspec.Meta(description="Unix time, in seconds.")]
+    profile: Profile | None
+
+
+class Percentiles(Struct):
+    """Nearest-rank percentiles in milliseconds; null before any sample."""
+
+    p50: float | None
+    p99: float | None
+
+
+class Latency(Struct):
+    """One queue's recent jobs (its last 1000)."""
+
+    samples: int
+    wait_ms: Annotated[
+        Percentiles,
+        msgspec.Meta(description="From enqueue (or a retry falling due) to the start of the run."),
+    ]
+    run_ms: Percentiles
+
+
+Counts = Annotated[dict[str, int], msgspec.Meta(description="By queue: email, marketing, profile.")]
+
+
+class Stats(Struct):
+    """Counters, queue depths, jobs held and waiting to be retried, dead letters, live
+    consumers and recent latency per queue."""
+
+    users: int
+    emails_sent: int
+    marketing_list_updates: int
+    profiles_generated: int
+    receiver_errors: int
+    queues: Annotated[Counts, msgspec.Meta(description="Jobs waiting, by queue.")]
+    processing: Annotated[Counts, msgspec.Meta(description="Jobs held by consumers, by queue.")]
+    delayed: Annotated[Counts, msgspec.Meta(description="Jobs waiting for a retry, by queue.")]
+    dead_letter: int
+    consumers: Annotated[int, msgspec.Meta(description="Consumers holding a live lease.")]
+    latency: dict[str, Latency]
+
+
+class Live(Struct):
+    """The process answers (no Redis call)."""
+
+    status: Literal["ok"]
+
+
+class Ready(Struct):
+    """Redis answered PING within a second."""
+
+    status: Literal["ready"]
+
+
+# Error responses: every one is {"error": code, "message": text, ...details}.
+
+
+class MalformedBody(Struct):
+    """The body is not JSON, not UTF-8, not a JSON object, nested too deep, or a malformed
+    form."""
+
+    error: Literal["malformed_body"]
+    message: Message
+
+
+class NotFound(Struct):
+    """No such user (or no such resource)."""
+
+    error: Literal["not_found"]
+    message: Message
+
+
+class Conflict(Struct):
+    """The username or the email is already taken; nothing was written."""
+
+    error: Literal["conflict"]
+    message: Message
+    field: Literal["username", "email"]
+
+
+class TooLarge(Struct):
+    """The body is larger than MAX_BODY_BYTES."""
+
+    error: Literal["request_entity_too_large"]
+    message: Message
+
+
+class UnsupportedMediaType(Struct):
+    """The content type is neither JSON nor a URL-encoded form, or the charset is not
+    UTF-8."""
+
+    error: Literal["unsupported_media_type"]
+    message: Message
+
+
+class Invalid(Struct):
+    """Fields are missing, of the wrong type, invalid, given twice or unknown."""
+
+    error: Literal["validation"]
+    message: Message
+    fields: Annotated[dict[str, str], msgspec.Meta(description="Field name -> what is wrong.")]
+
+
+class Unavailable(Struct):
+    """Redis is unreachable, timed out or refusing writes. Nothing was saved; retry after
+    Retry-After seconds."""
+
+    error: Literal["unavailable"]
+    message: Message
+
+
+class RetryAfter(Struct):
+    """Response headers of a 503."""
+
+    retry_after: Annotated[int, msgspec.Meta(description="Seconds to wait before retrying.")]
+
+
+class NotReady(Struct):
+    """Redis did not answer PING within a second; `message` says why."""
+
+    error: Literal["not_ready"]
+    message: Message
+
+
+def responses(*documented: tuple[int, type[Struct]]) -> Callable[[F], F]:
+    """Document a view's responses by status (a 503 :class:`Unavailable` with its
+    Retry-After header)."""
+
+    def decorator(func: F) -> F:
+        found: dict[int, tuple[type[Struct], type[Struct] | None]] = {}
+        for status, model in documented:
+            found[status] = (model, RetryAfter if model is Unavailable else None)
+        setattr(func, QUART_SCHEMA_RESPONSE_ATTRIBUTE, found)
+        return func
+
+    return decorator
+
+
+def _nested(model: type[Any]) -> dict[str, Any]:
+    """The schemas of the models ``model`` refers to. (quart-schema 0.25 drops them with
+    msgspec, leaving dangling ``$ref``s: pgjones/quart-schema#117.)"""
+    _, components = msgspec.json.schema_components([model], ref_template=REF_TEMPLATE)
+    components.pop(model.__name__, None)  # inlined where it is used
+    return components
+
+
+class _Provider(OpenAPIProvider):
+    """quart-schema's document, fixed and completed for this API."""
+
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every operation takes an optional ``X-Request-ID``; descriptions are trimmed."""
+        paths, components = super().build_paths(rule)
+        for operations in paths.values():
+            for operation in operations.values():
+                operation["parameters"] = [*operation["parameters"], REQUEST_ID_PARAMETER]
+                description = operation.pop("description", "").strip()
+                if description:
+                    operation["description"] = description
+        return paths, components
+
+    def build_request_body(
+        self, model: type[Any], source: DataSource
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A signup is JSON or a URL-encoded form, with the same fields."""
+        body, definitions = super().build_request_body(model, source)
+        content = body["content"]
+        content[FORM_TYPE] = content[JSON_TYPE]
+        body["required"] = True
+        return body, {**definitions, **_nested(model)}
+
+    def build_response_object(
+        self, model: type[Any], headers_model: type[Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Response headers where OpenAPI wants them: beside ``content``, not in it as
+        quart-schema 0.25 puts them, and ``X-Request-ID`` on every response."""
+        response, definitions = super().build_response_object(model, headers_model)
+        definitions = {**definitions, **_nested(model)}
+        response["headers"] = {"X-Request-ID": REQUEST_ID_HEADER}
+        for name, header in response["content"].pop("headers", {}).items():
+            schema = dict(header["schema"])
+            response["headers"][name.title()] = {
+                "description": schema.pop("description", ""),
+                "required": True,
+                "schema": schema,
+            }
+        return response, definitions
+
+
+def document_api(app: Quart) -> None:
+    """Serve ``/openapi.json`` and Swagger UI at ``/docs`` (which loads its script from a
+    CDN, as a browser page)."""
+    schema = QuartSchema(
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        info=Info(
+            title="Signup service",
+            version="0.1.0",
+            description="Sign a user up; a welcome email, a marketing-list update and a "
+            "profile follow through Redis queues. Every error is JSON: "
+            '`{"error": code, "message": text, ...details}`.',
+        ),
+        conversion_preference="msgspec",
+        openapi_provider_class=_Provider,
+    )
+    # The views return finished Responses, so quart-schema's make_response wrapper (which
+    # turns returned models into JSON) would only cost every request its checks.
+    make_response = app.make_response
+    schema.init_app(app)
+    app.make_response = make_response  # type: ignore[method-assign]
