@@ -154,6 +154,11 @@ def render(summary: dict[str, Any]) -> str:
     ]
     if summary["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in summary["errors"].items()))
+    if "429" in summary["status_codes"]:
+        lines.append(
+            "429: the service's rate limit per client address (RATE_LIMIT) refused signups; "
+            "load-test a service started with RATE_LIMIT=off"
+        )
     if summary.get("unfinished"):
         lines.append(f"unfinished when the run ended: {summary['unfinished']:,}")
     pipeline = summary.get("pipeline")

@@ -77,6 +77,11 @@ class Keys:
         """The liveness lease of consumer ``consumer_id``: a key that expires unless renewed."""
         return f"{self.prefix}:lease:{consumer_id}"
 
+    def rate(self, client: str) -> str:
+        """The rate limit's state for one client address (as ``service.clients`` writes it,
+        never raw header text): when its next signup is due, in Redis milliseconds."""
+        return f"{self.prefix}:rate:{client}"
+
     def done(self, job_id: str) -> str:
         """The marker saying job ``job_id``'s effect has happened."""
         return f"{self.prefix}:done:{job_id}"

@@ -7,6 +7,7 @@ whose message is one line naming the variable and the value.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -34,6 +35,20 @@ _SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
     "smtps": ("tls", 465),
 }
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
+RateLimitFailure = Literal["open", "closed"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``count`` signups per ``period`` seconds from one client address, ``count`` of
+    them at once (``RATE_LIMIT=count/period``)."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,9 @@ class Settings:
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "signup-metrics")
     )
     metrics_port: int | None = None
+    rate_limit: RateLimit | None = RateLimit(10, 60.0)
+    rate_limit_failure: RateLimitFailure = "closed"
+    trusted_proxies: tuple[Network, ...] = ()
 
     def __repr__(self) -> str:
         # Never print a password: the URL is shown with its credentials masked.
@@ -150,6 +168,11 @@ class Settings:
             access_log=_get(env, "ACCESS_LOG", _boolean, defaults.access_log),
             metrics_dir=_get(env, "METRICS_DIR", _directory, defaults.metrics_dir),
             metrics_port=_get(env, "METRICS_PORT", parse_port, None),
+            rate_limit=_get(env, "RATE_LIMIT", _rate_limit, defaults.rate_limit),
+            rate_limit_failure=_get(
+                env, "RATE_LIMIT_FAILURE", _rate_limit_failure, defaults.rate_limit_failure
+            ),
+            trusted_proxies=_get(env, "TRUSTED_PROXIES", _networks, defaults.trusted_proxies),
         )
 
 
@@ -329,6 +352,37 @@ def _directory(raw: str) -> str:
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError("not a directory this process can create or write")
     return path
+
+
+def _rate_limit(raw: str) -> RateLimit | None:
+    if raw.lower() in {"off", "0"}:
+        return None
+    count, slash, period = raw.partition("/")
+    try:
+        limit = RateLimit(int(count), float(period))
+    except ValueError:
+        raise ValueError("expected COUNT/SECONDS, such as 10/60, or off") from None
+    if not slash or not 1 <= limit.count <= 1_000_000 or not 1 <= limit.period <= 86_400:
+        raise ValueError("expected COUNT/SECONDS with COUNT 1 to 1000000 and SECONDS 1 to 86400")
+    return limit
+
+
+def _rate_limit_failure(raw: str) -> RateLimitFailure:
+    if raw.lower() not in {"open", "closed"}:
+        raise ValueError("expected open or closed")
+    return "open" if raw.lower() == "open" else "closed"
+
+
+def _networks(raw: str) -> tuple[Network, ...]:
+    found = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        try:
+            found.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not an IP address or network") from None
+    return tuple(found)
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}

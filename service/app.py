@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from pipeline.connections import web_client
 from pipeline.keys import Keys
 from pipeline.settings import Settings
+from service.clients import ClientResolver
 from service.deps import EXTENSION, Deps
 from service.errors import ApiError, UnavailableError
 from service.health import health
@@ -58,7 +59,9 @@ def create_app(settings: Settings) -> Quart:
     async def open_redis() -> None:
         client = web_client(settings)
         keys = Keys(settings.key_prefix)
-        app.extensions[EXTENSION] = Deps(settings, keys, client, UserStore(client, keys))
+        users = UserStore(client, keys, settings.rate_limit, settings.rate_limit_failure)
+        clients = ClientResolver(settings.trusted_proxies)
+        app.extensions[EXTENSION] = Deps(settings, keys, client, users, clients)
 
     @app.after_serving
     async def close_redis() -> None:

@@ -1,4 +1,5 @@
-"""What a serving app holds: its settings, keys, Redis client and user store."""
+"""What a serving app holds: its settings, keys, Redis client, user store and the resolver
+of client addresses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from quart import current_app
 
 from pipeline.keys import Keys
 from pipeline.settings import Settings
+from service.clients import ClientResolver
 from service.users import UserStore
 
 EXTENSION = "signup"
@@ -22,6 +24,7 @@ class Deps:
     keys: Keys
     redis: aioredis.Redis
     users: UserStore
+    clients: ClientResolver
 
 
 def deps() -> Deps:

@@ -44,6 +44,20 @@ class ConflictError(ApiError):
         super().__init__(409, "conflict", f"that {field} is already taken", field=field)
 
 
+class RateLimitedError(ApiError):
+    """429: this client has signed up too often; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        retry_after = max(1, retry_after)
+        super().__init__(
+            429,
+            "rate_limited",
+            f"too many signups from your address; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
+        )
+
+
 class UnavailableError(ApiError):
     """503: Redis could not be reached in time. Nothing was written; retry."""
 

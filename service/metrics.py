@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 EXTENSION = "signup_metrics"
 SIGNUP_ROUTE = ("POST", "/signup")
-OUTCOMES = ("created", "conflict", "invalid", "unavailable", "error")
+OUTCOMES = ("created", "conflict", "invalid", "rate_limited", "unavailable", "error")
 
 
 def signup_outcome(status: int) -> str:
@@ -38,6 +38,8 @@ def signup_outcome(status: int) -> str:
         return "created"
     if status == 409:
         return "conflict"
+    if status == 429:
+        return "rate_limited"
     if status == 503:
         return "unavailable"
     if 400 <= status < 500:

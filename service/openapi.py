@@ -199,6 +199,15 @@ class Invalid(Struct):
     fields: Annotated[dict[str, str], msgspec.Meta(description="Field name -> what is wrong.")]
 
 
+class RateLimited(Struct):
+    """Too many signups from this client address (RATE_LIMIT); nothing was written. Retry
+    after Retry-After seconds."""
+
+    error: Literal["rate_limited"]
+    message: Message
+    retry_after: Annotated[int, msgspec.Meta(ge=1, description="Seconds, as in Retry-After.")]
+
+
 class Unavailable(Struct):
     """Redis is unreachable, timed out or refusing writes. Nothing was saved; retry after
     Retry-After seconds."""
@@ -208,7 +217,7 @@ class Unavailable(Struct):
 
 
 class RetryAfter(Struct):
-    """Response headers of a 503."""
+    """Response headers of a 429 or a 503."""
 
     retry_after: Annotated[int, msgspec.Meta(description="Seconds to wait before retrying.")]
 
@@ -221,13 +230,12 @@ class NotReady(Struct):
 
 
 def responses(*documented: tuple[int, type[Struct]]) -> Callable[[F], F]:
-    """Document a view's responses by status (a 503 :class:`Unavailable` with its
-    Retry-After header)."""
+    """Document a view's responses by status (a 429 or 503 with its Retry-After header)."""
 
     def decorator(func: F) -> F:
         found: dict[int, tuple[type[Struct], type[Struct] | None]] = {}
         for status, model in documented:
-            found[status] = (model, RetryAfter if model is Unavailable else None)
+            found[status] = (model, RetryAfter if status in (429, 503) else None)
         setattr(func, QUART_SCHEMA_RESPONSE_ATTRIBUTE, found)
         return func
 

@@ -12,13 +12,14 @@ from quart_schema import document_request, operation_id
 
 from pipeline.stats import read_stats
 from service.deps import deps
-from service.errors import ApiError, ConflictError
+from service.errors import ApiError
 from service.metrics import web_metrics
 from service.openapi import (
     Conflict,
     Invalid,
     MalformedBody,
     NotFound,
+    RateLimited,
     SignupCreated,
     SignupRequest,
     Stats,
@@ -50,6 +51,7 @@ def json_response(body: Any, status: int = 200) -> Response:
     (413, TooLarge),
     (415, UnsupportedMediaType),
     (422, Invalid),
+    (429, RateLimited),
     (503, Unavailable),
 )
 async def signup() -> Response:
@@ -84,9 +86,10 @@ async def signup() -> Response:
         counter = web_metrics().receiver_errors
         for name in failures:
             counter.labels(name).inc()
-    taken = await deps().users.create(user, jobs, receiver_errors=len(failures))
-    if taken is not None:
-        raise ConflictError(taken)
+    current = deps()
+    peer = request.scope.get("client")
+    client = current.clients(peer[0] if peer else None, request.headers.getlist("X-Forwarded-For"))
+    await current.users.create(user, jobs, receiver_errors=len(failures), client=client)
     return json_response(
         {"user_id": user.user_id, "username": user.username, "email": user.email}, 201
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +21,37 @@ from pipeline.batching import ScriptBatcher
 from pipeline.jobs import Job, new_job
 from pipeline.keys import Keys
 from pipeline.queue import queue_for
+from pipeline.settings import RateLimit, RateLimitFailure
+from service.errors import ConflictError, RateLimitedError, UnavailableError
 
 logger = logging.getLogger(__name__)
 _USER_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
-# KEYS: username claims, email claims, user hash, stats hash, then one queue key per job.
+# KEYS: username claims, email claims, user hash, stats hash, the client's rate-limit key,
+#       then one queue key per job.
 # ARGV: username claim, email claim, user id, username, email, created_at, receiver errors,
-#       then one encoded job per queue key, in the same order.
-# Returns "ok", or the name of the field whose claim is taken (nothing written then).
+#       rate limit count (0: no limit), rate limit period (ms), "open" or "closed" (what to do
+#       when the limit's state cannot be read), then one encoded job per queue key, in order.
+# Returns "ok"; "retry <ms>" when the client is over its limit; "limiter" when the limit's
+# state cannot be read and the limit fails closed; or the name of the field whose claim is
+# taken. Only "ok" writes the signup. The limit is a GCRA (a token bucket kept as one
+# number): the key holds when the client's next signup is due; "count" may come at once,
+# then one every period/count. Each signup that reaches the script counts, a conflict too.
 _CREATE_USER = """
+local count = tonumber(ARGV[8])
+if count > 0 then
+  local stored = redis.pcall('GET', KEYS[5])
+  if type(stored) == 'table' and stored.err then
+    if ARGV[10] ~= 'open' then return 'limiter' end
+  else
+    local period = tonumber(ARGV[9])
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local due = math.max(tonumber(stored) or now, now) + period / count
+    if due - now > period then return 'retry ' .. math.ceil(due - now - period) end
+    redis.call('SET', KEYS[5], string.format('%.0f', due), 'PX', math.ceil(due - now))
+  end
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'username' end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'email' end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
@@ -37,7 +60,7 @@ redis.call('HSET', KEYS[3], 'id', ARGV[3], 'username', ARGV[4], 'email', ARGV[5]
            'created_at', ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'users', 1)
 if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[4], 'receiver_errors', ARGV[7]) end
-for i = 5, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 3]) end
+for i = 6, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 5]) end
 return 'ok'
 """
 
@@ -77,20 +100,42 @@ def _log_orphaned_failure(commit: asyncio.Future[Any]) -> None:
 class UserStore:
     """Users and their profiles under one key prefix."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        rate_limit: RateLimit | None = None,
+        rate_limit_failure: RateLimitFailure = "closed",
+    ) -> None:
         self._redis = redis
         self._keys = keys
         # Signups that reach their commit in the same loop tick share one round trip.
         self._create = ScriptBatcher(redis, _CREATE_USER)
+        self._limit = (
+            [rate_limit.count, round(rate_limit.period * 1000)] if rate_limit else [0, 0]
+        ) + [rate_limit_failure]
 
-    async def create(self, user: NewUser, jobs: SignupJobs, receiver_errors: int) -> str | None:
-        """Commit the user with its jobs. Return None, or the field whose claim is taken.
+    async def create(
+        self, user: NewUser, jobs: SignupJobs, receiver_errors: int, client: str
+    ) -> None:
+        """Commit the user with its jobs, counting the signup against ``client``'s rate limit.
+
+        Raises :class:`ConflictError` when the username or email is taken,
+        :class:`RateLimitedError` when ``client`` is over its limit, and
+        :class:`UnavailableError` when the limit's state cannot be read and it fails closed;
+        then nothing of the signup was written.
 
         The script is shielded from cancellation: a client that disconnects mid-request
         cannot cut the commit short, so the signup is either written whole or not at all.
         """
         keys = self._keys
-        script_keys = [keys.username_claims, keys.email_claims, keys.user(user.user_id), keys.stats]
+        script_keys = [
+            keys.username_claims,
+            keys.email_claims,
+            keys.user(user.user_id),
+            keys.stats,
+            keys.rate(client),
+        ]
         script_keys += [keys.queue(queue) for queue, _ in jobs.queued]
         args: list[Any] = [
             user.username_claim,
@@ -100,12 +145,20 @@ class UserStore:
             user.email,
             repr(user.created_at),
             receiver_errors,
+            *self._limit,
         ]
         args += [job.encode() for _, job in jobs.queued]
         commit = self._create(script_keys, args)
         commit.add_done_callback(_log_orphaned_failure)
-        result = await asyncio.shield(commit)
-        return None if result == b"ok" else bytes(result).decode()
+        result = bytes(await asyncio.shield(commit))
+        if result == b"ok":
+            return
+        if result.startswith(b"retry "):
+            raise RateLimitedError(math.ceil(int(result[6:]) / 1000))
+        if result == b"limiter":
+            logger.warning("the rate limit's state for %s cannot be read; failing closed", client)
+            raise UnavailableError()
+        raise ConflictError(result.decode())
 
     async def get(self, user_id: str) -> dict[str, Any] | None:
         """The user with its profile (None while not yet generated), or None if unknown."""

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.conftest import RedisServer, eventually
+from tests.conftest import TEST_RATE_LIMIT, RedisServer, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,8 @@ def child_env(redis_server: RedisServer, **extra: str) -> dict[str, str]:
         k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))
     }
     env.update({"REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
+    # Every signup of the suite comes from 127.0.0.1: a limit that counts them but never bites.
+    env["RATE_LIMIT"] = TEST_RATE_LIMIT
     env.update(extra)
     return env
 

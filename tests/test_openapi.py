@@ -63,7 +63,7 @@ async def test_openapi_document_describes_the_api(client: QuartClient) -> None:
     body = signup["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["username", "email"]
     assert body["additionalProperties"] is False
-    assert set(signup["responses"]) == {"201", "400", "409", "413", "415", "422", "503"}
+    assert set(signup["responses"]) == {"201", "400", "409", "413", "415", "422", "429", "503"}
     invalid = signup["responses"]["422"]["content"]["application/json"]["schema"]
     assert invalid["required"] == ["error", "message", "fields"]
     assert signup["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
@@ -180,3 +180,12 @@ async def test_hypercorn_serves_the_document_and_the_docs(
         assert status == 200
         assert headers["content-type"].startswith("text/html")
         assert b"/openapi.json" in page
+
+
+async def test_a_429_matches_its_documented_model(make_settings: Any, redis: Any) -> None:
+    app = create_app(make_settings({"RATE_LIMIT": "1/60"}))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        for n, status in enumerate([201, 429]):
+            body = orjson.dumps({"username": f"user{n}", "email": f"u{n}@example.com"})
+            await check(app, client, "POST", "/signup", status, data=body, headers=JSON)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SettingsError
-from pipeline.settings import Settings, SmtpConfig
+from pipeline.settings import RateLimit, Settings, SmtpConfig
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -24,6 +24,8 @@ def test_defaults_from_an_empty_environment() -> None:
     assert set(settings.job_timeout.values()) == {30.0}
     assert (settings.retry_base_delay, settings.retry_max_delay) == (1.0, 300.0)
     assert settings.idempotency_ttl == 86_400
+    assert settings.rate_limit == RateLimit(10, 60.0)
+    assert (settings.rate_limit_failure, settings.trusted_proxies) == ("closed", ())
 
 
 def test_delivery_settings_are_parsed() -> None:
@@ -117,6 +119,13 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("METRICS_PORT", "0"),
         ("METRICS_PORT", "http"),
         ("METRICS_DIR", "/proc/1/no/such"),
+        ("RATE_LIMIT", "10"),
+        ("RATE_LIMIT", "ten/60"),
+        ("RATE_LIMIT", "0/60"),
+        ("RATE_LIMIT", "10/0"),
+        ("RATE_LIMIT", "10/nan"),
+        ("RATE_LIMIT_FAILURE", "ajar"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:
@@ -161,3 +170,21 @@ def test_logging_and_metrics_settings() -> None:
         9100,
     )
     assert settings.metrics_dir == str(Path("m").resolve())
+
+
+def test_rate_limit_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "RATE_LIMIT": "5/1.5",
+            "RATE_LIMIT_FAILURE": "Open",
+            "TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.4,,2001:db8::/32",
+        }
+    )
+    assert settings.rate_limit == RateLimit(5, 1.5)
+    assert settings.rate_limit_failure == "open"
+    assert [str(n) for n in settings.trusted_proxies] == [
+        "10.0.0.0/8",
+        "192.168.1.4/32",
+        "2001:db8::/32",
+    ]
+    assert Settings.from_env({"RATE_LIMIT": "off"}).rate_limit is None

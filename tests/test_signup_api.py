@@ -390,7 +390,7 @@ async def test_a_cancelled_commit_is_written_whole(
     for job_type in ("welcome_email", "marketing_signup", "generate_profile"):
         await jobs.push(job_type, {"user_id": "u"})
     user = NewUser("a" * 32, "alice", "a@example.com", 1.0, "alice", "a@example.com")
-    task = asyncio.create_task(store.create(user, jobs, receiver_errors=0))
+    task = asyncio.create_task(store.create(user, jobs, receiver_errors=0, client="192.0.2.1"))
     await asyncio.sleep(0)  # let it start
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

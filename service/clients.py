@@ -1,0 +1,71 @@
+"""Which client a request comes from, for the rate limit.
+
+The client is the connection's peer, unless that peer is a trusted proxy (``TRUSTED_PROXIES``):
+then ``X-Forwarded-For`` is read from the right, past every trusted proxy, and the first
+address that is not one is the client. A client can write anything into ``X-Forwarded-For``,
+so only what trusted proxies appended is believed, and an entry that is not an IP address ends
+the walk at the last hop that was.
+
+The result is an address as :mod:`ipaddress` writes it, never raw header text, so it is safe in
+a Redis key and bounded in length. An IPv6 client is its /64 network: one subscriber is
+usually given a whole /64, and limiting each of its 2**64 addresses would limit nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from pipeline.settings import Network
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: The client of a request whose peer is not an IP address (a Unix socket).
+UNKNOWN = "unknown"
+
+
+def _parse(text: str) -> Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _label(address: Address) -> str:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))  # drops any %zone
+    return str(address)
+
+
+class ClientResolver:
+    """Finds a request's client address, trusting ``X-Forwarded-For`` from ``trusted``
+    proxies only."""
+
+    def __init__(self, trusted: Iterable[Network]) -> None:
+        self._trusted = tuple(trusted)
+
+    def _is_trusted(self, address: Address) -> bool:
+        return any(address in network for network in self._trusted)
+
+    def __call__(self, peer: str | None, forwarded_for: list[str]) -> str:
+        """The client of a request from ``peer`` carrying these ``X-Forwarded-For`` values."""
+        address = _parse(peer) if peer else None
+        if address is None:
+            return UNKNOWN
+        if not self._trusted or not self._is_trusted(address):
+            return _label(address)
+        hops = [hop for value in forwarded_for for hop in value.split(",")]
+        for hop in reversed(hops):
+            found = _parse(hop)
+            if found is None:
+                break
+            address = found
+            if not self._is_trusted(found):
+                break
+        return _label(address)
