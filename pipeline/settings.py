@@ -73,6 +73,7 @@ class Settings:
     redis_pool_size: int = 32
     redis_pool_timeout: float = 0.5
     max_body_bytes: int = 16 * 1024
+    body_timeout: float = 10.0
     smtp: SmtpConfig | None = None
     email_from: str = "Signup <no-reply@localhost>"
     smtp_timeout: float = 10.0
@@ -135,6 +136,7 @@ class Settings:
             max_body_bytes=_get(
                 env, "MAX_BODY_BYTES", _integer(64, 16 * 1024 * 1024), defaults.max_body_bytes
             ),
+            body_timeout=_get(env, "BODY_TIMEOUT", _seconds(0.1, 600), defaults.body_timeout),
             smtp=_get(env, "SMTP_URL", _smtp_url, None),
             email_from=_get(env, "EMAIL_FROM", _address, defaults.email_from),
             smtp_timeout=_get(env, "SMTP_TIMEOUT", _seconds(0.1, 300), defaults.smtp_timeout),

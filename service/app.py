@@ -37,6 +37,7 @@ _UNAVAILABLE = (
 _HTTP_MESSAGES = {
     404: "no such resource",
     405: "that method is not allowed here",
+    408: "the request body did not arrive in time",
     413: "the body is too large",
 }
 #: Write refusals, plain or wrapped in "Error running script ...: -OOM ...". A script is
@@ -48,6 +49,9 @@ def create_app(settings: Settings) -> Quart:
     """Build the web app. Redis is opened when serving starts and closed when it stops."""
     app = Quart(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # A body that has not all arrived this long after the handler asked for it is a 408: a
+    # client trickling its body (slowloris) holds a connection, never a worker, and not for long.
+    app.config["BODY_TIMEOUT"] = settings.body_timeout
     app.register_blueprint(api)
     app.register_blueprint(health)
     app.register_blueprint(metrics_api)

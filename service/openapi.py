@@ -176,6 +176,13 @@ class Conflict(Struct):
     field: Literal["username", "email"]
 
 
+class RequestTimeout(Struct):
+    """The body did not all arrive within BODY_TIMEOUT seconds."""
+
+    error: Literal["request_timeout"]
+    message: Message
+
+
 class TooLarge(Struct):
     """The body is larger than MAX_BODY_BYTES."""
 

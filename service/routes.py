@@ -20,6 +20,7 @@ from service.openapi import (
     MalformedBody,
     NotFound,
     RateLimited,
+    RequestTimeout,
     SignupCreated,
     SignupRequest,
     Stats,
@@ -47,6 +48,7 @@ def json_response(body: Any, status: int = 200) -> Response:
 @responses(
     (201, SignupCreated),
     (400, MalformedBody),
+    (408, RequestTimeout),
     (409, Conflict),
     (413, TooLarge),
     (415, UnsupportedMediaType),

@@ -63,7 +63,17 @@ async def test_openapi_document_describes_the_api(client: QuartClient) -> None:
     body = signup["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["username", "email"]
     assert body["additionalProperties"] is False
-    assert set(signup["responses"]) == {"201", "400", "409", "413", "415", "422", "429", "503"}
+    assert set(signup["responses"]) == {
+        "201",
+        "400",
+        "408",
+        "409",
+        "413",
+        "415",
+        "422",
+        "429",
+        "503",
+    }
     invalid = signup["responses"]["422"]["content"]["application/json"]["schema"]
     assert invalid["required"] == ["error", "message", "fields"]
     assert signup["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
