@@ -84,7 +84,7 @@ async def test_huge_headers_get_431_before_they_are_all_sent(
     async with web(spawn, child_env(redis_server)) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(SIGNUP)
-        for n in range(40):  # 40 × 1 KiB headers, never finished with a blank line
+        for n in range(40):  # 40 headers of 1 KiB, never finished with a blank line
             writer.write(f"X-Padding-{n}: {'a' * 1000}\r\n".encode())
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
