@@ -36,6 +36,12 @@ _SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
 }
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
 RateLimitFailure = Literal["open", "closed"]
+#: Usernames nobody may take, so no one can pose as the service or its staff.
+RESERVED_USERNAMES: tuple[str, ...] = (
+    "abuse", "admin", "administrator", "api", "billing", "help", "hostmaster", "info",
+    "mail", "moderator", "no-reply", "noreply", "null", "owner", "postmaster", "root",
+    "security", "signup", "staff", "support", "system", "undefined", "webmaster", "www",
+)  # fmt: skip
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -102,6 +108,7 @@ class Settings:
     rate_limit: RateLimit | None = RateLimit(10, 60.0)
     rate_limit_failure: RateLimitFailure = "closed"
     trusted_proxies: tuple[Network, ...] = ()
+    reserved_usernames: tuple[str, ...] = RESERVED_USERNAMES
 
     def __repr__(self) -> str:
         # Never print a password: the URL is shown with its credentials masked.
@@ -175,6 +182,7 @@ class Settings:
                 env, "RATE_LIMIT_FAILURE", _rate_limit_failure, defaults.rate_limit_failure
             ),
             trusted_proxies=_get(env, "TRUSTED_PROXIES", _networks, defaults.trusted_proxies),
+            reserved_usernames=_get(env, "RESERVED_USERNAMES", _names, defaults.reserved_usernames),
         )
 
 
@@ -385,6 +393,15 @@ def _networks(raw: str) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"{item.strip()!r} is not an IP address or network") from None
     return tuple(found)
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    if raw.lower() == "none":
+        return ()
+    names = tuple(name.strip() for name in raw.split(",") if name.strip())
+    if not names or any(len(name) > 64 for name in names):
+        raise ValueError("expected names separated by commas (each up to 64 characters), or none")
+    return names
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}

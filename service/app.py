@@ -24,6 +24,7 @@ from service.receivers import connect_receivers
 from service.routes import api, json_response
 from service.signals import user_signed_up
 from service.users import UserStore
+from service.validation import reserved_forms
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def create_app(settings: Settings) -> Quart:
         keys = Keys(settings.key_prefix)
         users = UserStore(client, keys, settings.rate_limit, settings.rate_limit_failure)
         clients = ClientResolver(settings.trusted_proxies)
-        app.extensions[EXTENSION] = Deps(settings, keys, client, users, clients)
+        reserved = reserved_forms(settings.reserved_usernames)
+        app.extensions[EXTENSION] = Deps(settings, keys, client, users, clients, reserved)
 
     @app.after_serving
     async def close_redis() -> None:

@@ -25,6 +25,8 @@ class Deps:
     redis: aioredis.Redis
     users: UserStore
     clients: ClientResolver
+    #: ``service.validation.reserved_forms`` of RESERVED_USERNAMES.
+    reserved: frozenset[str]
 
 
 def deps() -> Deps:

@@ -63,8 +63,10 @@ async def signup() -> Response:
     which are written with the user in one step, or not at all.
     """
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
+    current = deps()
     fields = validate_signup(
-        parse_body(request.mimetype, request.mimetype_params.get("charset"), body)
+        parse_body(request.mimetype, request.mimetype_params.get("charset"), body),
+        current.reserved,
     )
     user = NewUser(
         user_id=uuid.uuid4().hex,
@@ -88,7 +90,6 @@ async def signup() -> Response:
         counter = web_metrics().receiver_errors
         for name in failures:
             counter.labels(name).inc()
-    current = deps()
     peer = request.scope.get("client")
     client = current.clients(peer[0] if peer else None, request.headers.getlist("X-Forwarded-For"))
     await current.users.create(user, jobs, receiver_errors=len(failures), client=client)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -121,22 +122,52 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "null" if value is None else "a number")
 
 
-def validate_signup(data: dict[str, Any]) -> SignupFields:
-    """Check the fields of a parsed body; raise :class:`ValidationError` naming each problem."""
+def reserved_form(username: str) -> str:
+    """The form reserved names are compared in: the claim form without ``_ . -``, so neither
+    ``ADMIN`` nor full-width ``admin`` nor ``ad.min`` gets past ``admin``."""
+    return claim_form(username).translate(_PUNCTUATION_GONE)
+
+
+_PUNCTUATION_GONE = str.maketrans("", "", "".join(_USERNAME_PUNCTUATION))
+
+
+def reserved_forms(names: Iterable[str]) -> frozenset[str]:
+    """The set :func:`validate_signup` checks usernames against."""
+    return frozenset(reserved_form(name) for name in names)
+
+
+def validate_signup(data: dict[str, Any], reserved: frozenset[str] = frozenset()) -> SignupFields:
+    """Check the fields of a parsed body; raise :class:`ValidationError` naming each problem.
+    ``reserved``: :func:`reserved_forms` of the usernames nobody may take."""
     errors: dict[str, str] = {}
     for name in data:
         if name not in FIELDS:
-            errors[str(name)[:64]] = "unknown field"
+            errors[_show_name(str(name))] = "unknown field"
     username = _check_username(data.get("username"), errors)
+    username_claim = claim_form(username) if username is not None else ""
+    if username is not None and username_claim.translate(_PUNCTUATION_GONE) in reserved:
+        errors["username"] = "is reserved"
     email = _check_email(data.get("email"), errors)
     if errors or username is None or email is None:
         raise ValidationError(errors)
     return SignupFields(
         username=username,
         email=email,
-        username_claim=claim_form(username),
+        username_claim=username_claim,
         email_claim=claim_form(email),
     )
+
+
+def _show_name(name: str) -> str:
+    """An unknown field's name as the 422 names it: at most 64 characters, and none that
+    is not printable (shown as U+XXXX), so a name cannot smuggle control characters."""
+    shown = ""
+    for char in name:
+        piece = char if char.isprintable() else _show(char)
+        if len(shown) + len(piece) > 64:
+            break
+        shown += piece
+    return shown
 
 
 def _field_text(value: object, name: str, errors: dict[str, str]) -> str | None:

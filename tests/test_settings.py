@@ -128,6 +128,8 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("RATE_LIMIT", "10/0"),
         ("RATE_LIMIT", "10/nan"),
         ("RATE_LIMIT_FAILURE", "ajar"),
+        ("RESERVED_USERNAMES", ", ,"),
+        ("RESERVED_USERNAMES", "x" * 65),
         ("TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
     ],
 )
@@ -191,3 +193,12 @@ def test_rate_limit_settings() -> None:
         "2001:db8::/32",
     ]
     assert Settings.from_env({"RATE_LIMIT": "off"}).rate_limit is None
+
+
+def test_reserved_usernames_setting() -> None:
+    assert "admin" in Settings.from_env({}).reserved_usernames
+    assert Settings.from_env({"RESERVED_USERNAMES": "ceo, Boss"}).reserved_usernames == (
+        "ceo",
+        "Boss",
+    )
+    assert Settings.from_env({"RESERVED_USERNAMES": "none"}).reserved_usernames == ()

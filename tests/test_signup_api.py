@@ -456,3 +456,26 @@ async def test_503_when_redis_refuses_writes_and_nothing_is_written(
     assert body["error"] == "unavailable"
     assert "Retry-After" in headers
     assert await all_keys(redis) == set()
+
+
+@pytest.mark.parametrize(
+    ("env", "username", "status"),
+    [
+        ({}, "Admin", 422),
+        ({}, "r.o.o.t", 422),
+        ({"RESERVED_USERNAMES": "ceo"}, "CEO", 422),
+        ({"RESERVED_USERNAMES": "ceo"}, "admin", 201),
+        ({"RESERVED_USERNAMES": "none"}, "root", 201),
+    ],
+)
+async def test_reserved_usernames_are_refused_with_422(
+    make_settings: Any, redis: aioredis.Redis, env: dict[str, str], username: str, status: int
+) -> None:
+    async with create_app(make_settings(env)).test_app() as test_app:
+        got, _, body = await post_json(
+            test_app.test_client(), {"username": username, "email": "x@example.com"}
+        )
+    assert got == status
+    if status == 422:
+        assert body["fields"] == {"username": "is reserved"}
+        assert await all_keys(redis) == set()

@@ -1,0 +1,156 @@
+"""Property-based tests (hypothesis) of parsing and validating a signup: whatever arrives, the
+answer is a 4xx naming the problem or a signup whose values are safe to store, log, use in
+an email header and compare."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from pipeline.settings import RESERVED_USERNAMES
+from service.errors import ApiError, ValidationError
+from service.validation import (
+    EMAIL_MAX,
+    FORM_TYPE,
+    JSON_TYPE,
+    USERNAME_MAX,
+    USERNAME_MIN,
+    SignupFields,
+    claim_form,
+    parse_body,
+    reserved_forms,
+    validate_signup,
+)
+
+#: Each property runs this many generated cases in `make test`.
+CASES = 400
+FUZZ = settings(
+    max_examples=CASES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+#: Categories no stored value may hold: controls (CR, LF, NUL, ...), format characters
+#: (bidi overrides, zero-width), separators other than the plain space, unassigned, private.
+UNSAFE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+RESERVED = reserved_forms(RESERVED_USERNAMES)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+# Text biased towards what breaks validators: controls, line breaks, wide and combining
+# characters, look-alikes and '@'.
+tricky = st.text(
+    st.characters(codec="utf-8")
+    | st.sampled_from("\r\n\t\x00\x7f\u200b\u202e\u0301\uff41\u0130\u0131\u00df@._- \"'<>"),
+    max_size=40,
+)
+
+
+def unsafe_chars(text: str) -> list[str]:
+    return [c for c in text if unicodedata.category(c) in UNSAFE]
+
+
+def accept(data: dict[str, Any]) -> SignupFields | None:
+    """The signup, or None after checking the 422 is well formed."""
+    try:
+        return validate_signup(data, RESERVED)
+    except ValidationError as exc:
+        assert exc.status == 422
+        fields = exc.details["fields"]
+        assert fields, "a 422 names at least one field"
+        for name, problem in fields.items():
+            assert not unsafe_chars(name) and not unsafe_chars(problem), (name, problem)
+            assert len(name) <= 64
+        return None
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=80), json_values, max_size=5))
+def test_any_json_object_is_a_signup_or_a_422(data: dict[str, Any]) -> None:
+    accept(data)
+
+
+@FUZZ
+@given(tricky | st.from_regex(r"[A-Za-z0-9_.\-]{3,32}", fullmatch=True))
+@example("ａｄｍｉｎ")
+@example("Ad.Min")
+@example("e\u0301e\u0301e\u0301")
+def test_an_accepted_username_is_safe_and_normalised(raw: str) -> None:
+    signup = accept({"username": raw, "email": "someone@example.com"})
+    if signup is None:
+        return
+    username = signup.username
+    assert USERNAME_MIN <= len(username) <= USERNAME_MAX
+    assert not unsafe_chars(username) and " " not in username
+    assert username == unicodedata.normalize("NFKC", username)
+    assert claim_form(signup.username_claim) == signup.username_claim
+    assert signup.username_claim.replace("_", "").replace(".", "").replace("-", "") not in RESERVED
+
+
+@FUZZ
+@given(st.emails() | tricky.map(lambda local: f"{local}@example.com") | tricky)
+@example("a@example.com\r\nBcc: victim@example.org")
+@example("\u202eevil@example.com")
+def test_an_accepted_email_is_safe_in_a_header(raw: str) -> None:
+    signup = accept({"username": "someone", "email": raw})
+    if signup is None:
+        return
+    email = signup.email
+    assert len(email) <= EMAIL_MAX
+    assert not unsafe_chars(email)
+    assert not any(c in email for c in ' \r\n\t<>,;:"')
+    assert email.count("@") == 1
+    assert claim_form(signup.email_claim) == signup.email_claim
+
+
+@FUZZ
+@given(
+    st.binary(max_size=200) | json_values.map(lambda v: repr(v).encode()),
+    st.sampled_from([JSON_TYPE, FORM_TYPE, "text/plain", "", "application/json; x"]),
+    st.sampled_from([None, "utf-8", "UTF8", "latin-1", ""]),
+)
+def test_any_body_is_parsed_or_refused_with_400_or_415(
+    body: bytes, mimetype: str, charset: str | None
+) -> None:
+    try:
+        data = parse_body(mimetype, charset, body)
+    except ApiError as exc:
+        assert exc.status in (400, 415)
+        assert not unsafe_chars(exc.message.replace("\n", " "))
+        return
+    assert isinstance(data, dict)
+    accept(data)
+
+
+@FUZZ
+@given(tricky)
+def test_the_claim_form_is_idempotent(text: str) -> None:
+    assert claim_form(claim_form(text)) == claim_form(text)
+
+
+@FUZZ
+@given(
+    st.sampled_from(RESERVED_USERNAMES),
+    st.sampled_from([str.upper, str.title, str.lower]),
+    st.booleans(),
+    st.integers(min_value=0, max_value=3),
+)
+def test_reserved_usernames_are_refused_however_written(
+    name: str, case: Any, wide: bool, dot_at: int
+) -> None:
+    written = case(name)
+    if wide:  # full-width letters: NFKC makes them ordinary
+        written = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in written)
+    if 0 < dot_at < len(written):
+        written = written[:dot_at] + "." + written[dot_at:]
+    with pytest.raises(ValidationError) as caught:
+        validate_signup({"username": written, "email": "someone@example.com"}, RESERVED)
+    assert caught.value.details["fields"] == {"username": "is reserved"}
