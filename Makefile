@@ -18,9 +18,11 @@ $(STAMP): requirements-dev.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m pipeline.devserver
 
-## test: lint, type-check, then the whole suite against a redis-server the suite starts itself.
+## test: lint, type-check, then the whole suite against a redis-server the suite starts itself
+## (and, for the TLS tests, Debian's redis-server unpacked into .redis-tls).
 test: lint typecheck
-	$(BIN)/python -m pytest
+	sh tests/fetch_tls_redis.sh .redis-tls
+	REDIS_TLS_SERVER=$(CURDIR)/.redis-tls/redis-server $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline service consumers loadtest tests
@@ -55,4 +57,4 @@ lock:
 	rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) .bench-venv .run .pytest_cache .mypy_cache .ruff_cache bench-results.md bench-results.json
+	rm -rf $(VENV) .bench-venv .redis-tls .run .pytest_cache .mypy_cache .ruff_cache bench-results.md bench-results.json

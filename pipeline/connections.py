@@ -66,6 +66,18 @@ def connection_class(url: str) -> type[AbstractConnection]:
     return HiredisConnection
 
 
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """For ``rediss://``: verify the server's certificate (and its host name) against
+    ``REDIS_CA_FILE``, or the system's CAs when it is unset. Nothing for other schemes."""
+    if urlsplit(settings.redis_url).scheme != "rediss":
+        return {}
+    return {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": settings.redis_ca_file,
+    }
+
+
 def web_client(settings: Settings) -> aioredis.Redis:
     """A bounded pool: a burst waits up to ``redis_pool_timeout`` for a connection."""
     pool = BlockingConnectionPool.from_url(
@@ -77,6 +89,7 @@ def web_client(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         connection_class=connection_class(settings.redis_url),
+        **tls_options(settings),
     )
     # from_pool: the client owns the pool, so aclose() closes its connections too.
     return aioredis.Redis.from_pool(pool)
@@ -96,5 +109,6 @@ def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
         retry_on_timeout=False,
         health_check_interval=30,
         connection_class=connection_class(settings.redis_url),
+        **tls_options(settings),
     )
     return aioredis.Redis.from_pool(pool)

@@ -73,6 +73,7 @@ class Settings:
     """Every setting of both processes. See the README's configuration table."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_ca_file: str | None = None
     key_prefix: str = "signup"
     redis_connect_timeout: float = 0.5
     redis_socket_timeout: float = 1.0
@@ -127,6 +128,7 @@ class Settings:
         defaults = cls()
         return cls(
             redis_url=_get(env, "REDIS_URL", _redis_url, defaults.redis_url),
+            redis_ca_file=_get(env, "REDIS_CA_FILE", _readable_file, None),
             key_prefix=_get(env, "KEY_PREFIX", _prefix, defaults.key_prefix),
             redis_connect_timeout=_get(
                 env, "REDIS_CONNECT_TIMEOUT", _seconds(0.01, 60), defaults.redis_connect_timeout

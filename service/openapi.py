@@ -288,6 +288,14 @@ class _Provider(OpenAPIProvider):
         quart-schema 0.25 puts them, and ``X-Request-ID`` on every response."""
         response, definitions = super().build_response_object(model, headers_model)
         definitions = {**definitions, **_nested(model)}
+        if model is SignupCreated:
+            response["links"] = {
+                "GetUser": {
+                    "operationId": "get_user",
+                    "parameters": {"user_id": "$response.body#/user_id"},
+                    "description": "The new user, by the `user_id` in the body.",
+                }
+            }
         response["headers"] = {"X-Request-ID": REQUEST_ID_HEADER}
         for name, header in response["content"].pop("headers", {}).items():
             schema = dict(header["schema"])

@@ -25,11 +25,14 @@ from tests.conftest import TEST_RATE_LIMIT, RedisServer, eventually
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child_env(redis_server: RedisServer, **extra: str) -> dict[str, str]:
+def child_env(redis_server: RedisServer | str, **extra: str) -> dict[str, str]:
+    """The environment of a child process: this one's, without Redis, SMTP or consumer
+    settings, pointed at ``redis_server`` (or a Redis URL), plus ``extra``."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))
     }
-    env.update({"REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
+    url = redis_server if isinstance(redis_server, str) else redis_server.url
+    env.update({"REDIS_URL": url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
     # Every signup of the suite comes from 127.0.0.1: a limit that counts them but never bites.
     env["RATE_LIMIT"] = TEST_RATE_LIMIT
     env.update(extra)

@@ -4,6 +4,7 @@ an email header and compare."""
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from typing import Any
 
@@ -26,8 +27,8 @@ from service.validation import (
     validate_signup,
 )
 
-#: Each property runs this many generated cases in `make test`.
-CASES = 400
+#: Each property runs this many generated cases in `make test` (FUZZ_CASES: more).
+CASES = int(os.environ.get("FUZZ_CASES", "400"))
 FUZZ = settings(
     max_examples=CASES,
     deadline=None,
