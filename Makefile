@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | cksum | cut -d' ' -f1)
 BENCH_STAMP := .bench-venv/.installed-$(shell cksum < loadtest/bench/requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench bench-drain lock clean
+.PHONY: run test audit lint typecheck bench bench-drain lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -23,6 +23,11 @@ run: $(STAMP)
 test: lint typecheck
 	sh tests/fetch_tls_redis.sh .redis-tls
 	REDIS_TLS_SERVER=$(CURDIR)/.redis-tls/redis-server $(BIN)/python -m pytest
+
+## audit: pip-audit over both lock files; fails on a known vulnerability, and lists what it
+## could not audit (AUDIT_STRICT=1: fail on those too).
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py requirements.lock requirements-dev.lock
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline service consumers loadtest tests

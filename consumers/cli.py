@@ -198,7 +198,9 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) ->
     context = HandlerContext(
         redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
     )
-    broker = Broker(redis, keys, mode=settings.delivery_mode)
+    broker = Broker(
+        redis, keys, mode=settings.delivery_mode, dead_letter_max=settings.dead_letter_max
+    )
     metrics = ConsumerMetrics()
     consumer = Consumer(broker, handlers, context, settings, metrics)
     server = None

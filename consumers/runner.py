@@ -44,7 +44,7 @@ from consumers.metrics import ConsumerMetrics
 from pipeline import logs
 from pipeline.errors import JobDecodeError
 from pipeline.jobs import Job, decode
-from pipeline.queue import Broker, dead_entry
+from pipeline.queue import Broker, dead_entry, delivery_id
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -387,10 +387,9 @@ class Consumer:
         if job is None:
             logger.error("queue %s: dead-lettering a job: %s", queue, reason)
         entry = dead_entry(queue, raw, reason, job=job, error=error)
-        job_id = job.id if job else ""
-        if await self._settle(
-            job_id or "?", lambda: self._broker.dead_letter(queue, raw, entry, job_id)
-        ):
+        # An undecodable job's deliveries are counted under its delivery_id: clear that.
+        job_id = job.id if job else delivery_id(raw)
+        if await self._settle(job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id)):
             self._metrics.finished(job.type if job else None, "dead_lettered")
 
     async def _settle(self, job_id: str, operation: Callable[[], Awaitable[T]]) -> T | None:

@@ -25,6 +25,7 @@ COUNTERS: Final = (
     "marketing_list_updates",
     "profiles_generated",
     "receiver_errors",
+    "dead_letters_dropped",
 )
 
 

@@ -18,6 +18,7 @@ moves due jobs to the head of their queue.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -31,7 +32,7 @@ import redis.asyncio as aioredis
 from pipeline.errors import UnknownJobTypeError
 from pipeline.jobs import Job, new_job
 from pipeline.keys import JOB_QUEUES, QUEUES, Keys
-from pipeline.settings import DeliveryMode
+from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
 
 #: Latency samples kept per queue (the newest), for the percentiles in /stats.
 LATENCY_SAMPLES: Final = 1000
@@ -102,8 +103,10 @@ def dead_entry(
 # from this consumer (its lease lapsed) and belongs to someone else now. Reads come first and
 # removals last: before Redis 7 an OOM refusal hits a script at its first memory-growing write,
 # so no job is ever removed from one place without being added to the other.
-# KEYS: processing list, destination (queue / delayed set / dead list), deliveries hash
-# ARGV: held ('1' at-least-once), job bytes as fetched, action, bytes to put, retry delay s, id
+# A dead letter beyond the newest DEAD_LETTER_MAX drops the oldest, counted in the stats hash.
+# KEYS: processing list, destination (queue / delayed set / dead list), deliveries hash, stats
+# ARGV: held ('1' at-least-once), job bytes as fetched, action, bytes to put, retry delay s, id,
+#       most dead letters kept
 _SETTLE = """
 local held = ARGV[1] == '1'
 if held and not redis.call('LPOS', KEYS[1], ARGV[2], 'RANK', -1) then
@@ -113,7 +116,11 @@ local action = ARGV[3]
 if action == 'return' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
 elseif action == 'dead' then
-  redis.call('LPUSH', KEYS[2], ARGV[4])
+  local over = redis.call('LPUSH', KEYS[2], ARGV[4]) - tonumber(ARGV[7])
+  if over > 0 then
+    redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[7]) - 1)
+    redis.call('HINCRBY', KEYS[4], 'dead_letters_dropped', over)
+  end
 elseif action == 'retry' then
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[5]), ARGV[4])
@@ -167,8 +174,9 @@ return 0
 # that died holding it max-deliveries times: then it is dead-lettered. Forgets the consumer
 # once it has not been seen for forget-after seconds (0: at once). Reads, then additions, then
 # removals (see _SETTLE).
-# KEYS: consumers, lease, deliveries, dead, then (processing list, queue) per queue
-# ARGV: consumer id, max deliveries (0: do not count), forget after s, then queue names
+# KEYS: consumers, lease, deliveries, dead, stats, then (processing list, queue) per queue
+# ARGV: consumer id, max deliveries (0: do not count), forget after s, most dead letters kept,
+#       then queue names
 # Returns {returned, dead-lettered}, or {-1, 0} if the lease is held.
 _RECOVER = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -178,8 +186,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local max = tonumber(ARGV[2])
 local returned, dead = 0, 0
-for i = 1, (#KEYS - 4) / 2 do
-  local processing, queue, name = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[3 + i]
+for i = 1, (#KEYS - 5) / 2 do
+  local processing, queue, name = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[4 + i]
   -- Newest first: each RPUSH puts the job nearer the pop end, so the oldest ends up next.
   local jobs = redis.call('LRANGE', processing, 0, -1)
   for _, raw in ipairs(jobs) do
@@ -208,6 +216,13 @@ for i = 1, (#KEYS - 4) / 2 do
     redis.call('DEL', processing)
   end
 end
+if dead > 0 then
+  local over = redis.call('LLEN', KEYS[4]) - tonumber(ARGV[4])
+  if over > 0 then
+    redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+    redis.call('HINCRBY', KEYS[5], 'dead_letters_dropped', over)
+  end
+end
 local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local forget = tonumber(ARGV[3])
 if forget == 0 or (seen and now - tonumber(seen) > forget) then
@@ -231,6 +246,18 @@ return #due
 """
 
 
+def delivery_id(raw: bytes) -> str:
+    """The id a job's deliveries are counted under, as ``_RECOVER`` computes it: the
+    envelope's ``id`` when it has one, else the SHA-1 of its bytes (an undecodable job)."""
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        job = None
+    if isinstance(job, dict) and isinstance(job.get("id"), str):
+        return str(job["id"])
+    return hashlib.sha1(raw).hexdigest()
+
+
 class Broker:
     """One consumer process's side of the queues: its id, its delivery mode, its scripts."""
 
@@ -241,10 +268,12 @@ class Broker:
         *,
         mode: DeliveryMode = "at-least-once",
         consumer_id: str | None = None,
+        dead_letter_max: int = DEAD_LETTER_MAX,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.mode = mode
+        self.dead_letter_max = dead_letter_max
         self.consumer_id = consumer_id or new_consumer_id()
         self._held = mode == "at-least-once"
         self._settle = redis.register_script(_SETTLE)
@@ -330,8 +359,14 @@ class Broker:
         delay: float = 0.0,
         job_id: str = "",
     ) -> bool:
-        keys = [self.keys.processing(queue, self.consumer_id), destination, self.keys.deliveries]
+        keys = [
+            self.keys.processing(queue, self.consumer_id),
+            destination,
+            self.keys.deliveries,
+            self.keys.stats,
+        ]
         args = ["1" if self._held else "0", raw, action, put, repr(delay), job_id]
+        args.append(str(self.dead_letter_max))
         return bool(await self._settle(keys=keys, args=args))
 
     # --- leases and recovery ------------------------------------------------------------
@@ -361,10 +396,12 @@ class Broker:
             self.keys.lease(consumer_id),
             self.keys.deliveries,
             self.keys.dead,
+            self.keys.stats,
         ]
         for queue in QUEUES:
             keys += [self.keys.processing(queue, consumer_id), self.keys.queue(queue)]
-        args: list[str | int | float] = [consumer_id, max_deliveries, forget_after, *QUEUES]
+        args: list[str | int | float] = [consumer_id, max_deliveries, forget_after]
+        args += [self.dead_letter_max, *QUEUES]
         returned, dead = await self._recover(keys=keys, args=args)
         return int(returned), int(dead)
 

@@ -36,6 +36,8 @@ _SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
 }
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
 RateLimitFailure = Literal["open", "closed"]
+#: How many dead letters are kept by default (the newest); older ones are dropped and counted.
+DEAD_LETTER_MAX = 10_000
 #: Usernames nobody may take, so no one can pose as the service or its staff.
 RESERVED_USERNAMES: tuple[str, ...] = (
     "abuse", "admin", "administrator", "api", "billing", "help", "hostmaster", "info",
@@ -99,6 +101,7 @@ class Settings:
     retry_base_delay: float = 1.0
     retry_max_delay: float = 300.0
     idempotency_ttl: int = 24 * 3600
+    dead_letter_max: int = DEAD_LETTER_MAX
     log_level: str = "INFO"
     log_format: LogFormat = "text"
     access_log: bool = True
@@ -173,6 +176,9 @@ class Settings:
             ),
             idempotency_ttl=_get(
                 env, "IDEMPOTENCY_TTL", _integer(60, 365 * 86_400), defaults.idempotency_ttl
+            ),
+            dead_letter_max=_get(
+                env, "DEAD_LETTER_MAX", _integer(1, 10_000_000), defaults.dead_letter_max
             ),
             log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
             log_format=_get(env, "LOG_FORMAT", _log_format, defaults.log_format),

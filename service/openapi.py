@@ -130,6 +130,9 @@ class Stats(Struct):
     marketing_list_updates: int
     profiles_generated: int
     receiver_errors: int
+    dead_letters_dropped: Annotated[
+        int, msgspec.Meta(description="The oldest dead letters dropped past DEAD_LETTER_MAX.")
+    ]
     queues: Annotated[Counts, msgspec.Meta(description="Jobs waiting, by queue.")]
     processing: Annotated[Counts, msgspec.Meta(description="Jobs held by consumers, by queue.")]
     delayed: Annotated[Counts, msgspec.Meta(description="Jobs waiting for a retry, by queue.")]

@@ -88,12 +88,17 @@ def test_every_operation_answers_as_documented(
     # beyond JSON Schema, so a schema-valid signup may well be a 422.
     excluded = [positive_data_acceptance] if label == "POST /signup" else []
 
+    calls = 0
+
     @FUZZ
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: schemathesis.Case) -> None:
+        nonlocal calls
+        calls += 1
         case.call_and_validate(session=session, excluded_checks=excluded)
 
     run()
+    print(f"{label} ({mode.value}): {calls} requests")  # shown by pytest -s / -rP
 
 
 def test_stateful_sequences_answer_as_documented(

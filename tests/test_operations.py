@@ -303,18 +303,26 @@ async def test_metrics_are_summed_over_hypercorns_workers(
 ) -> None:
     env = child_env(redis_server, METRICS_DIR=str(tmp_path / "metrics"), ACCESS_LOG="false")
     async with web(spawn, env, workers=2) as (port, _):
-        signups = 30
-        for i in range(signups):
-            body = {"username": f"worker{i}", "email": f"worker{i}@example.com"}
-            assert (await http(port, "POST", "/signup", body))[0] == 201
+        # Sign up, a new connection each, until both workers have served some (the kernel
+        # decides which accepts; on a busy machine one may take many in a row).
+        signups = 0
+
+        async def both_workers_served() -> bool:
+            nonlocal signups
+            for _ in range(10):
+                body = {"username": f"worker{signups}", "email": f"worker{signups}@example.com"}
+                assert (await http(port, "POST", "/signup", body))[0] == 201
+                signups += 1
+            (directory,) = (tmp_path / "metrics").iterdir()
+            return len(list(directory.glob("counter_*.db"))) == 2  # one file per worker
+
+        await eventually(both_workers_served, timeout=30, what="signups served by both workers")
         # Each scrape is a new connection, served by either worker: each must see all.
         for _ in range(6):
             status, _, text = await request(port, "GET", "/metrics")
             assert status == 200
             metrics = parse_metrics(text.decode())
             assert sample(metrics, "signup_signups_total", outcome="created") == signups
-    (directory,) = (tmp_path / "metrics").iterdir()
-    assert len(list(directory.glob("counter_*.db"))) == 2  # one file per worker
 
 
 async def test_a_processed_job_moves_the_consumers_metrics(

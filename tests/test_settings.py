@@ -16,6 +16,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.smtp is None
     assert settings.max_body_bytes == 16 * 1024
     assert settings.body_timeout == 10.0
+    assert settings.dead_letter_max == 10_000
     assert settings.shutdown_grace_period == 10.0
     assert settings.consumer_queues == ("email", "marketing", "profile")
     assert dict(settings.consumer_concurrency) == {"email": 4, "marketing": 4, "profile": 4}
@@ -121,6 +122,7 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("METRICS_PORT", "http"),
         ("METRICS_DIR", "/proc/1/no/such"),
         ("BODY_TIMEOUT", "0"),
+        ("DEAD_LETTER_MAX", "0"),
         ("BODY_TIMEOUT", "soon"),
         ("RATE_LIMIT", "10"),
         ("RATE_LIMIT", "ten/60"),
