@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.email import EmailBackend, welcome_email
 from pipeline.batching import ScriptBatcher
+from pipeline.errors import InvalidJobError
 from pipeline.jobs import Job
 from pipeline.keys import Keys
 from pipeline.logs import mask_email
@@ -80,6 +81,32 @@ class HandlerContext:
 Handler = Callable[[HandlerContext, Job], Awaitable[None]]
 
 
+_USER_ID: Final = re.compile(r"[0-9a-f]{32}")
+
+
+def payload_text(job: Job, name: str, max_length: int = 254) -> str:
+    """A text field of the job's payload, checked before it goes into an email header, a log
+    line or a Redis key: present, printable (no CR, LF or other control or format
+    character) and bounded. A job failing this can never succeed: :class:`InvalidJobError`
+    dead-letters it at once. (The web validates the same values; this guards against jobs put
+    on the queues by anything else.)"""
+    value = job.payload.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise InvalidJobError(f"payload field {name!r} is missing, not text or too long")
+    if not value.isprintable():
+        raise InvalidJobError(f"payload field {name!r} holds a control or format character")
+    return value
+
+
+def payload_user_id(job: Job) -> str:
+    """The payload's ``user_id``: 32 hexadecimal digits, as the web makes them (it is part of
+    a Redis key)."""
+    value = payload_text(job, "user_id", 32)
+    if not _USER_ID.fullmatch(value):
+        raise InvalidJobError("payload field 'user_id' is not 32 hexadecimal digits")
+    return value
+
+
 async def send_welcome_email(ctx: HandlerContext, job: Job) -> None:
     """Email the new user unless this job already did, then mark it done and count it.
 
@@ -89,13 +116,13 @@ async def send_welcome_email(ctx: HandlerContext, job: Job) -> None:
     if await ctx.redis.exists(done):
         logger.info("job %s: welcome email already sent; skipping", job.id)
         return
-    payload = job.payload
-    await ctx.email.send(welcome_email(ctx.email_from, payload["email"], payload["username"]))
+    email, username = payload_text(job, "email"), payload_text(job, "username")
+    await ctx.email.send(welcome_email(ctx.email_from, email, username))
     logger.info(
         "job %s: welcome email for user %s sent to %s",
         job.id,
-        payload.get("user_id"),
-        mask_email(payload["email"]),
+        job.payload.get("user_id"),
+        mask_email(email),
     )
     for delay in (*MARK_RETRY_DELAYS, None):
         try:
@@ -110,20 +137,19 @@ async def send_welcome_email(ctx: HandlerContext, job: Job) -> None:
 
 async def add_to_marketing_list(ctx: HandlerContext, job: Job) -> None:
     """Add the address to the marketing list (scored by signup time) and count it, once."""
-    payload = job.payload
-    signed_up_at = float(payload.get("signed_up_at", job.enqueued_at))
+    signed_up_at = float(job.payload.get("signed_up_at", job.enqueued_at))
     await ctx.add_to_marketing(
         keys=[ctx.keys.done(job.id), ctx.keys.marketing, ctx.keys.stats],
-        args=[ctx.idempotency_ttl, payload["email"], repr(signed_up_at)],
+        args=[ctx.idempotency_ttl, payload_text(job, "email"), repr(signed_up_at)],
     )
 
 
 async def generate_profile(ctx: HandlerContext, job: Job) -> None:
     """Write the user's generated profile and count it, once."""
-    payload = job.payload
-    profile = build_profile(payload["username"], payload["email"])
+    user_id = payload_user_id(job)
+    profile = build_profile(payload_text(job, "username"), payload_text(job, "email"))
     await ctx.save_profile(
-        keys=[ctx.keys.done(job.id), ctx.keys.profile(payload["user_id"]), ctx.keys.stats],
+        keys=[ctx.keys.done(job.id), ctx.keys.profile(user_id), ctx.keys.stats],
         args=[ctx.idempotency_ttl, orjson.dumps(profile)],
     )
 

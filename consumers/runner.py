@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from consumers.handlers import Handler, HandlerContext
 from consumers.metrics import ConsumerMetrics
 from pipeline import logs
-from pipeline.errors import JobDecodeError
+from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.queue import Broker, dead_entry, delivery_id
 from pipeline.settings import Settings
@@ -357,7 +357,7 @@ class Consumer:
         attempts = job.attempt + 1
         allowed = self._settings.job_max_attempts.get(job.type, 5)
         exc_info = (type(exc), exc, exc.__traceback__)
-        dead = attempts >= allowed
+        dead = attempts >= allowed or isinstance(exc, InvalidJobError)
         delay = retry_delay(
             attempts, self._settings.retry_base_delay, self._settings.retry_max_delay
         )
@@ -373,9 +373,12 @@ class Consumer:
             exc_info=exc_info,
         )
         if dead:
-            await self._dead_letter(
-                queue, raw, job, f"failed {attempts} attempts; last: {error}", error=error
+            reason = (
+                f"invalid job: {exc}"
+                if isinstance(exc, InvalidJobError)
+                else f"failed {attempts} attempts; last: {error}"
             )
+            await self._dead_letter(queue, raw, job, reason, error=error)
             return
         retried = dataclasses.replace(job, attempt=attempts, enqueued_at=time.time() + delay)
         if await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay)):

@@ -15,3 +15,8 @@ class JobDecodeError(PipelineError):
 
 class UnknownJobTypeError(PipelineError):
     """A job names a type that no handler serves."""
+
+
+class InvalidJobError(PipelineError):
+    """A job whose payload can never be handled (a field missing or unsafe): a handler
+    raises it, and the job is dead-lettered at once instead of retried."""

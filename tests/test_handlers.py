@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from pipeline.queue import DirectQueue
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
 from service.receivers import RECEIVERS
-from tests.conftest import SmtpSink
+from tests.conftest import SmtpSink, eventually
 
 
 def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:
@@ -213,7 +214,12 @@ async def test_each_effect_happens_once_per_job_id(
 ) -> None:
     settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
     ctx = context_for(redis, keys, settings)
-    payload = {"user_id": "u1", "username": "alice", "email": "a@example.com", "signed_up_at": 1}
+    payload = {
+        "user_id": "1" * 32,
+        "username": "alice",
+        "email": "a@example.com",
+        "signed_up_at": 1,
+    }
     jobs = [
         new_job("welcome_email", payload),
         new_job("marketing_signup", payload),
@@ -296,3 +302,62 @@ async def test_a_lost_done_marker_write_is_retried_not_sent_again(
     assert smtp_server.recipients() == ["a@example.com"]
     assert await redis.exists(keys.done(job.id)) == 1
     assert (await read_stats(redis, keys))["emails_sent"] == 1
+
+
+@pytest.mark.parametrize(
+    ("job_type", "payload", "problem"),
+    [
+        (
+            "welcome_email",
+            {"user_id": "1" * 32, "username": "eve", "email": "e@example.com\r\nBcc: x@evil.org"},
+            "'email' holds a control or format character",
+        ),
+        (
+            "welcome_email",
+            {"user_id": "1" * 32, "username": "eve\nX-Evil: 1", "email": "e@example.com"},
+            "'username' holds a control or format character",
+        ),
+        ("welcome_email", {"user_id": "1" * 32, "email": "e@example.com"}, "'username' is missing"),
+        ("marketing_signup", {"email": "e\u202e@example.com"}, "'email' holds a control"),
+        (
+            "generate_profile",
+            {"user_id": "../../x", "username": "eve", "email": "e@example.com"},
+            "'user_id' is not 32 hexadecimal digits",
+        ),
+    ],
+)
+async def test_a_job_with_an_unsafe_payload_is_dead_lettered_at_once_and_nothing_sent(
+    redis: aioredis.Redis,
+    keys: Keys,
+    make_settings: Any,
+    smtp_server: SmtpSink,
+    job_type: str,
+    payload: dict[str, Any],
+    problem: str,
+) -> None:
+    # A job pushed by something other than the web (which validates the same values) cannot
+    # smuggle a header into an email, a line into a log or a path into a Redis key.
+    from tests.test_runner import build_consumer
+
+    settings = make_settings({"SMTP_URL": smtp_server.url, "FETCH_TIMEOUT": "0.2"})
+    consumer, client = build_consumer(settings)
+    await DirectQueue(redis, keys).push(job_type, payload)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        await eventually(lambda: _dead_letters(redis, keys), what="the dead letter")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+    (entry,) = [orjson.loads(e) for e in await redis.lrange(keys.dead, 0, -1)]
+    assert entry["reason"].startswith("invalid job: payload field ")
+    assert problem in entry["reason"]
+    assert entry["attempts"] == 1  # not retried
+    assert smtp_server.messages == []
+    assert await redis.keys(keys.profile("*")) == []
+    assert await redis.zcard(keys.marketing) == 0
+
+
+async def _dead_letters(redis: aioredis.Redis, keys: Keys) -> bool:
+    return bool(await redis.llen(keys.dead))

@@ -143,7 +143,7 @@ async def test_processes_every_job_type(
         await queue.push(
             "generate_profile",
             {
-                "user_id": f"u{i}",
+                "user_id": f"{i:032x}",
                 "username": f"user{i}",
                 "email": f"u{i}@example.com",
                 "created_at": i,
