@@ -91,7 +91,8 @@ async def signup() -> Response:
         for name in failures:
             counter.labels(name).inc()
     peer = request.scope.get("client")
-    client = current.clients(peer[0] if peer else None, request.headers.getlist("X-Forwarded-For"))
+    headers = request.headers
+    client = current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
     await current.users.create(user, jobs, receiver_errors=len(failures), client=client)
     return json_response(
         {"user_id": user.user_id, "username": user.username, "email": user.email}, 201

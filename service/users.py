@@ -49,7 +49,7 @@ if count > 0 then
     local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     local due = math.max(tonumber(stored) or now, now) + period / count
     if due - now > period then return 'retry ' .. math.ceil(due - now - period) end
-    redis.call('SET', KEYS[5], string.format('%.0f', due), 'PX', math.ceil(due - now))
+    redis.call('SET', KEYS[5], string.format('%.0f', due), 'PX', math.max(1, math.ceil(due - now)))
   end
 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'username' end

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
 
 from pipeline.keys import Keys
+from pipeline.settings import RateLimit
 from service.app import create_app
 from service.clients import UNKNOWN, ClientResolver
 from tests.conftest import scrape
@@ -141,7 +142,7 @@ async def test_a_limit_whose_state_cannot_be_read_fails_as_configured(
 )
 def test_the_client_address(peer: str | None, forwarded: list[str], client: str) -> None:
     resolve = ClientResolver([ipaddress.ip_network("10.0.0.0/8")])
-    assert resolve(peer, forwarded) == client
+    assert resolve(peer, lambda: forwarded) == client
 
 
 async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
@@ -157,3 +158,14 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
         # A client that is not a proxy cannot pick a fresh address for itself.
         assert (await sign_up(client, 3, "203.0.113.9", {"X-Forwarded-For": "3.3.3.3"}))[0] == 201
         assert (await sign_up(client, 4, "203.0.113.9", {"X-Forwarded-For": "4.4.4.4"}))[0] == 429
+
+
+async def test_a_limit_finer_than_a_double_can_hold_still_works(
+    make_settings: Any, redis: aioredis.Redis
+) -> None:
+    # One signup due every 1e-6 ms: added to a Unix time in ms (~1.8e12) it vanishes, and the
+    # key's expiry came out as PX 0, which Redis refuses ("invalid expire time"): a 500.
+    app = create_app(make_settings(rate_limit=RateLimit(10**9, 1.0)))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        assert [(await sign_up(client, n))[0] for n in range(3)] == [201, 201, 201]
