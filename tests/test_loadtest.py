@@ -119,6 +119,9 @@ def test_latency_counts_from_the_scheduled_time_and_cpu_is_reported() -> None:
     text = render(summary)
     assert "generator CPU: 95% of one core" in text
     assert "WARNING: the generator used most of a core" in text
+    assert "RATE_LIMIT" not in text
+    summary["status_codes"]["429"] = 3
+    assert "load-test a service started with RATE_LIMIT=off" in render(summary)
 
 
 @pytest.mark.parametrize(
