@@ -12,7 +12,7 @@ from quart_schema import document_request, operation_id
 
 from pipeline.stats import read_stats
 from service.deps import deps
-from service.errors import ApiError
+from service.errors import ApiError, RateLimitedError
 from service.metrics import web_metrics
 from service.openapi import (
     Conflict,
@@ -62,8 +62,14 @@ async def signup() -> Response:
     Creates the user and emits ``user-signed-up``; the receivers queue its follow-up jobs,
     which are written with the user in one step, or not at all.
     """
-    body = cast(bytes, await request.get_data(cache=False, as_text=False))
     current = deps()
+    peer = request.scope.get("client")
+    headers = request.headers
+    client = current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
+    wait = current.users.refused.wait(client)
+    if wait is not None:  # refused a moment ago: so again, before reading the body
+        raise RateLimitedError(wait)
+    body = cast(bytes, await request.get_data(cache=False, as_text=False))
     fields = validate_signup(
         parse_body(request.mimetype, request.mimetype_params.get("charset"), body),
         current.reserved,
@@ -90,9 +96,6 @@ async def signup() -> Response:
         counter = web_metrics().receiver_errors
         for name in failures:
             counter.labels(name).inc()
-    peer = request.scope.get("client")
-    headers = request.headers
-    client = current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
     await current.users.create(user, jobs, receiver_errors=len(failures), client=client)
     return json_response(
         {"user_id": user.user_id, "username": user.username, "email": user.email}, 201

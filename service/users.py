@@ -22,6 +22,7 @@ from pipeline.jobs import Job, new_job
 from pipeline.keys import Keys
 from pipeline.queue import queue_for
 from pipeline.settings import RateLimit, RateLimitFailure
+from service.clients import RefusedClients
 from service.errors import ConflictError, RateLimitedError, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class UserStore:
         self._limit = (
             [rate_limit.count, round(rate_limit.period * 1000)] if rate_limit else [0, 0]
         ) + [rate_limit_failure]
+        #: Clients refused for their rate limit, and until when (see RefusedClients).
+        self.refused = RefusedClients()
 
     async def create(
         self, user: NewUser, jobs: SignupJobs, receiver_errors: int, client: str
@@ -154,7 +157,9 @@ class UserStore:
         if result == b"ok":
             return
         if result.startswith(b"retry "):
-            raise RateLimitedError(math.ceil(int(result[6:]) / 1000))
+            seconds = int(result[6:]) / 1000
+            self.refused.refuse(client, seconds)
+            raise RateLimitedError(math.ceil(seconds))
         if result == b"limiter":
             logger.warning("the rate limit's state for %s cannot be read; failing closed", client)
             raise UnavailableError()

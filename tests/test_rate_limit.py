@@ -14,8 +14,8 @@ from quart.typing import TestClientProtocol as QuartClient
 from pipeline.keys import Keys
 from pipeline.settings import RateLimit
 from service.app import create_app
-from service.clients import UNKNOWN, ClientResolver
-from tests.conftest import scrape
+from service.clients import UNKNOWN, ClientResolver, RefusedClients
+from tests.conftest import eventually, scrape
 
 JSON = {"Content-Type": "application/json"}
 
@@ -74,13 +74,16 @@ async def test_a_conflict_counts_against_the_limit(
 async def test_the_limit_refills_one_signup_per_period_over_count(
     make_settings: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    app = create_app(make_settings({"RATE_LIMIT": "2/60"}))
-    async with app.test_app() as test_app:
+    settings = make_settings({"RATE_LIMIT": "2/60"})
+    async with create_app(settings).test_app() as test_app:
         client = test_app.test_client()
         assert [(await sign_up(client, n))[0] for n in range(3)] == [201, 201, 429]
-        # Wind the client's state back 30 s (one interval), as if that time had passed.
-        key = keys.rate("203.0.113.9")
-        await redis.set(key, int(await redis.get(key)) - 30_000, keepttl=True)
+    # Wind the client's state back 30 s (one interval), as if that time had passed, and ask
+    # through another app (another worker), which has not refused this client itself.
+    key = keys.rate("203.0.113.9")
+    await redis.set(key, int(await redis.get(key)) - 30_000, keepttl=True)
+    async with create_app(settings).test_app() as test_app:
+        client = test_app.test_client()
         assert [(await sign_up(client, n))[0] for n in range(3, 5)] == [201, 429]
 
 
@@ -169,3 +172,44 @@ async def test_a_limit_finer_than_a_double_can_hold_still_works(
     async with app.test_app() as test_app:
         client = test_app.test_client()
         assert [(await sign_up(client, n))[0] for n in range(3)] == [201, 201, 201]
+
+
+async def evalsha_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_refused_client_is_refused_again_without_a_redis_round_trip(
+    make_settings: Any, redis: aioredis.Redis
+) -> None:
+    app = create_app(make_settings({"RATE_LIMIT": "1/60"}))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        assert (await sign_up(client, 1))[0] == 201
+        assert (await sign_up(client, 2))[0] == 429  # Redis's verdict
+        before = await evalsha_calls(redis)
+        status, headers, body = await sign_up(client, 3)
+        assert status == 429
+        assert body["error"] == "rate_limited"
+        assert 55 <= int(headers["Retry-After"]) <= 60
+        # Not even the body is looked at: a malformed one gets the same answer.
+        response = await client.post(
+            "/signup", data=b"{", headers=JSON, scope_base={"client": ("203.0.113.9", 1)}
+        )
+        assert response.status_code == 429
+        assert await evalsha_calls(redis) == before
+        # Another client still gets through to Redis.
+        assert (await sign_up(client, 4, peer="198.51.100.7"))[0] == 201
+        assert await evalsha_calls(redis) == before + 1
+
+
+async def test_refused_clients_are_forgotten_when_their_wait_is_over() -> None:
+    refused = RefusedClients(max_size=3)
+    refused.refuse("a", 0.05)
+    assert refused.wait("a") == 1
+    await eventually(lambda: refused.wait("a") is None, timeout=2, what="the wait to pass")
+    for name in "bcde":
+        refused.refuse(name, 60)
+    assert len(refused) == 3  # bounded: the oldest went
+    assert refused.wait("b") is None
+    assert refused.wait("e") == 60
