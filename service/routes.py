@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, cast
 
 import orjson
 from quart import Blueprint, Response, current_app, request
 from quart_schema import document_request, operation_id
 
+from pipeline.jobs import new_id
 from pipeline.stats import read_stats
 from service.deps import deps
 from service.errors import ApiError, RateLimitedError
@@ -75,7 +75,7 @@ async def signup() -> Response:
         current.reserved,
     )
     user = NewUser(
-        user_id=uuid.uuid4().hex,
+        user_id=new_id(),
         username=fields.username,
         email=fields.email,
         created_at=time.time(),
