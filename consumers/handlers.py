@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from consumers.email import EmailBackend, welcome_email
 from pipeline.batching import ScriptBatcher
 from pipeline.errors import InvalidJobError
-from pipeline.jobs import Job
+from pipeline.jobs import Job, is_id
 from pipeline.keys import Keys
 from pipeline.logs import mask_email
 
@@ -81,9 +81,6 @@ class HandlerContext:
 Handler = Callable[[HandlerContext, Job], Awaitable[None]]
 
 
-_USER_ID: Final = re.compile(r"[0-9a-f]{32}")
-
-
 def payload_text(job: Job, name: str, max_length: int = 254) -> str:
     """A text field of the job's payload, checked before it goes into an email header, a log
     line or a Redis key: present, printable (no CR, LF or other control or format
@@ -102,7 +99,7 @@ def payload_user_id(job: Job) -> str:
     """The payload's ``user_id``: 32 hexadecimal digits, as the web makes them (it is part of
     a Redis key)."""
     value = payload_text(job, "user_id", 32)
-    if not _USER_ID.fullmatch(value):
+    if not is_id(value):
         raise InvalidJobError("payload field 'user_id' is not 32 hexadecimal digits")
     return value
 

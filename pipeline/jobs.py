@@ -9,6 +9,7 @@ encoded bytes of two jobs never compare equal.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -53,6 +54,14 @@ def new_id() -> str:
     these. ``os.urandom(16).hex()`` costs 0.7 us; ``uuid.uuid4().hex`` 2.6 us, and a signup
     makes four."""
     return os.urandom(16).hex()
+
+
+_ID: Final = re.compile(r"[0-9a-f]{32}")
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` is an id as :func:`new_id` makes them (safe in a Redis key)."""
+    return _ID.fullmatch(value) is not None
 
 
 def new_job(job_type: str, payload: dict[str, Any]) -> Job:

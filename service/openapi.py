@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from quart import Quart
-from quart_schema import DataSource, Info, QuartSchema
+from quart_schema import DataSource, Info, QuartSchema, document_response
 from quart_schema.openapi import OpenAPIProvider
-from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 from werkzeug.routing import Rule
 
 from service.validation import EMAIL_MAX, FORM_TYPE, JSON_TYPE, USERNAME_MAX, USERNAME_MIN
@@ -243,10 +242,10 @@ def responses(*documented: tuple[int, type[Struct]]) -> Callable[[F], F]:
     """Document a view's responses by status (a 429 or 503 with its Retry-After header)."""
 
     def decorator(func: F) -> F:
-        found: dict[int, tuple[type[Struct], type[Struct] | None]] = {}
         for status, model in documented:
-            found[status] = (model, RetryAfter if status in (429, 503) else None)
-        setattr(func, QUART_SCHEMA_RESPONSE_ATTRIBUTE, found)
+            func = document_response(model, status, RetryAfter if status in (429, 503) else None)(
+                func
+            )
         return func
 
     return decorator

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.batching import ScriptBatcher
-from pipeline.jobs import Job, new_job
+from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import Keys
 from pipeline.queue import queue_for
 from pipeline.settings import RateLimit, RateLimitFailure
@@ -26,7 +25,6 @@ from service.clients import RefusedClients
 from service.errors import ConflictError, RateLimitedError, UnavailableError
 
 logger = logging.getLogger(__name__)
-_USER_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 # KEYS: username claims, email claims, user hash, stats hash, the client's rate-limit key,
 #       then one queue key per job.
@@ -167,7 +165,7 @@ class UserStore:
 
     async def get(self, user_id: str) -> dict[str, Any] | None:
         """The user with its profile (None while not yet generated), or None if unknown."""
-        if not _USER_ID_RE.match(user_id):
+        if not is_id(user_id):
             return None
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(self._keys.user(user_id))
