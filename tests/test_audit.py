@@ -55,3 +55,27 @@ def test_audit_verdicts(
     monkeypatch.setenv("AUDIT_STRICT", strict)
     assert audit.main() == code
     assert said in capsys.readouterr().out
+
+
+def test_an_unreachable_vulnerability_service_is_not_audited_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    audit = load_audit()
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("quart==0.22.0\n    # via signup-pipeline\nredis==8.1.0\n")
+
+    class Failed:
+        returncode, stdout = 1, ""
+        stderr = "Traceback ...\nConnectionError: Failed to resolve 'api.osv.dev'\n"
+
+    monkeypatch.setattr(audit.subprocess, "run", lambda *args, **kwargs: Failed())
+    assert audit.audit(str(lock)) == [
+        {"name": "quart", "skip_reason": "ConnectionError: Failed to resolve 'api.osv.dev'"},
+        {"name": "redis", "skip_reason": "ConnectionError: Failed to resolve 'api.osv.dev'"},
+    ]
+    monkeypatch.setattr(audit.sys, "argv", ["audit.py", str(lock)])
+    monkeypatch.setenv("AUDIT_STRICT", "")
+    assert audit.main() == 0
+    assert "NOT audited (2): " in capsys.readouterr().out
+    monkeypatch.setenv("AUDIT_STRICT", "1")
+    assert audit.main() == 1

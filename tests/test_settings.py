@@ -122,6 +122,7 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("METRICS_PORT", "http"),
         ("METRICS_DIR", "/proc/1/no/such"),
         ("BODY_TIMEOUT", "0"),
+        ("REDIS_CA_FILE", "/no/such/ca.pem"),
         ("DEAD_LETTER_MAX", "0"),
         ("BODY_TIMEOUT", "soon"),
         ("RATE_LIMIT", "10"),
