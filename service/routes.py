@@ -12,7 +12,7 @@ from quart_schema import document_request, operation_id
 from pipeline.jobs import new_id
 from pipeline.stats import read_stats
 from service.deps import deps
-from service.errors import ApiError, RateLimitedError
+from service.errors import ApiError
 from service.metrics import web_metrics
 from service.openapi import (
     Conflict,
@@ -66,9 +66,7 @@ async def signup() -> Response:
     peer = request.scope.get("client")
     headers = request.headers
     client = current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
-    wait = current.users.refused.wait(client)
-    if wait is not None:  # refused a moment ago: so again, before reading the body
-        raise RateLimitedError(wait)
+    current.users.admit(client)  # before reading the body
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
     fields = validate_signup(
         parse_body(request.mimetype, request.mimetype_params.get("charset"), body),

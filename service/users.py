@@ -113,8 +113,15 @@ class UserStore:
         self._limit = (
             [rate_limit.count, round(rate_limit.period * 1000)] if rate_limit else [0, 0]
         ) + [rate_limit_failure]
-        #: Clients refused for their rate limit, and until when (see RefusedClients).
-        self.refused = RefusedClients()
+        # Clients refused for their rate limit, and until when (see RefusedClients).
+        self._refused = RefusedClients()
+
+    def admit(self, client: str) -> None:
+        """Raise :class:`RateLimitedError` if this worker refused ``client`` a moment ago and
+        its wait is not over: Redis would refuse it too, so no need to ask (or read the body)."""
+        wait = self._refused.wait(client)
+        if wait is not None:
+            raise RateLimitedError(wait)
 
     async def create(
         self, user: NewUser, jobs: SignupJobs, receiver_errors: int, client: str
@@ -156,7 +163,7 @@ class UserStore:
             return
         if result.startswith(b"retry "):
             seconds = int(result[6:]) / 1000
-            self.refused.refuse(client, seconds)
+            self._refused.refuse(client, seconds)
             raise RateLimitedError(math.ceil(seconds))
         if result == b"limiter":
             logger.warning("the rate limit's state for %s cannot be read; failing closed", client)
