@@ -16,11 +16,10 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.email import EmailBackend, welcome_email
 from pipeline.batching import ScriptBatcher
+from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.errors import InvalidJobError
 from pipeline.jobs import Job, is_id
 from pipeline.keys import Keys
@@ -125,7 +124,7 @@ async def send_welcome_email(ctx: HandlerContext, job: Job) -> None:
         try:
             await ctx.mark_email_sent(keys=[done, ctx.keys.stats], args=[ctx.idempotency_ttl])
             return
-        except (RedisConnectionError, RedisTimeoutError):
+        except REDIS_UNAVAILABLE:
             if delay is None:
                 raise
             logger.warning("job %s: email sent but not yet marked done; retrying", job.id)

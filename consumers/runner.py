@@ -35,13 +35,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.handlers import Handler, HandlerContext
 from consumers.metrics import ConsumerMetrics
 from pipeline import logs
+from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.queue import Broker, dead_entry, delivery_id
@@ -325,7 +324,7 @@ class Consumer:
             if task not in self._timed_out or task.uncancel() > 0:
                 raise
             failure = (f"timed out after {limit:g} s", exc)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             redis_down = exc
         except Exception as exc:
             failure = (f"{type(exc).__name__}: {exc}", exc)

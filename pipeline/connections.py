@@ -8,7 +8,7 @@ drop a reply the server may already have popped).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import hiredis
@@ -17,16 +17,67 @@ from redis.asyncio.connection import (
     AbstractConnection,
     BlockingConnectionPool,
     Connection,
+    DefaultParser,
     SSLConnection,
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.settings import Settings
 
 #: Seconds a consumer connection's socket timeout exceeds the BRPOP block time.
 FETCH_SOCKET_MARGIN = 5.0
+
+
+class NoReplicasError(ResponseError):
+    """``NOREPLICAS``: fewer good replicas than ``min-replicas-to-write``; the write was refused."""
+
+
+class MisconfError(ResponseError):
+    """``MISCONF``: persistence is failing and ``stop-writes-on-bgsave-error`` refuses writes."""
+
+
+class BusyError(ResponseError):
+    """``BUSY``: a script or function has run past ``busy-reply-threshold``; nothing else runs."""
+
+
+class _RefusalParser(DefaultParser):  # type: ignore[misc,valid-type]
+    """redis-py's parser, knowing the error codes of the refusals it leaves as a bare
+    ``ResponseError``. Redis 7 and Valkey give a script's error its command's code
+    (``OOM … script: …``), so a refusal is recognised by class, never by its text."""
+
+    EXCEPTION_CLASSES: ClassVar[dict[str, Any]] = {
+        **DefaultParser.EXCEPTION_CLASSES,
+        "NOREPLICAS": NoReplicasError,
+        "MISCONF": MisconfError,
+        "BUSY": BusyError,
+    }
+
+
+#: Redis failures that mean "not reachable, or not taking writes, right now": a request gets a
+#: 503 and a consumer backs off and tries again; neither is the fault of the signup or the job.
+#: Each write refusal comes at a command's (or script's) first write, so nothing was written.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,  # refused, reset, a wrong password (AuthenticationError)
+    RedisTimeoutError,
+    BusyLoadingError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    NoReplicasError,
+    MisconfError,
+    BusyError,
+    MasterDownError,
+)
 
 
 class _HiredisPacking:
@@ -89,6 +140,7 @@ def web_client(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         connection_class=connection_class(settings.redis_url),
+        parser_class=_RefusalParser,
         **tls_options(settings),
     )
     # from_pool: the client owns the pool, so aclose() closes its connections too.
@@ -109,6 +161,7 @@ def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
         retry_on_timeout=False,
         health_check_interval=30,
         connection_class=connection_class(settings.redis_url),
+        parser_class=_RefusalParser,
         **tls_options(settings),
     )
     return aioredis.Redis.from_pool(pool)

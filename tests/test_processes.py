@@ -20,6 +20,9 @@ from pipeline.queue import DirectQueue
 from tests.conftest import RedisServer, SmtpSink, eventually
 from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
 
+#: What a server process started by `make run` is called (Redis, or the embedded Valkey).
+SERVER_NAMES = ("redis-server", "valkey-server")
+
 
 async def test_end_to_end_signup_to_welcome_email(
     spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, smtp_server: SmtpSink
@@ -291,7 +294,7 @@ async def test_make_run_starts_its_own_redis_and_a_second_ctrl_c_stops_at_once(
     )
     assert f"on 127.0.0.1:{redis_port}" in supervisor.output()
     children = psutil.Process(supervisor.process.pid).children(recursive=True)
-    assert any("redis-server" in " ".join(child.cmdline()) for child in children)
+    assert any(name in " ".join(child.cmdline()) for child in children for name in SERVER_NAMES)
     await eventually(lambda: smtp_server.started == 1, what="the welcome email in flight")
     supervisor.signal(signal.SIGINT)
     await eventually(lambda: "SIGTERM: stopping" in supervisor.output(), what="the first Ctrl-C")

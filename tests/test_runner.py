@@ -516,13 +516,14 @@ async def test_consumer_survives_a_redis_restart(
     import time
     from pathlib import Path
 
-    from pipeline.embedded_redis import free_port, server_args, wait_until_ready
+    from pipeline.embedded_redis import free_port, wait_until_ready
+    from tests.conftest import suite_server_args
 
     port = free_port()
     directory = Path(str(tmp_path))
 
     def start_redis() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(server_args(port, directory), stdout=subprocess.DEVNULL)
+        process = subprocess.Popen(suite_server_args(port, directory), stdout=subprocess.DEVNULL)
         wait_until_ready(port, time.monotonic() + 10, process)
         return process
 
