@@ -87,12 +87,12 @@ class _Outage:
     def failed(self, exc: Exception) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            logger.warning("Redis unreachable (%s); retrying with backoff", exc)
+            logger.warning("Redis unavailable (%s); retrying with backoff", exc)
 
     def ok(self) -> None:
         if self.down_since is not None:
             logger.warning(
-                "Redis reachable again after %.1f s; resuming", time.monotonic() - self.down_since
+                "Redis available again after %.1f s; resuming", time.monotonic() - self.down_since
             )
             self.down_since = None
             self.back_at = time.monotonic()

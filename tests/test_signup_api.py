@@ -436,34 +436,6 @@ async def test_stopping_the_app_closes_its_redis_connections(
 
 
 @pytest.mark.parametrize(
-    "refuse_writes",
-    [
-        # A read-only replica (of a primary that is not there).
-        (("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE")),
-        # Out of memory with eviction off.
-        (("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0")),
-    ],
-    ids=["read-only", "out-of-memory"],
-)
-async def test_503_when_redis_refuses_writes_and_nothing_is_written(
-    client: QuartClient, redis: aioredis.Redis, refuse_writes: tuple[tuple[str, ...], ...]
-) -> None:
-    refuse, restore = refuse_writes
-    await redis.config_set("maxmemory-policy", "noeviction")
-    await redis.execute_command(*refuse)
-    try:
-        status, headers, body = await post_json(
-            client, {"username": "alice", "email": "a@example.com"}
-        )
-    finally:
-        await redis.execute_command(*restore)
-    assert status == 503
-    assert body["error"] == "unavailable"
-    assert "Retry-After" in headers
-    assert await all_keys(redis) == set()
-
-
-@pytest.mark.parametrize(
     ("env", "username", "status"),
     [
         ({}, "Admin", 422),
