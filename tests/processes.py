@@ -42,9 +42,7 @@ def child_env(redis_server: RedisServer | str, **extra: str) -> dict[str, str]:
 class Child:
     """A subprocess whose stderr goes to a file the test can poll."""
 
-    def __init__(
-        self, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
-    ) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> None:
         self.log = log
         self._file = log.open("wb")
         # Its own session: teardown can reach everything it started (hypercorn's workers).
