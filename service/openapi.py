@@ -17,6 +17,7 @@ from quart_schema import DataSource, Info, QuartSchema, document_response
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import Rule
 
+from service.docs import docs
 from service.validation import EMAIL_MAX, FORM_TYPE, JSON_TYPE, USERNAME_MAX, USERNAME_MIN
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -310,11 +311,12 @@ class _Provider(OpenAPIProvider):
 
 
 def document_api(app: Quart) -> None:
-    """Serve ``/openapi.json`` and Swagger UI at ``/docs`` (which loads its script from a
-    CDN, as a browser page)."""
+    """Serve ``/openapi.json``, and Swagger UI at ``/docs`` (from :mod:`service.docs`, which
+    serves its script and stylesheet itself)."""
+    app.register_blueprint(docs)
     schema = QuartSchema(
         openapi_path="/openapi.json",
-        swagger_ui_path="/docs",
+        swagger_ui_path=None,
         redoc_ui_path=None,
         scalar_ui_path=None,
         info=Info(

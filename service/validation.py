@@ -97,9 +97,10 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     # body with no more ':' than names has none repeated (the usual case: nothing re-parsed).
     if body.count(b":") > len(data):
         try:
-            data = json.loads(body, object_pairs_hook=_members)
+            members: dict[str, Any] = json.loads(body, object_pairs_hook=_members)
         except RecursionError:  # orjson's depth limit is a little above json's
             raise ApiError(400, "malformed_body", "the body is nested too deeply") from None
+        return members
     return data
 
 

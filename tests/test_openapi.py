@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,8 +94,23 @@ async def test_docs_serve_swagger_ui_for_the_document(client: QuartClient) -> No
     assert response.status_code == 200
     assert response.mimetype == "text/html"
     page = await response.get_data(as_text=True)
-    assert "SwaggerUIBundle" in page
-    assert 'url: "/openapi.json"' in page
+    assert 'data-url="/openapi.json"' in page
+    # Everything the page loads is this app's own: no other host is named, and the policy
+    # lets the browser load nothing from one.
+    assert "//" not in page.replace("<!DOCTYPE html>", "")
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "default-src 'none'" in policy
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', page):
+        loaded = await client.get(asset)
+        assert loaded.status_code == 200, asset
+        assert len(await loaded.get_data()) > 0
+    start = await (await client.get(re.findall(r'src="([^"]*start[^"]*)"', page)[0])).get_data()
+    assert b"SwaggerUIBundle(" in start
+
+
+@pytest.mark.parametrize("name", ["index.html", "..%2Fswagger_ui_bundle", "swagger-ui.js.map"])
+async def test_docs_serve_only_the_files_the_page_uses(client: QuartClient, name: str) -> None:
+    assert (await client.get(f"/docs/{name}")).status_code == 404
 
 
 def documented_model(app: Quart, method: str, path: str, status: int) -> type[Any]:
