@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | cksum | cut -d' ' -f1)
 BENCH_STAMP := .bench-venv/.installed-$(shell cksum < loadtest/bench/requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test audit lint typecheck bench bench-drain lock clean
+# Debian's redis-server 7.0 (built with TLS), unpacked here by tests/fetch_debian_redis.sh: the
+# oldest server we support, in the matrix, and the server of the Redis TLS tests.
+DEBIAN_REDIS := $(CURDIR)/.redis-debian/redis-server
+
+.PHONY: run test test-matrix audit lint typecheck bench bench-drain lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -18,11 +22,17 @@ $(STAMP): requirements-dev.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m pipeline.devserver
 
-## test: lint, type-check, then the whole suite against a redis-server the suite starts itself
-## (and, for the TLS tests, Debian's redis-server unpacked into .redis-tls).
-test: lint typecheck
-	sh tests/fetch_tls_redis.sh .redis-tls
-	REDIS_TLS_SERVER=$(CURDIR)/.redis-tls/redis-server $(BIN)/python -m pytest
+## test: lint, type-check, then the whole suite against the embedded server (Valkey 9), which
+## the suite starts itself; the Redis TLS tests run on Debian's redis-server.
+test: lint typecheck $(DEBIAN_REDIS)
+	REDIS_TLS_SERVER=$(DEBIAN_REDIS) $(BIN)/python -m pytest
+
+## test-matrix: the whole suite again on every other server we support: Debian's Redis 7.0.
+test-matrix: $(STAMP) $(DEBIAN_REDIS)
+	REDIS_SERVER=$(DEBIAN_REDIS) REDIS_TLS_SERVER=$(DEBIAN_REDIS) $(BIN)/python -m pytest
+
+$(DEBIAN_REDIS):
+	sh tests/fetch_debian_redis.sh .redis-debian
 
 ## audit: pip-audit over both lock files; fails on a known vulnerability, and lists what it
 ## could not audit (AUDIT_STRICT=1: fail on those too).
@@ -62,4 +72,4 @@ lock:
 	rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) .bench-venv .redis-tls .run .pytest_cache .mypy_cache .ruff_cache bench-results.md bench-results.json
+	rm -rf $(VENV) .bench-venv .redis-debian .run .pytest_cache .mypy_cache .ruff_cache bench-results.md bench-results.json

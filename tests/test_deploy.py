@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +23,23 @@ from tests.conftest import RedisServer, SmtpSink, eventually
 from tests.processes import ROOT, Child, child_env, http
 
 SIGNUP = {"username": "deployed", "email": "deployed@example.com"}
+#: Modules that import what only the `loadtest` extra installs (locust, psutil).
+NEED_THE_LOADTEST_EXTRA = {"loadtest.drain", "loadtest.locustfile"}
+#: Imports every module of the installed packages (but the ``__main__``s, which would run);
+#: prints the names of those that fail, as JSON.
+IMPORT_EVERY_MODULE = """
+import importlib, json, pkgutil
+import consumers, loadtest, pipeline, service
+failed = []
+for package in (service, consumers, pipeline, loadtest):
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not module.name.endswith("__main__"):
+            try:
+                importlib.import_module(module.name)
+            except ImportError:
+                failed.append(module.name)
+print(json.dumps(failed))
+"""
 
 
 async def _answers(port: int, child: Child) -> bool:
@@ -99,6 +117,19 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
         )
         assert found.returncode != 0, f"{dev_tool} is in the production install"
     env = _production_env(redis_server, production_venv)
+    # Every module imports with what the lock installed (all but the two that need the
+    # `loadtest` extra), so no code path meets a missing dependency later.
+    imports = await asyncio.to_thread(
+        subprocess.run,
+        [python, "-c", IMPORT_EVERY_MODULE],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert imports.returncode == 0, imports.stderr
+    assert set(orjson.loads(imports.stdout)) == NEED_THE_LOADTEST_EXTRA
     port = free_port()
     web = spawn(
         [str(production_venv / "bin" / "hypercorn"), "--bind", f"127.0.0.1:{port}", "service:app"],

