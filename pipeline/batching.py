@@ -4,6 +4,10 @@ tick go to Redis as one pipeline of EVALSHAs, one round trip for all of them.
 Each script still runs atomically on its own (a pipeline is not a transaction), and each
 caller gets its own result or error. A failure of the round trip itself (Redis unreachable, a
 timeout) fails every call of that batch, as it would have failed each of them alone.
+
+With ``replicas`` set, the pipeline ends with ``WAIT replicas timeout``: on the same connection
+and in the same round trip, the batch's writes are confirmed by that many replicas, or every
+call of the batch fails with :class:`NotReplicatedError`.
 """
 
 from __future__ import annotations
@@ -15,15 +19,21 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from pipeline.errors import NotReplicatedError
+
 Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
 
 
 class ScriptBatcher:
     """Calls one script for many concurrent callers, a pipeline per loop tick."""
 
-    def __init__(self, redis: aioredis.Redis, source: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, source: str, replicas: int = 0, replica_timeout: float = 0.0
+    ) -> None:
         self._redis = redis
         self._script = redis.register_script(source)
+        self._replicas = replicas
+        self._replica_timeout_ms = max(1, round(replica_timeout * 1000))
         self._pending: list[Call] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -69,5 +79,16 @@ class ScriptBatcher:
         pipe = self._redis.pipeline(transaction=False)
         for keys, args, _ in batch:
             pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        if self._replicas:
+            pipe.execute_command("WAIT", self._replicas, self._replica_timeout_ms)
         results: list[Any] = await pipe.execute(raise_on_error=False)
+        if self._replicas:
+            acknowledged = results.pop()
+            if isinstance(acknowledged, Exception):
+                raise acknowledged
+            if acknowledged < self._replicas:
+                # Every call that ran is unconfirmed (one refused for a missing script runs
+                # again, with a WAIT of its own).
+                short = NotReplicatedError(acknowledged, self._replicas)
+                results = [r if isinstance(r, NoScriptError) else short for r in results]
         return results

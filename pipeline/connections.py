@@ -22,6 +22,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
@@ -106,6 +107,23 @@ class HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
     pass
 
 
+class HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    """A connection to whichever server the sentinels name as the primary. redis-py drops it
+    (and asks the sentinels again on the next connect) when the server it reaches answers
+    READONLY: a demoted primary."""
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's sentinel pool (connections to the current primary, idle ones dropped when
+    the sentinels name another), bounded and blocking like the direct pool. Closing it closes
+    the connections to the sentinels too."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client's aclose(), not a switch to a new primary
+            await self.sentinel_manager.aclose()
+
+
 def connection_class(url: str) -> type[AbstractConnection]:
     """The hiredis-packing connection class for the URL's scheme (what ``from_url`` would
     pick, which a ``connection_class`` argument would otherwise override)."""
@@ -129,19 +147,49 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _pool(settings: Settings, **options: Any) -> BlockingConnectionPool:
+    """A bounded, blocking pool for ``REDIS_URL``: to that server, or, for a
+    ``redis+sentinel://`` URL, to the primary its sentinels name (asked again on every new
+    connection, so a failover is followed without a restart)."""
+    options["parser_class"] = _RefusalParser
+    target = settings.sentinel
+    if target is None:
+        return BlockingConnectionPool.from_url(
+            settings.redis_url,
+            connection_class=connection_class(settings.redis_url),
+            **tls_options(settings),
+            **options,
+        )
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels,
+        sentinel_kwargs={
+            "password": settings.redis_sentinel_password,
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "socket_timeout": max(options["socket_connect_timeout"], 1.0),
+            "retry": Retry(NoBackoff(), 0),
+        },
+    )
+    return _BlockingSentinelPool(  # type: ignore[no-untyped-call]
+        target.service,
+        sentinels,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        connection_class=HiredisSentinelConnection,
+        **options,
+    )
+
+
 def web_client(settings: Settings) -> aioredis.Redis:
     """A bounded pool: a burst waits up to ``redis_pool_timeout`` for a connection."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
+    pool = _pool(
+        settings,
         max_connections=settings.redis_pool_size,
         timeout=settings.redis_pool_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         socket_timeout=settings.redis_socket_timeout,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
-        connection_class=connection_class(settings.redis_url),
-        parser_class=_RefusalParser,
-        **tls_options(settings),
     )
     # from_pool: the client owns the pool, so aclose() closes its connections too.
     return aioredis.Redis.from_pool(pool)
@@ -151,8 +199,8 @@ def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
     """A pool with room for every fetcher and handler. A command that meets a dead connection
     (a pooled one that a restarted Redis closed) is retried on a new one, with backoff; a
     timeout is not retried, so a BRPOP whose reply may be in flight is never sent twice."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
+    pool = _pool(
+        settings,
         max_connections=max_connections,
         timeout=None,
         socket_connect_timeout=max(settings.redis_connect_timeout, 1.0),
@@ -160,8 +208,5 @@ def consumer_client(settings: Settings, max_connections: int) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_timeout=False,
         health_check_interval=30,
-        connection_class=connection_class(settings.redis_url),
-        parser_class=_RefusalParser,
-        **tls_options(settings),
     )
     return aioredis.Redis.from_pool(pool)

@@ -6,6 +6,7 @@ fields of two hashes, not keys of their own.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 #: The queues, by name. A job type belongs to exactly one of them.
@@ -94,6 +95,11 @@ class Keys:
     def user(self, user_id: str) -> str:
         """The hash holding one user's record."""
         return f"{self.prefix}:user:{user_id}"
+
+    def idempotency(self, key: str) -> str:
+        """The record of the signup made with ``Idempotency-Key: key`` (its SHA-256, so the
+        client's text is never part of a key name)."""
+        return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
 
     def profile(self, user_id: str) -> str:
         """The JSON string holding one user's generated profile."""

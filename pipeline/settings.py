@@ -60,6 +60,48 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """``redis+sentinel://[user:password@]host1:port1,host2:port2/<service-name>/<db>``: the
+    sentinels to ask for the primary of ``service``, and what to log in to it with."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+def parse_sentinel_url(raw: str) -> SentinelUrl:
+    """Parse a ``redis+sentinel://`` URL, or raise ValueError saying what is wrong."""
+    scheme, sep, rest = raw.partition("://")
+    if scheme != SENTINEL_SCHEME or not sep:
+        raise ValueError(f"expected a {SENTINEL_SCHEME}:// URL")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected sentinels as host:port[,host:port...]")
+        sentinels.append((host, int(port)))
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("the URL names no service (redis+sentinel://host:port/<service>/<db>)")
+    if db and not db.isdigit():
+        raise ValueError("the database (after the service name) must be a number")
+    return SentinelUrl(tuple(sentinels), unquote(service), int(db or 0), username, password)
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpConfig:
     """Where welcome emails go: parsed from ``SMTP_URL``."""
 
@@ -76,6 +118,9 @@ class Settings:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_ca_file: str | None = None
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_min_replicas: int = 0
+    redis_replica_timeout: float = 0.5
     key_prefix: str = "signup"
     redis_connect_timeout: float = 0.5
     redis_socket_timeout: float = 1.0
@@ -113,6 +158,14 @@ class Settings:
     rate_limit_failure: RateLimitFailure = "closed"
     trusted_proxies: tuple[Network, ...] = ()
     reserved_usernames: tuple[str, ...] = RESERVED_USERNAMES
+    idempotency_key_ttl: int = 24 * 3600
+
+    @property
+    def sentinel(self) -> SentinelUrl | None:
+        """The parsed ``redis+sentinel://`` URL, or None for a direct one."""
+        if not self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):
+            return None
+        return parse_sentinel_url(self.redis_url)
 
     def __repr__(self) -> str:
         # Never print a password: the URL is shown with its credentials masked.
@@ -121,6 +174,7 @@ class Settings:
             if f.name == "redis_url"
             else f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
+            if f.repr
         )
         return f"Settings({fields})"
 
@@ -129,9 +183,16 @@ class Settings:
         """Build settings from ``environ`` (the process environment when None)."""
         env = os.environ if environ is None else environ
         defaults = cls()
-        return cls(
+        settings = cls(
             redis_url=_get(env, "REDIS_URL", _redis_url, defaults.redis_url),
             redis_ca_file=_get(env, "REDIS_CA_FILE", _readable_file, None),
+            redis_sentinel_password=_get(env, "REDIS_SENTINEL_PASSWORD", str, None),
+            redis_min_replicas=_get(
+                env, "REDIS_MIN_REPLICAS", _integer(0, 100), defaults.redis_min_replicas
+            ),
+            redis_replica_timeout=_get(
+                env, "REDIS_REPLICA_TIMEOUT", _seconds(0.001, 60), defaults.redis_replica_timeout
+            ),
             key_prefix=_get(env, "KEY_PREFIX", _prefix, defaults.key_prefix),
             redis_connect_timeout=_get(
                 env, "REDIS_CONNECT_TIMEOUT", _seconds(0.01, 60), defaults.redis_connect_timeout
@@ -191,7 +252,20 @@ class Settings:
             ),
             trusted_proxies=_get(env, "TRUSTED_PROXIES", _networks, defaults.trusted_proxies),
             reserved_usernames=_get(env, "RESERVED_USERNAMES", _names, defaults.reserved_usernames),
+            idempotency_key_ttl=_get(
+                env, "IDEMPOTENCY_KEY_TTL", _integer(1, 30 * 86_400), defaults.idempotency_key_ttl
+            ),
         )
+        if (
+            settings.redis_min_replicas
+            and settings.redis_replica_timeout >= settings.redis_socket_timeout
+        ):
+            raise SettingsError(
+                f"REDIS_REPLICA_TIMEOUT={settings.redis_replica_timeout:g}: must be below "
+                f"REDIS_SOCKET_TIMEOUT ({settings.redis_socket_timeout:g}), which bounds the "
+                "wait for the replicas' answer"
+            )
+        return settings
 
 
 def _get(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
@@ -202,15 +276,20 @@ def _get(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: 
         return parse(raw.strip())
     except ValueError as exc:
         shown = redact_url(raw) if name in {"REDIS_URL", "SMTP_URL"} else raw
+        if name == "REDIS_SENTINEL_PASSWORD":
+            shown = "***"
         raise SettingsError(f"{name}={shown!r}: {exc}") from None
 
 
 def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with the password in it (if any) shown as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not sep or not at or not colon:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return f"{scheme}://{user}:***@{hosts}{slash}{path}"
 
 
 def _seconds(low: float, high: float) -> Callable[[str], float]:
@@ -246,9 +325,12 @@ parse_port = _integer(1, 65535)
 
 
 def _redis_url(raw: str) -> str:
+    if raw.startswith(f"{SENTINEL_SCHEME}://"):
+        parse_sentinel_url(raw)
+        return raw
     parts = urlsplit(raw)
     if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        raise ValueError(f"expected a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
     if parts.scheme != "unix":
         if not parts.hostname:
             raise ValueError("the URL names no host")

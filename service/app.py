@@ -53,7 +53,15 @@ def create_app(settings: Settings) -> Quart:
     async def open_redis() -> None:
         client = web_client(settings)
         keys = Keys(settings.key_prefix)
-        users = UserStore(client, keys, settings.rate_limit, settings.rate_limit_failure)
+        users = UserStore(
+            client,
+            keys,
+            settings.rate_limit,
+            settings.rate_limit_failure,
+            min_replicas=settings.redis_min_replicas,
+            replica_timeout=settings.redis_replica_timeout,
+            idempotency_key_ttl=settings.idempotency_key_ttl,
+        )
         clients = ClientResolver(settings.trusted_proxies)
         reserved = reserved_forms(settings.reserved_usernames)
         app.extensions[EXTENSION] = Deps(settings, keys, client, users, clients, reserved)

@@ -70,3 +70,36 @@ class UnavailableError(ApiError):
             "the service is temporarily unavailable; nothing was saved, please retry",
             headers={"Retry-After": str(self.RETRY_AFTER)},
         )
+
+
+class InvalidIdempotencyKeyError(ApiError):
+    """400: the ``Idempotency-Key`` header is empty, too long or not printable ASCII."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(400, "invalid_idempotency_key", f"the Idempotency-Key header {problem}")
+
+
+class IdempotencyKeyReusedError(ApiError):
+    """422: the ``Idempotency-Key`` was already used for a different signup."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            422,
+            "idempotency_key_reused",
+            "that Idempotency-Key was used for a different signup; nothing was saved",
+            fields={"Idempotency-Key": "already used for a different signup"},
+        )
+
+
+class NotReplicatedApiError(ApiError):
+    """503: the signup was written on the Redis primary, but fewer replicas than
+    ``REDIS_MIN_REPLICAS`` confirmed it in time, so a failover could still lose it."""
+
+    def __init__(self, acknowledged: int, required: int) -> None:
+        super().__init__(
+            503,
+            "not_replicated",
+            f"the signup was saved but only {acknowledged} of {required} replicas confirmed it "
+            "in time; retry with the same Idempotency-Key to get its answer",
+            headers={"Retry-After": str(UnavailableError.RETRY_AFTER)},
+        )

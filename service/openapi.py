@@ -33,6 +33,18 @@ REQUEST_ID_PARAMETER = {
     "`. _ : / + = -`.",
     "schema": {"type": "string"},
 }
+IDEMPOTENCY_KEY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes the signup safe to retry (the IETF httpapi draft's semantics): a "
+    "retry with the same key and the same body gets the original 201 with the same `user_id`, "
+    "also after a 503 whose commit did happen; the same key with another body is a 422 "
+    "`idempotency_key_reused`. 1 to 255 printable ASCII characters, as a Structured Field "
+    'string (`"…"`) or bare; anything else is a 400 `invalid_idempotency_key`. Remembered for '
+    "IDEMPOTENCY_KEY_TTL seconds.",
+    "schema": {"type": "string"},
+}
 REQUEST_ID_HEADER = {
     "required": True,
     "description": "The request's id: the client's own `X-Request-ID` if it is sane "
@@ -158,9 +170,10 @@ class Ready(Struct):
 
 class MalformedBody(Struct):
     """The body is not JSON, not UTF-8, not a JSON object, nested too deep, or a malformed
-    form."""
+    form (`malformed_body`); or the Idempotency-Key header is empty, too long or not printable
+    ASCII (`invalid_idempotency_key`)."""
 
-    error: Literal["malformed_body"]
+    error: Literal["malformed_body", "invalid_idempotency_key"]
     message: Message
 
 
@@ -202,9 +215,11 @@ class UnsupportedMediaType(Struct):
 
 
 class Invalid(Struct):
-    """Fields are missing, of the wrong type, invalid, given twice or unknown."""
+    """Fields are missing, of the wrong type, invalid, given twice or unknown (`validation`);
+    or the Idempotency-Key was used for a different signup (`idempotency_key_reused`, with
+    the field `Idempotency-Key`). Nothing was written."""
 
-    error: Literal["validation"]
+    error: Literal["validation", "idempotency_key_reused"]
     message: Message
     fields: Annotated[dict[str, str], msgspec.Meta(description="Field name -> what is wrong.")]
 
@@ -219,10 +234,12 @@ class RateLimited(Struct):
 
 
 class Unavailable(Struct):
-    """Redis is unreachable, timed out or refusing writes. Nothing was saved; retry after
-    Retry-After seconds."""
+    """Redis is unreachable, timed out or refusing writes; nothing was saved (`unavailable`).
+    Or the signup was saved on the primary but fewer than REDIS_MIN_REPLICAS replicas
+    confirmed it in time (`not_replicated`): retry with the same Idempotency-Key for its 201.
+    Retry after Retry-After seconds."""
 
-    error: Literal["unavailable"]
+    error: Literal["unavailable", "not_replicated"]
     message: Message
 
 
@@ -268,7 +285,10 @@ class _Provider(OpenAPIProvider):
         paths, components = super().build_paths(rule)
         for operations in paths.values():
             for operation in operations.values():
-                operation["parameters"] = [*operation["parameters"], REQUEST_ID_PARAMETER]
+                extra = [REQUEST_ID_PARAMETER]
+                if rule.endpoint == "api.signup":
+                    extra.insert(0, IDEMPOTENCY_KEY_PARAMETER)
+                operation["parameters"] = [*operation["parameters"], *extra]
                 description = operation.pop("description", "").strip()
                 if description:
                     operation["description"] = description

@@ -32,7 +32,7 @@ from service.openapi import (
 )
 from service.signals import emit, user_signed_up
 from service.users import NewUser, SignupJobs
-from service.validation import parse_body, validate_signup
+from service.validation import parse_body, parse_idempotency_key, validate_signup
 
 api = Blueprint("api", __name__)
 
@@ -67,6 +67,7 @@ async def signup() -> Response:
     headers = request.headers
     client = current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
     current.users.admit(client)  # before reading the body
+    idempotency_key = parse_idempotency_key(headers.get("Idempotency-Key"))
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
     fields = validate_signup(
         parse_body(request.mimetype, request.mimetype_params.get("charset"), body),
@@ -94,10 +95,10 @@ async def signup() -> Response:
         counter = web_metrics().receiver_errors
         for name in failures:
             counter.labels(name).inc()
-    await current.users.create(user, jobs, receiver_errors=len(failures), client=client)
-    return json_response(
-        {"user_id": user.user_id, "username": user.username, "email": user.email}, 201
+    created = await current.users.create(
+        user, jobs, receiver_errors=len(failures), client=client, idempotency_key=idempotency_key
     )
+    return Response(created, status=201, mimetype="application/json")
 
 
 @api.get("/users/<user_id>")

@@ -8,6 +8,7 @@ all of it or none of it, in one round trip.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,26 +18,44 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.batching import ScriptBatcher
+from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import Keys
 from pipeline.queue import queue_for
 from pipeline.settings import RateLimit, RateLimitFailure
 from service.clients import RefusedClients
-from service.errors import ConflictError, RateLimitedError, UnavailableError
+from service.errors import (
+    ConflictError,
+    IdempotencyKeyReusedError,
+    NotReplicatedApiError,
+    RateLimitedError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
-# KEYS: username claims, email claims, user hash, stats hash, the client's rate-limit key,
-#       then one queue key per job.
+# KEYS: username claims, email claims, user hash, stats hash, the client's rate-limit key, the
+#       idempotency key's record, then one queue key per job.
 # ARGV: username claim, email claim, user id, username, email, created_at, receiver errors,
 #       rate limit count (0: no limit), rate limit period (ms), "open" or "closed" (what to do
-#       when the limit's state cannot be read), then one encoded job per queue key, in order.
-# Returns "ok"; "retry <ms>" when the client is over its limit; "limiter" when the limit's
-# state cannot be read and the limit fails closed; or the name of the field whose claim is
-# taken. Only "ok" writes the signup. The limit is a GCRA (a token bucket kept as one
-# number): the key holds when the client's next signup is due; "count" may come at once,
-# then one every period/count. Each signup that reaches the script counts, a conflict too.
+#       when the limit's state cannot be read), the request's fingerprint ("": no idempotency
+#       key), the record's lifetime (ms), the 201's body, then one encoded job per queue key.
+# Returns "ok"; "replay <body>" when the idempotency key's record is there for this same
+# request (nothing is written); "reused" when it is there for another request; "retry <ms>"
+# when the client is over its limit; "limiter" when the limit's state cannot be read and the
+# limit fails closed; or the name of the field whose claim is taken. Only "ok" writes the
+# signup, and with it the idempotency key's record (its fingerprint, then the 201's body).
+# The limit is a GCRA (a token bucket kept as one number): the key holds when the client's
+# next signup is due; "count" may come at once, then one every period/count. Each signup that
+# reaches the script counts, a conflict too; a replay does not.
 _CREATE_USER = """
+if ARGV[11] ~= '' then
+  local record = redis.call('GET', KEYS[6])
+  if record then
+    if string.sub(record, 1, 64) == ARGV[11] then return 'replay ' .. string.sub(record, 65) end
+    return 'reused'
+  end
+end
 local count = tonumber(ARGV[8])
 if count > 0 then
   local stored = redis.pcall('GET', KEYS[5])
@@ -59,7 +78,8 @@ redis.call('HSET', KEYS[3], 'id', ARGV[3], 'username', ARGV[4], 'email', ARGV[5]
            'created_at', ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'users', 1)
 if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[4], 'receiver_errors', ARGV[7]) end
-for i = 6, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 5]) end
+for i = 7, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 7]) end
+if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11] .. ARGV[13], 'PX', ARGV[12]) end
 return 'ok'
 """
 
@@ -88,6 +108,17 @@ class NewUser:
     username_claim: str
     email_claim: str
 
+    def created(self) -> bytes:
+        """The body of its 201."""
+        return orjson.dumps(
+            {"user_id": self.user_id, "username": self.username, "email": self.email}
+        )
+
+    def fingerprint(self) -> str:
+        """What an Idempotency-Key is checked against: the same key with another signup (other
+        values, as stored) is refused. 64 hex digits."""
+        return hashlib.sha256(f"{self.username}\n{self.email}".encode()).hexdigest()
+
 
 def _log_orphaned_failure(commit: asyncio.Future[Any]) -> None:
     # Retrieve the outcome of a commit whose request was cancelled, so a failure is logged
@@ -105,11 +136,19 @@ class UserStore:
         keys: Keys,
         rate_limit: RateLimit | None = None,
         rate_limit_failure: RateLimitFailure = "closed",
+        *,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.5,
+        idempotency_key_ttl: float = 86400.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
-        # Signups that reach their commit in the same loop tick share one round trip.
-        self._create = ScriptBatcher(redis, _CREATE_USER)
+        # Signups that reach their commit in the same loop tick share one round trip, which
+        # ends with WAIT when replicas must confirm them.
+        self._create = ScriptBatcher(redis, _CREATE_USER, min_replicas, replica_timeout)
+        self._idempotency_ttl_ms = round(idempotency_key_ttl * 1000)
+        # A signup without an Idempotency-Key still names a key there (never read or written).
+        self._unkeyed = keys.idempotency("")
         self._limit = (
             [rate_limit.count, round(rate_limit.period * 1000)] if rate_limit else [0, 0]
         ) + [rate_limit_failure]
@@ -124,14 +163,23 @@ class UserStore:
             raise RateLimitedError(wait)
 
     async def create(
-        self, user: NewUser, jobs: SignupJobs, receiver_errors: int, client: str
-    ) -> None:
-        """Commit the user with its jobs, counting the signup against ``client``'s rate limit.
+        self,
+        user: NewUser,
+        jobs: SignupJobs,
+        receiver_errors: int,
+        client: str,
+        idempotency_key: str | None = None,
+    ) -> bytes:
+        """Commit the user with its jobs, counting the signup against ``client``'s rate limit;
+        return the 201's body. With an ``idempotency_key`` already used for the same signup,
+        nothing is written and the body is the original's.
 
         Raises :class:`ConflictError` when the username or email is taken,
-        :class:`RateLimitedError` when ``client`` is over its limit, and
-        :class:`UnavailableError` when the limit's state cannot be read and it fails closed;
-        then nothing of the signup was written.
+        :class:`RateLimitedError` when ``client`` is over its limit,
+        :class:`UnavailableError` when the limit's state cannot be read and it fails closed,
+        and :class:`IdempotencyKeyReusedError` when the key was used for another signup; then
+        nothing of the signup was written. :class:`NotReplicatedError` (a 503) means it was
+        written but not confirmed by enough replicas in time.
 
         The script is shielded from cancellation: a client that disconnects mid-request
         cannot cut the commit short, so the signup is either written whole or not at all.
@@ -143,8 +191,10 @@ class UserStore:
             keys.user(user.user_id),
             keys.stats,
             keys.rate(client),
+            keys.idempotency(idempotency_key) if idempotency_key is not None else self._unkeyed,
         ]
         script_keys += [keys.queue(queue) for queue, _ in jobs.queued]
+        created = user.created()
         args: list[Any] = [
             user.username_claim,
             user.email_claim,
@@ -154,13 +204,24 @@ class UserStore:
             repr(user.created_at),
             receiver_errors,
             *self._limit,
+            user.fingerprint() if idempotency_key is not None else "",
+            self._idempotency_ttl_ms,
+            created,
         ]
         args += [job.encode() for _, job in jobs.queued]
         commit = self._create(script_keys, args)
         commit.add_done_callback(_log_orphaned_failure)
-        result = bytes(await asyncio.shield(commit))
+        try:
+            result = bytes(await asyncio.shield(commit))
+        except NotReplicatedError as exc:
+            logger.warning("signup %s not confirmed by replicas: %s", user.user_id, exc)
+            raise NotReplicatedApiError(exc.acknowledged, exc.required) from exc
         if result == b"ok":
-            return
+            return created
+        if result.startswith(b"replay "):
+            return result[7:]
+        if result == b"reused":
+            raise IdempotencyKeyReusedError()
         if result.startswith(b"retry "):
             seconds = int(result[6:]) / 1000
             self._refused.refuse(client, seconds)

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
-from service.errors import ApiError, ValidationError
+from service.errors import ApiError, InvalidIdempotencyKeyError, ValidationError
 
 USERNAME_MIN, USERNAME_MAX = 3, 32
 EMAIL_MAX = 254
@@ -133,6 +133,39 @@ def _parse_form(body: bytes) -> dict[str, Any]:
 
 class _Repeated(list[Any]):
     """A field given more than once (in a form, or a JSON object)."""
+
+
+#: The longest Idempotency-Key taken.
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def parse_idempotency_key(raw: str | None) -> str | None:
+    """The ``Idempotency-Key`` header's key, or None without one. As the IETF httpapi draft
+    has it, a Structured Field string (``"…"``, with ``\\"`` and ``\\\\`` escapes); a bare
+    value is taken as it is. Either way 1 to 255 printable ASCII characters, else a 400."""
+    if raw is None:
+        return None
+    key = raw
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        key, escaped = "", False
+        for char in raw[1:-1]:
+            if escaped and char not in '\\"':
+                raise InvalidIdempotencyKeyError("escapes a character other than '\"' or '\\'")
+            if escaped or char not in '\\"':
+                key, escaped = key + char, False
+            elif char == "\\":
+                escaped = True
+            else:
+                raise InvalidIdempotencyKeyError("has an unescaped '\"' in its string")
+        if escaped:
+            raise InvalidIdempotencyKeyError("ends in a lone '\\'")
+    if not key:
+        raise InvalidIdempotencyKeyError("is empty")
+    if len(key) > IDEMPOTENCY_KEY_MAX:
+        raise InvalidIdempotencyKeyError(f"is longer than {IDEMPOTENCY_KEY_MAX} characters")
+    if not all(" " <= char <= "~" for char in key):
+        raise InvalidIdempotencyKeyError("must be printable ASCII")
+    return key
 
 
 def _json_type(value: object) -> str:

@@ -78,7 +78,7 @@ async def test_openapi_document_describes_the_api(client: QuartClient) -> None:
     invalid = signup["responses"]["422"]["content"]["application/json"]["schema"]
     assert invalid["required"] == ["error", "message", "fields"]
     assert signup["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
-    assert {p["name"] for p in signup["parameters"]} == {"X-Request-ID"}
+    assert {p["name"] for p in signup["parameters"]} == {"Idempotency-Key", "X-Request-ID"}
 
     for path, operations in document["paths"].items():
         for method, operation in operations.items():

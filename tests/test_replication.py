@@ -1,0 +1,124 @@
+"""``REDIS_MIN_REPLICAS``: a 201 only once that many replicas have the signup (``WAIT`` after
+the signup's script, on the same connection, in the same round trip); else a 503
+``not_replicated``, which a retry with the same Idempotency-Key turns into the original 201."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from werkzeug.datastructures import Headers
+
+from pipeline.keys import Keys
+from pipeline.settings import Settings
+from service.app import create_app
+from tests.conftest import eventually
+from tests.servers import Scratch
+
+ALICE = {"username": "alice", "email": "alice@example.com"}
+HEADERS = {"Content-Type": "application/json", "Idempotency-Key": "alice-1"}
+
+
+async def replicas_linked(primary: aioredis.Redis, count: int) -> bool:
+    info = await primary.info("replication")
+    online = [v for k, v in info.items() if k.startswith("slave") and v["state"] == "online"]
+    return len(online) == count
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Scratch, Scratch, aioredis.Redis]]:
+    """A primary with one replica, and a plain client on the primary."""
+    primary = Scratch(tmp_path / "primary")
+    replica = Scratch(tmp_path / "replica")
+    await primary.start()
+    await replica.start("--replicaof", "127.0.0.1", str(primary.port))
+    client = aioredis.Redis.from_url(primary.url, socket_timeout=10)
+    try:
+        await eventually(lambda: replicas_linked(client, 1), what="the replica to link")
+        yield primary, replica, client
+    finally:
+        await client.aclose()
+        replica.stop()
+        primary.stop()
+
+
+def settings_for(make_settings: Callable[..., Settings], primary: Scratch, **env: str) -> Settings:
+    return make_settings({"REDIS_URL": primary.url, "REDIS_MIN_REPLICAS": "1", **env})
+
+
+async def test_a_201_means_the_replica_has_the_signup_and_it_costs_no_extra_round_trip(
+    pair: tuple[Scratch, Scratch, aioredis.Redis], make_settings: Callable[..., Settings]
+) -> None:
+    primary, replica, client = pair
+    keys = Keys("signup")
+    async with create_app(settings_for(make_settings, primary)).test_app() as app:
+        test_client = app.test_client()
+        # A first signup loads the script, so the one watched below is the steady state.
+        bob = {"username": "bob", "email": "bob@example.com"}
+        assert (await test_client.post("/signup", json=bob)).status_code == 201
+        async with client.monitor() as monitor:
+            commands: list[str] = []
+
+            async def watch() -> None:
+                async for line in monitor.listen():
+                    if line.get("client_type") != "lua":  # not the script's own commands
+                        commands.append(line["command"].split()[0].upper())
+
+            watching = asyncio.create_task(watch())
+            response = await test_client.post("/signup", data=orjson.dumps(ALICE), headers=HEADERS)
+            assert response.status_code == 201
+            await eventually(lambda: "WAIT" in commands, what="the WAIT to be seen")
+            watching.cancel()
+    user_id = (await response.get_json())["user_id"]
+    # The replica had it when the 201 was sent: read it there, no waiting.
+    on_replica = aioredis.Redis.from_url(replica.url)
+    try:
+        assert await on_replica.hget(keys.user(user_id), "username") == b"alice"
+        assert await on_replica.llen(keys.queue("email")) == 2
+    finally:
+        await on_replica.aclose()
+    # One round trip: the script, then WAIT, pipelined (the app's client sent nothing else).
+    assert [c for c in commands if c not in {"CLIENT", "HELLO", "SCRIPT"}] == ["EVALSHA", "WAIT"]
+
+
+async def test_too_few_replicas_is_a_503_and_the_retry_gets_the_original_201_once_one_is_back(
+    pair: tuple[Scratch, Scratch, aioredis.Redis], make_settings: Callable[..., Settings]
+) -> None:
+    primary, replica, client = pair
+    replica.stop()
+    await eventually(lambda: replicas_linked(client, 0), what="the primary to see it gone")
+    async with create_app(settings_for(make_settings, primary)).test_app() as app:
+        test_client = app.test_client()
+
+        async def signup() -> tuple[int, Headers, Any]:
+            response = await test_client.post("/signup", data=orjson.dumps(ALICE), headers=HEADERS)
+            return response.status_code, response.headers, await response.get_json()
+
+        status, headers, body = await signup()
+        assert status == 503
+        assert body["error"] == "not_replicated"
+        assert headers["Retry-After"] == "1"
+        # The signup is on the primary, only not confirmed: the retry replays it (and waits).
+        assert await client.hget("signup:stats", "users") == b"1"
+        assert (await signup())[2]["error"] == "not_replicated"
+        await replica.start("--replicaof", "127.0.0.1", str(primary.port))
+        await eventually(lambda: replicas_linked(client, 1), what="the replica to be back")
+        status, _, created = await signup()
+    assert status == 201
+    assert created["username"] == "alice"
+    assert await client.hget(Keys("signup").user(created["user_id"]), "username") == b"alice"
+    assert await client.hget("signup:stats", "users") == b"1"  # one signup, answered at last
+
+
+async def test_a_replica_timeout_not_below_the_socket_timeout_is_refused_at_start() -> None:
+    from pipeline.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="REDIS_REPLICA_TIMEOUT=1: must be below"):
+        Settings.from_env({"REDIS_MIN_REPLICAS": "1", "REDIS_REPLICA_TIMEOUT": "1"})
+    # Without replicas to wait for, it does not matter.
+    Settings.from_env({"REDIS_REPLICA_TIMEOUT": "1"})
