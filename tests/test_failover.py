@@ -1,0 +1,212 @@
+"""High availability with the real thing: a primary, two replicas and three sentinels on
+loopback, the web (hypercorn) and a consumer following ``redis+sentinel://`` through a failover
+they are never restarted for."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.keys import Keys
+from tests.conftest import SmtpSink, eventually
+from tests.processes import child_env, consumer_argv, http, request, web
+from tests.servers import Scratch, Topology
+
+KEYS = Keys("signup")
+
+
+@pytest.fixture
+async def topology(tmp_path: Path) -> AsyncIterator[Topology]:
+    started = Topology(tmp_path / "topology")
+    try:
+        await started.start()
+        yield started
+    finally:
+        started.stop()
+
+
+@dataclass
+class Outcome:
+    """What one client saw of one signup, over its retries."""
+
+    username: str
+    statuses: list[int] = field(default_factory=list)
+    user_id: str | None = None
+    #: When the attempt that got the 201 was sent, and when its answer came.
+    sent_at: float = 0.0
+    accepted_at: float = 0.0
+
+
+@dataclass
+class Stream:
+    """Clients signing up one after another, each retrying a 503 with the same
+    Idempotency-Key (as a careful client does) until a 201 or the stream stops."""
+
+    port: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def client(self, name: str) -> None:
+        n = 0
+        while not self.stop.is_set():
+            outcome = Outcome(f"{name}_{n}")
+            self.outcomes.append(outcome)
+            await self.sign_up(outcome)
+            n += 1
+
+    async def sign_up(self, outcome: Outcome) -> None:
+        body = {"username": outcome.username, "email": f"{outcome.username}@example.com"}
+        headers = {"Idempotency-Key": f"key-{outcome.username}"}
+        while not self.stop.is_set():
+            sent_at = time.monotonic()
+            try:
+                status, _, answer = await request(self.port, "POST", "/signup", body, headers)
+            except OSError:
+                status, answer = 0, None
+            outcome.statuses.append(status)
+            if status == 201:
+                outcome.user_id, outcome.sent_at = answer["user_id"], sent_at
+                outcome.accepted_at = time.monotonic()
+                return
+            await asyncio.sleep(0.05)  # a client's pause before its retry, not synchronisation
+
+    def accepted(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.user_id is not None]
+
+
+async def new_primary(topology: Topology, old: Scratch) -> Scratch:
+    async def moved() -> bool:
+        try:
+            return topology.primary() is not old
+        except AssertionError:
+            return False
+
+    await eventually(moved, timeout=30, what="the sentinels to promote a replica")
+    return topology.primary()
+
+
+async def all_processed(port: int, smtp: SmtpSink, accepted: list[Outcome]) -> bool:
+    if not {f"{o.username}@example.com" for o in accepted} <= set(smtp.recipients()):
+        return False
+    for outcome in accepted:
+        status, user = await http(port, "GET", f"/users/{outcome.user_id}")
+        if status != 200 or user["profile"] is None:
+            return False
+    return True
+
+
+@pytest.mark.timeout(120)
+async def test_a_primary_killed_under_a_stream_loses_no_201_and_both_processes_follow(
+    topology: Topology, spawn: Any, smtp_server: SmtpSink
+) -> None:
+    env = child_env(topology.url, REDIS_MIN_REPLICAS="1", SMTP_URL=smtp_server.url)
+    async with web(spawn, env) as (port, web_process):
+        worker = spawn(consumer_argv(), env)
+        stream = Stream(port)
+        clients = [asyncio.create_task(stream.client(f"c{i}")) for i in range(3)]
+        try:
+            await eventually(lambda: len(stream.accepted()) >= 30, what="signups before the kill")
+            old = topology.primary()
+            assert old.process is not None
+            old.process.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            accepted_before = len(stream.accepted())
+            await new_primary(topology, old)
+
+            def after_kill() -> int:
+                return sum(1 for o in stream.accepted() if o.sent_at > killed_at)
+
+            await eventually(lambda: after_kill() >= 30, timeout=30, what="signups after it")
+        finally:
+            stream.stop.set()
+            await asyncio.gather(*clients)
+        accepted = stream.accepted()
+        statuses = [s for o in stream.outcomes for s in o.statuses]
+        # The first 201 to a request sent after the kill.
+        first_after = min(o.accepted_at for o in accepted if o.sent_at > killed_at)
+        # Every signup that got a 201 is there after the failover, and all its jobs ran.
+        await eventually(
+            lambda: all_processed(port, smtp_server, accepted), timeout=60, what="every job"
+        )
+        assert set(statuses) <= {201, 503}, statuses  # no 500, nothing but a retryable 503
+        assert first_after - killed_at < 15
+        # Neither process was restarted.
+        assert web_process.process.poll() is None and worker.process.poll() is None
+        emails = smtp_server.recipients()
+        report(
+            min_replicas=1,
+            accepted=len(accepted),
+            accepted_before_kill=accepted_before,
+            first_201_after_kill_s=round(first_after - killed_at, 2),
+            answers_503=statuses.count(503),
+            lost=0,
+            emails_repeated=len(emails) - len(set(emails)),
+        )
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(20) == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("min_replicas", [0, 1])
+async def test_what_a_failover_loses_without_and_with_replicated_acknowledgement(
+    topology: Topology, spawn: Any, min_replicas: int
+) -> None:
+    """Replicas that fall behind (frozen here), then the primary dies: the signups answered
+    in the meantime are on the old primary only. Without REDIS_MIN_REPLICAS they were 201s,
+    and are lost; with it they were 503s, and their retries (same key) succeed afterwards."""
+    env = child_env(topology.url, REDIS_MIN_REPLICAS=str(min_replicas))
+    async with web(spawn, env) as (port, _):
+        old = topology.primary()
+        replicas = [s for s in topology.servers if s is not old]
+        for replica in replicas:
+            os.kill(replica.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            answers = []
+            for n in range(5):
+                body = {"username": f"frozen_{n}", "email": f"frozen_{n}@example.com"}
+                headers = {"Idempotency-Key": f"frozen-{n}"}
+                answers.append(await request(port, "POST", "/signup", body, headers))
+            old.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        finally:
+            for replica in replicas:
+                os.kill(replica.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        promoted = await new_primary(topology, old)
+        client = aioredis.Redis.from_url(promoted.url)
+        try:
+            if min_replicas == 0:
+                assert [status for status, _, _ in answers] == [201] * 5
+                found = [await client.exists(KEYS.user(body["user_id"])) for _, _, body in answers]
+                report(min_replicas=0, accepted=5, lost=found.count(0))
+                assert found == [0] * 5  # every one of those 201s is gone
+            else:
+                assert [body["error"] for _, _, body in answers] == ["not_replicated"] * 5
+                retried = []
+                for n in range(5):
+                    body = {"username": f"frozen_{n}", "email": f"frozen_{n}@example.com"}
+                    headers = {"Idempotency-Key": f"frozen-{n}"}
+
+                    async def created(body: Any = body, headers: Any = headers) -> bool:
+                        status, _, answer = await request(port, "POST", "/signup", body, headers)
+                        if status == 201:
+                            retried.append(answer["user_id"])
+                        return status == 201
+
+                    await eventually(created, timeout=30, what="the retry's 201")
+                found = [await client.exists(KEYS.user(user_id)) for user_id in retried]
+                assert found == [1] * 5
+        finally:
+            await client.aclose()
+
+
+def report(**figures: Any) -> None:
+    """The figures the README's High availability table quotes (``pytest -s`` shows them)."""
+    print("failover:", " ".join(f"{k}={v}" for k, v in figures.items()))
