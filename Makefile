@@ -51,7 +51,7 @@ typecheck: $(STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-	$(BIN)/python -m loadtest.bench
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 # The benchmark-only venv: the peers (arq needs redis-py < 6, unlike the application).
 $(BENCH_STAMP): loadtest/bench/requirements.txt

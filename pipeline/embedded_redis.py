@@ -96,12 +96,14 @@ def server_args(
 
 
 @contextmanager
-def scratch_server() -> Iterator[str]:
+def scratch_server(*extra: str) -> Iterator[str]:
     """A throwaway server (no persistence) on a free port in a temporary directory, for the
-    benchmarks: yields its URL, and stops it on the way out."""
+    benchmarks, with ``extra`` arguments (``--replicaof HOST PORT``): yields its URL, and
+    stops it on the way out."""
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
-        process = subprocess.Popen(server_args(port, Path(directory)), stdout=subprocess.DEVNULL)
+        args = [*server_args(port, Path(directory)), *extra]
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         try:
             wait_until_ready(port, time.monotonic() + 15, process)
             yield f"redis://127.0.0.1:{port}/0"

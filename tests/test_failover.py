@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
 from tests.conftest import SmtpSink, eventually
-from tests.processes import child_env, consumer_argv, http, request, web
-from tests.servers import Scratch, Topology
+from tests.processes import ROOT, child_env, consumer_argv, http, request, web
+from tests.servers import SERVICE, Scratch, Topology, raw_all
 
 KEYS = Keys("signup")
 
@@ -134,9 +135,12 @@ async def test_a_primary_killed_under_a_stream_loses_no_201_and_both_processes_f
         # The first 201 to a request sent after the kill.
         first_after = min(o.accepted_at for o in accepted if o.sent_at > killed_at)
         # Every signup that got a 201 is there after the failover, and all its jobs ran.
-        await eventually(
-            lambda: all_processed(port, smtp_server, accepted), timeout=60, what="every job"
-        )
+        try:
+            await eventually(
+                lambda: all_processed(port, smtp_server, accepted), timeout=60, what="every job"
+            )
+        except AssertionError as exc:
+            raise AssertionError(await explain(port, smtp_server, accepted, worker)) from exc
         assert set(statuses) <= {201, 503}, statuses  # no 500, nothing but a retryable 503
         assert first_after - killed_at < 15
         # Neither process was restarted.
@@ -205,6 +209,81 @@ async def test_what_a_failover_loses_without_and_with_replicated_acknowledgement
                 assert found == [1] * 5
         finally:
             await client.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_a_demoted_primary_answering_readonly_is_dropped_for_the_new_one(
+    topology: Topology, spawn: Any, smtp_server: SmtpSink
+) -> None:
+    """A manual failover (SENTINEL FAILOVER): the old primary stays up as a replica, so the
+    connections to it are not broken but answered READONLY; both processes drop them and
+    find the new primary. Operator commands follow the sentinels too."""
+    env = child_env(topology.url, REDIS_MIN_REPLICAS="1", SMTP_URL=smtp_server.url)
+    async with web(spawn, env) as (port, web_process):
+        worker = spawn(consumer_argv(), env)
+        stream = Stream(port)
+        clients = [asyncio.create_task(stream.client(f"m{i}")) for i in range(3)]
+        try:
+            await eventually(lambda: len(stream.accepted()) >= 20, what="signups before")
+            old = topology.primary()
+            assert raw_all(topology.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE) == ["OK"]
+            switched_at = time.monotonic()
+            await new_primary(topology, old)
+
+            def after() -> int:
+                return sum(1 for o in stream.accepted() if o.sent_at > switched_at)
+
+            await eventually(lambda: after() >= 20, timeout=30, what="signups after it")
+        finally:
+            stream.stop.set()
+            await asyncio.gather(*clients)
+        accepted = stream.accepted()
+        statuses = [s for o in stream.outcomes for s in o.statuses]
+        await eventually(
+            lambda: all_processed(port, smtp_server, accepted), timeout=60, what="every job"
+        )
+        assert set(statuses) <= {201, 503}, statuses
+        assert old.process is not None and old.process.poll() is None  # still up, demoted
+        assert web_process.process.poll() is None and worker.process.poll() is None
+        stats = await asyncio.to_thread(admin_command, topology.url, "stats", "--json")
+        assert stats.returncode == 0, stats.stderr
+        report(
+            manual_failover=True,
+            accepted=len(accepted),
+            answers_503=statuses.count(503),
+            emails_repeated=len(smtp_server.recipients()) - len(set(smtp_server.recipients())),
+        )
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(20) == 0
+
+
+async def explain(port: int, smtp: SmtpSink, accepted: list[Outcome], worker: Any) -> str:
+    """What is missing, and where the jobs are: for a failure's message."""
+    missing_email = [
+        o.username for o in accepted if f"{o.username}@example.com" not in smtp.recipients()
+    ]
+    missing = []
+    for outcome in accepted:
+        status, user = await http(port, "GET", f"/users/{outcome.user_id}")
+        if status != 200 or user["profile"] is None:
+            missing.append((outcome.username, status, user))
+    _, stats = await http(port, "GET", "/stats")
+    return (
+        f"no email: {missing_email}\nno user or profile: {missing}\nstats: {stats}\n"
+        f"worker:\n{worker.output()[-6000:]}"
+    )
+
+
+def admin_command(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m consumers <args>`` against ``url``."""
+    return subprocess.run(
+        consumer_argv(*args),
+        env=child_env(url),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def report(**figures: Any) -> None:

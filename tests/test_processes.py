@@ -149,6 +149,11 @@ async def test_second_sigint_stops_at_once(
     [
         ((), {"SHUTDOWN_GRACE_PERIOD": "soon"}, "SHUTDOWN_GRACE_PERIOD='soon'"),
         ((), {"REDIS_URL": "http://nope"}, "REDIS_URL='http://nope'"),
+        (
+            (),
+            {"REDIS_URL": "redis+sentinel://app:hunter2@s1:26379"},
+            "REDIS_URL='redis+sentinel://app:***@s1:26379': the URL names no service",
+        ),
         (("--concurrency", "email=lots"), {}, "--concurrency"),
         (("--queues", "sms"), {}, "--queues"),
         (("--frobnicate",), {}, "--frobnicate"),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SettingsError
-from pipeline.settings import RateLimit, Settings, SmtpConfig
+from pipeline.settings import RateLimit, SentinelUrl, Settings, SmtpConfig
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -96,6 +96,15 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("REDIS_URL", "http://localhost"),
         ("REDIS_URL", "redis://localhost:99999"),
         ("REDIS_URL", "redis://localhost/abc"),
+        ("REDIS_URL", "redis+sentinel://h1:26379"),
+        ("REDIS_URL", "redis+sentinel://h1/signup/0"),
+        ("REDIS_URL", "redis+sentinel://h1:26379,h2/signup/0"),
+        ("REDIS_URL", "redis+sentinel://h1:70000/signup/0"),
+        ("REDIS_URL", "redis+sentinel://h1:26379/signup/zero"),
+        ("REDIS_MIN_REPLICAS", "-1"),
+        ("REDIS_MIN_REPLICAS", "one"),
+        ("REDIS_REPLICA_TIMEOUT", "0"),
+        ("IDEMPOTENCY_KEY_TTL", "0"),
         ("KEY_PREFIX", "has space"),
         ("MAX_BODY_BYTES", "lots"),
         ("MAX_BODY_BYTES", "1"),
@@ -144,6 +153,25 @@ def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> Non
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://s1:26379,s2:26380,[::1]:26381/signup/2",
+            SentinelUrl((("s1", 26379), ("s2", 26380), ("::1", 26381)), "signup", 2),
+        ),
+        ("redis+sentinel://s1:26379/mymaster", SentinelUrl((("s1", 26379),), "mymaster", 0)),
+        (
+            "redis+sentinel://app:p%40ss@s1:26379/signup/0",
+            SentinelUrl((("s1", 26379),), "signup", 0, "app", "p@ss"),
+        ),
+    ],
+)
+def test_sentinel_url(url: str, expected: SentinelUrl) -> None:
+    settings = Settings.from_env({"REDIS_URL": url})
+    assert settings.sentinel == expected
+
+
 def test_passwords_are_never_shown() -> None:
     settings = Settings.from_env(
         {"REDIS_URL": "redis://user:hunter2@host:6379/0", "SMTP_URL": "smtp://u:hunter3@mail"}
@@ -154,6 +182,16 @@ def test_passwords_are_never_shown() -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"REDIS_URL": "redis://user:hunter2@host:notaport"})
     assert "hunter2" not in str(caught.value)
+    sentinel = Settings.from_env(
+        {
+            "REDIS_URL": "redis+sentinel://app:hunter4@s1:26379,s2:26379/signup/0",
+            "REDIS_SENTINEL_PASSWORD": "hunter5",
+        }
+    )
+    assert "hunter4" not in repr(sentinel) and "hunter5" not in repr(sentinel)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REDIS_URL": "redis+sentinel://app:hunter4@s1:26379/"})
+    assert "hunter4" not in str(caught.value)
 
 
 def test_every_setting_is_in_the_readme_table_and_the_env_example() -> None:

@@ -4,7 +4,9 @@ medians.
 Signup, with wrk (same threads, connections, duration and worker count for each):
   - ``bare``: a bare Quart app on hypercorn answering a constant 201 (the stack's ceiling);
   - ``service``: this service on hypercorn (consumers not running);
-  - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer).
+  - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer);
+  - ``replicated`` (with ``--replica``): this service with ``REDIS_MIN_REPLICAS=1``, its
+    Redis then having a replica (which every server of that run writes to).
 Consumers, each draining the same number of no-op jobs with the same concurrency:
   - ``at-least-once`` and ``at-most-once``: this project's consumer process;
   - ``brpop``, ``arq``, ``saq``: a hand-written BRPOP loop, arq and SAQ (benchmark-only venv).
@@ -54,7 +56,7 @@ def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
             "--worker-class", "gthread", "--workers", str(workers), "--threads", "8",
             "--bind", bind, "--log-level", "warning",
         ]  # fmt: skip
-    app = "loadtest.bench.bare:app" if server == "bare" else "service:app"
+    app = "loadtest.bench.bare:app" if server == "bare" else "service:app"  # or replicated
     return [
         sys.executable, "-m", "hypercorn", app, "--worker-class", "uvloop",
         "--workers", str(workers), "--bind", bind,
@@ -99,6 +101,24 @@ async def _until_answering(port: int, process: subprocess.Popen[bytes]) -> None:
             connection.close()
         await asyncio.sleep(0.1)
     raise RuntimeError(f"{process.args!r} did not answer within 30 s")
+
+
+@contextmanager
+def _replica(primary_url: str, wanted: bool) -> Iterator[None]:
+    """With ``wanted``, a replica of the server at ``primary_url`` for the run, linked."""
+    if not wanted:
+        yield
+        return
+    port = str(redis.Redis.from_url(primary_url).connection_pool.connection_kwargs["port"])
+    with scratch_server("--replicaof", "127.0.0.1", port) as replica_url:
+        replica = redis.Redis.from_url(replica_url)
+        deadline = time.monotonic() + 30
+        while replica.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not link within 30 s")
+            time.sleep(0.1)
+        replica.close()
+        yield
 
 
 def _worker_rss(process: subprocess.Popen[bytes]) -> float:
@@ -146,18 +166,20 @@ def _wrk(url: str, connections: int, threads: int, seconds: float) -> dict[str, 
 def bench_signup(
     options: argparse.Namespace, redis_url: str, client: redis.Redis
 ) -> dict[str, list[dict[str, Any]]]:
-    results: dict[str, list[dict[str, Any]]] = {server: [] for server in SERVERS}
+    servers = (*SERVERS, "replicated") if options.replica else SERVERS
+    results: dict[str, list[dict[str, Any]]] = {server: [] for server in servers}
     env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING"}
     env["PYTHONPATH"] = str(ROOT)
     # wrk sends every signup from 127.0.0.1: a limit that is checked, and never reached.
     env["RATE_LIMIT"] = "1000000/1"
     for index in range(options.rounds):
-        order = SERVERS[index % len(SERVERS) :] + SERVERS[: index % len(SERVERS)]
+        order = servers[index % len(servers) :] + servers[: index % len(servers)]
         for server in order:
             port = free_port()
             client.flushall()
+            own_env = {**env, "REDIS_MIN_REPLICAS": "1"} if server == "replicated" else env
             with _server(
-                _argv(server, port, options.workers, options.bench_python), env, port
+                _argv(server, port, options.workers, options.bench_python), own_env, port
             ) as process:
                 url = f"http://127.0.0.1:{port}/signup"
                 if options.warmup:
@@ -252,8 +274,9 @@ def table(options: argparse.Namespace, signup: dict[str, Any], consumers: dict[s
             "bare": "bare Quart, constant 201 (ceiling)",
             "service": "this service",
             "flask": "Flask + gunicorn gthread 2x8 (peer)",
+            "replicated": "this service, REDIS_MIN_REPLICAS=1 (WAIT for the replica)",
         }
-        for server in SERVERS:
+        for server in signup:
             rows = signup[server]
             rps, p99 = _median(rows, "rps"), _median(rows, "p99_ms")
             lines.append(
@@ -307,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at a time (8)")
     parser.add_argument("--only", choices=["signup", "consumers"], help="run one half")
     parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="give Redis a replica, and add this service with REDIS_MIN_REPLICAS=1",
+    )
+    parser.add_argument(
         "--bench-python", default=str(ROOT / ".bench-venv" / "bin" / "python"),
         help="python of the benchmark-only venv (arq, SAQ, Flask, gunicorn)",
     )  # fmt: skip
@@ -320,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("wrk is not installed (make bench installs it)")
     if not Path(options.bench_python).exists():
         parser.error(f"no benchmark venv at {options.bench_python} (make bench makes it)")
-    with scratch_server() as redis_url:
+    with scratch_server() as redis_url, _replica(redis_url, options.replica):
         client = redis.Redis.from_url(redis_url)
         signup = {} if options.only == "consumers" else bench_signup(options, redis_url, client)
         consumers = {} if options.only == "signup" else bench_consumers(options, redis_url, client)
