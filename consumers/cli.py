@@ -195,9 +195,7 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) ->
         settings, max_connections=len(concurrency) + sum(concurrency.values()) + 4
     )
     keys = Keys(settings.key_prefix)
-    context = HandlerContext(
-        redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
-    )
+    context = HandlerContext.for_settings(redis, email_backend(settings), settings)
     broker = Broker(
         redis, keys, mode=settings.delivery_mode, dead_letter_max=settings.dead_letter_max
     )

@@ -24,6 +24,7 @@ from pipeline.errors import InvalidJobError
 from pipeline.jobs import Job, is_id
 from pipeline.keys import Keys
 from pipeline.logs import mask_email
+from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ MARK_RETRY_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
 
 class HandlerContext:
     """What handlers share: Redis and its scripts, the key names, the email backend and the
-    sender address, and how long a job's done-marker lives."""
+    sender address, and how long a job's done-marker lives.
+
+    With ``min_replicas``, each effect (with its done-marker) is confirmed by that many
+    replicas before its handler returns, as a signup is: an effect a failover could still
+    lose raises :class:`NotReplicatedError`, so its job is put back rather than acknowledged,
+    and runs again (once: the marker tells) wherever the effect did not survive."""
 
     def __init__(
         self,
@@ -65,6 +71,8 @@ class HandlerContext:
         email: EmailBackend,
         email_from: str,
         idempotency_ttl: int = 24 * 3600,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.5,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -72,9 +80,25 @@ class HandlerContext:
         self.email_from = email_from
         self.idempotency_ttl = idempotency_ttl
         # Effects of jobs that finish in the same loop tick share one round trip.
-        self.mark_email_sent = ScriptBatcher(redis, _MARK_EMAIL_SENT)
-        self.add_to_marketing = ScriptBatcher(redis, _ADD_TO_MARKETING)
-        self.save_profile = ScriptBatcher(redis, _SAVE_PROFILE)
+        replicated = (min_replicas, replica_timeout)
+        self.mark_email_sent = ScriptBatcher(redis, _MARK_EMAIL_SENT, *replicated)
+        self.add_to_marketing = ScriptBatcher(redis, _ADD_TO_MARKETING, *replicated)
+        self.save_profile = ScriptBatcher(redis, _SAVE_PROFILE, *replicated)
+
+    @classmethod
+    def for_settings(
+        cls, redis: aioredis.Redis, email: EmailBackend, settings: Settings
+    ) -> HandlerContext:
+        """The context a consumer process runs its handlers with, from its settings."""
+        return cls(
+            redis,
+            Keys(settings.key_prefix),
+            email,
+            settings.email_from,
+            settings.idempotency_ttl,
+            settings.redis_min_replicas,
+            settings.redis_replica_timeout,
+        )
 
 
 Handler = Callable[[HandlerContext, Job], Awaitable[None]]

@@ -34,6 +34,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pipeline.errors import NotReplicatedError
 from pipeline.settings import Settings
 
 #: Seconds a consumer connection's socket timeout exceeds the BRPOP block time.
@@ -68,7 +69,9 @@ class _RefusalParser(DefaultParser):  # type: ignore[misc,valid-type]
 #: Redis failures that mean "not reachable, or not taking writes, right now": a request gets a
 #: 503 and a consumer backs off and tries again; neither is the fault of the signup or the job.
 #: Each write refusal comes at a command's (or script's) first write, so nothing was written.
+#: A write too few replicas confirmed (NotReplicatedError) is treated the same way.
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    NotReplicatedError,
     RedisConnectionError,  # refused, reset, a wrong password (AuthenticationError)
     RedisTimeoutError,
     BusyLoadingError,

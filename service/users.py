@@ -178,7 +178,7 @@ class UserStore:
         :class:`RateLimitedError` when ``client`` is over its limit,
         :class:`UnavailableError` when the limit's state cannot be read and it fails closed,
         and :class:`IdempotencyKeyReusedError` when the key was used for another signup; then
-        nothing of the signup was written. :class:`NotReplicatedError` (a 503) means it was
+        nothing of the signup was written. :class:`NotReplicatedApiError` (a 503) means it was
         written but not confirmed by enough replicas in time.
 
         The script is shielded from cancellation: a client that disconnects mid-request

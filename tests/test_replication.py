@@ -122,3 +122,52 @@ async def test_a_replica_timeout_not_below_the_socket_timeout_is_refused_at_star
         Settings.from_env({"REDIS_MIN_REPLICAS": "1", "REDIS_REPLICA_TIMEOUT": "1"})
     # Without replicas to wait for, it does not matter.
     Settings.from_env({"REDIS_REPLICA_TIMEOUT": "1"})
+
+
+async def test_a_consumer_acknowledges_an_effect_only_once_a_replica_has_it(
+    pair: tuple[Scratch, Scratch, aioredis.Redis], make_settings: Callable[..., Settings]
+) -> None:
+    """An effect the replicas have not confirmed is not acknowledged: a failover could lose
+    it with the job already gone. The job goes back untried, and runs (once) when a replica
+    confirms."""
+    from pipeline.queue import DirectQueue
+    from tests.test_runner import _count, build_consumer
+
+    primary, replica, client = pair
+    replica.stop()
+    await eventually(lambda: replicas_linked(client, 0), what="the primary to see it gone")
+    keys = Keys("signup")
+    settings = settings_for(make_settings, primary, FETCH_TIMEOUT="0.2")
+    consumer, consumer_redis = build_consumer(
+        settings, consumer_queues=("profile",), consumer_concurrency={"profile": 1}
+    )
+    user_id = "ab" * 16
+    await DirectQueue(client, keys).push(
+        "generate_profile", {"user_id": user_id, "username": "alice", "email": "a@example.com"}
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+
+        def returned() -> bool:
+            return _count(consumer, "signup_jobs_total", type="generate_profile",
+                          outcome="returned") >= 2  # fmt: skip
+
+        await eventually(returned, what="the unconfirmed job to be put back")
+        assert (
+            _count(consumer, "signup_jobs_total", type="generate_profile", outcome="retried") == 0
+        )
+        await replica.start("--replicaof", "127.0.0.1", str(primary.port))
+
+        def succeeded() -> bool:
+            return _count(consumer, "signup_jobs_total", type="generate_profile",
+                          outcome="succeeded") == 1  # fmt: skip
+
+        await eventually(succeeded, timeout=20, what="the job to run once confirmed")
+        assert await client.hget(keys.stats, "profiles_generated") == b"1"  # the effect, once
+        assert await client.llen(keys.dead) == 0
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await consumer_redis.aclose()

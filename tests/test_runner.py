@@ -82,7 +82,7 @@ def build_consumer(
     settings = dataclasses.replace(settings, **overrides)
     client = consumer_client(settings, max_connections=32)
     keys = Keys(settings.key_prefix)
-    ctx = HandlerContext(client, keys, ConsoleEmailBackend(), settings.email_from)
+    ctx = HandlerContext.for_settings(client, ConsoleEmailBackend(), settings)
     broker = Broker(client, keys, mode=settings.delivery_mode)
     return Consumer(broker, handlers or HANDLERS, ctx, settings), client
 
