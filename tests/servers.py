@@ -171,7 +171,8 @@ def _parse_strings(data: bytes) -> list[str] | None:
     if head.startswith((b"+", b":")):
         return [head[1:].decode()]
     if head.startswith(b"$"):
-        return [lines[1].decode()] if len(lines) > 2 else None
+        size, start = int(head[1:]), len(head) + 2
+        return [data[start : start + size].decode()] if len(data) >= start + size + 2 else None
     count, index = int(head[1:]), 1
     items: list[str] = []
     while len(items) < count:
