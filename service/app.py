@@ -20,7 +20,8 @@ from service.metrics import WebMetrics, metrics_api
 from service.middleware import RequestObserver
 from service.openapi import document_api
 from service.receivers import connect_receivers
-from service.routes import api, json_response
+from service.responses import json_response
+from service.routes import api
 from service.signals import user_signed_up
 from service.users import UserStore
 from service.validation import reserved_forms

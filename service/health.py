@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from service.deps import deps
 from service.openapi import Live, NotReady, Ready, responses
-from service.routes import json_response
+from service.responses import json_response
 
 logger = logging.getLogger(__name__)
 

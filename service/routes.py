@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import cast
 
-import orjson
 from quart import Blueprint, Response, current_app, request
 from quart_schema import document_request, operation_id
 
@@ -30,16 +29,12 @@ from service.openapi import (
     User,
     responses,
 )
+from service.responses import json_response
 from service.signals import emit, user_signed_up
 from service.users import NewUser, SignupJobs
 from service.validation import parse_body, parse_idempotency_key, validate_signup
 
 api = Blueprint("api", __name__)
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    """A JSON response encoded with orjson."""
-    return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
 @api.post("/signup")

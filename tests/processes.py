@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.conftest import TEST_RATE_LIMIT, RedisServer, eventually
+from tests.helpers import TEST_RATE_LIMIT, RedisServer, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.embedded_redis import free_port
-from tests.conftest import REDIS_BINARY, eventually, suite_server_args
+from tests.helpers import REDIS_BINARY, eventually, suite_server_args
 
 
 def raw(port: int, *args: str, timeout: float = 5.0) -> bytes:

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from pipeline.keys import Keys
 from pipeline.queue import Broker, DirectQueue, dead_entry, delivery_id
 from pipeline.stats import read_stats
-from tests.conftest import eventually
+from tests.helpers import eventually
 
 
 async def _exists(redis: aioredis.Redis, key: str, expected: int) -> bool:

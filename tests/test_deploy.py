@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.embedded_redis import free_port
-from tests.conftest import RedisServer, SmtpSink, eventually
+from tests.helpers import RedisServer, SmtpSink, eventually
 from tests.processes import ROOT, Child, child_env, http
 
 SIGNUP = {"username": "deployed", "email": "deployed@example.com"}

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import RedisServer
+from tests.helpers import RedisServer
 from tests.processes import child_env, web
 
 #: Debian's chromium (`.ci/run` installs it); CHROMIUM names another.

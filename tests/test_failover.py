@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
-from tests.conftest import SmtpSink, eventually
+from tests.helpers import SmtpSink, eventually
 from tests.processes import ROOT, child_env, consumer_argv, http, request, web
 from tests.servers import SERVICE, Scratch, Topology, raw_all
 

@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from pipeline.embedded_redis import free_port
-from tests.conftest import RedisServer
+from tests.helpers import RedisServer
 from tests.processes import ROOT, child_env
 
 #: Generated cases per operation, and stateful sequences: `make test` runs these; set

@@ -27,7 +27,7 @@ from pipeline.queue import DirectQueue
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
 from service.receivers import RECEIVERS
-from tests.conftest import SmtpSink, eventually
+from tests.helpers import SmtpSink, eventually
 
 
 def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:

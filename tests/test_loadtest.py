@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from loadtest.generator import Recording
 from loadtest.report import render, summarise
 from pipeline.embedded_redis import free_port
-from tests.conftest import RedisServer
+from tests.helpers import RedisServer
 from tests.processes import ROOT, child_env, consumer_argv, http, web
 
 

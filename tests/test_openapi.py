@@ -15,7 +15,7 @@ from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 
 from pipeline.embedded_redis import free_port
 from service.app import create_app
-from tests.conftest import RedisServer
+from tests.helpers import RedisServer
 from tests.processes import child_env, request, web
 
 JSON = {"Content-Type": "application/json"}

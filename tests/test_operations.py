@@ -27,7 +27,7 @@ from pipeline.logs import JsonFormatter, TextFormatter
 from pipeline.metrics import use_multiprocess_dir
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.conftest import RedisServer, Samples, eventually, parse_metrics, scrape
+from tests.helpers import RedisServer, Samples, eventually, parse_metrics, scrape
 from tests.processes import (
     ROOT,
     Child,

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.conftest import RedisServer, SmtpSink, eventually
+from tests.helpers import RedisServer, SmtpSink, eventually
 from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
 
 #: What a server process started by `make run` is called (Redis, or the embedded Valkey).

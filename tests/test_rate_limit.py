@@ -15,7 +15,7 @@ from pipeline.keys import Keys
 from pipeline.settings import RateLimit
 from service.app import create_app
 from service.clients import UNKNOWN, ClientResolver, RefusedClients
-from tests.conftest import eventually, scrape
+from tests.helpers import eventually, scrape
 
 JSON = {"Content-Type": "application/json"}
 

@@ -34,7 +34,7 @@ from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.servers import Scratch, answers, raw
 from tests.test_runner import _count, build_consumer
 

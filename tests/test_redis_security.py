@@ -21,7 +21,7 @@ import trustme
 from pipeline.embedded_redis import free_port, wait_until_ready
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.processes import child_env, request, web
 
 PASSWORD = "s3cret-Pa55"

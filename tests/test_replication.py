@@ -17,7 +17,7 @@ from werkzeug.datastructures import Headers
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.servers import Scratch
 
 ALICE = {"username": "alice", "email": "alice@example.com"}

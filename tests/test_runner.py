@@ -21,7 +21,7 @@ from pipeline.keys import Keys
 from pipeline.queue import Broker, DirectQueue
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
-from tests.conftest import eventually, parse_metrics
+from tests.helpers import eventually, parse_metrics
 
 
 @dataclass
@@ -517,7 +517,7 @@ async def test_consumer_survives_a_redis_restart(
     from pathlib import Path
 
     from pipeline.embedded_redis import free_port, wait_until_ready
-    from tests.conftest import suite_server_args
+    from tests.helpers import suite_server_args
 
     port = free_port()
     directory = Path(str(tmp_path))

@@ -23,7 +23,7 @@ from pipeline.settings import Settings
 from service.app import create_app
 from service.signals import user_signed_up
 from service.validation import FORM_TYPE
-from tests.conftest import eventually, scrape
+from tests.helpers import eventually, scrape
 
 JSON = {"Content-Type": "application/json"}
 
@@ -430,7 +430,7 @@ async def test_a_cancelled_commit_is_written_whole(
     async def written() -> bool:
         return bool(await redis.exists(keys.user(user.user_id)))
 
-    from tests.conftest import eventually
+    from tests.helpers import eventually
 
     await eventually(written, what="the shielded commit")
     assert await redis.hget(keys.username_claims, "alice") == user.user_id.encode()
@@ -456,7 +456,7 @@ async def test_stopping_the_app_closes_its_redis_connections(
         # Redis notices a closed socket on its next event: poll, with a deadline.
         return len(await redis.client_list()) == before
 
-    from tests.conftest import eventually
+    from tests.helpers import eventually
 
     await eventually(closed, timeout=5, what="the app's connections to close")
 

@@ -12,7 +12,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
-from tests.conftest import RedisServer
+from tests.helpers import RedisServer
 from tests.processes import child_env, request, web
 
 SIGNUP = b"POST /signup HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
