@@ -25,9 +25,13 @@ HEADERS = {"Content-Type": "application/json", "Idempotency-Key": "alice-1"}
 
 
 async def replicas_linked(primary: aioredis.Redis, count: int) -> bool:
+    """``count`` replicas online, and (when any) acknowledging writes: a replica the primary
+    calls online may still be loading what it was sent, and confirms nothing until it is."""
     info = await primary.info("replication")
     online = [v for k, v in info.items() if k.startswith("slave") and v["state"] == "online"]
-    return len(online) == count
+    if len(online) != count:
+        return False
+    return count == 0 or await primary.execute_command("WAIT", count, 100) >= count
 
 
 @pytest.fixture
