@@ -316,3 +316,39 @@ def admin_command(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 def report(**figures: Any) -> None:
     """The figures the README's High availability table quotes (``pytest -s`` shows them)."""
     print("failover:", " ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+async def test_passwords_of_the_sentinels_and_of_redis_are_each_used_where_they_belong(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """REDIS_SENTINEL_PASSWORD is what the sentinels are asked with, the URL's password what
+    the primary they name is logged in to with; without the first the sentinels refuse, and
+    the signup is a 503 (never a 500)."""
+    from service.app import create_app
+
+    primary, sentinel = Scratch(tmp_path / "primary"), Scratch(tmp_path / "sentinel")
+    await primary.start("--requirepass", "redis-secret", ready=b"-NOAUTH")
+    sentinel.directory.mkdir(parents=True)
+    config = sentinel.directory / "sentinel.conf"
+    config.write_text(
+        f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.directory}\n"
+        f"requirepass sentinel-secret\nsentinel monitor {SERVICE} 127.0.0.1 {primary.port} 1\n"
+        f"sentinel auth-pass {SERVICE} redis-secret\n"
+    )
+    try:
+        await sentinel.launch([str(config), "--sentinel"], ready=b"-NOAUTH")
+        url = f"redis+sentinel://:redis-secret@127.0.0.1:{sentinel.port}/{SERVICE}/0"
+        body = {"username": "alice", "email": "alice@example.com"}
+        answers = []
+        for password in ("sentinel-secret", None):
+            env = {"REDIS_URL": url}
+            if password:
+                env["REDIS_SENTINEL_PASSWORD"] = password
+            async with create_app(make_settings(env)).test_app() as app:
+                response = await app.test_client().post("/signup", json=body)
+                answers.append((response.status_code, (await response.get_json())["error"]
+                                if response.status_code != 201 else "created"))  # fmt: skip
+        assert answers == [(201, "created"), (503, "unavailable")]
+    finally:
+        sentinel.stop()
+        primary.stop()
