@@ -55,7 +55,13 @@ class Scratch:
         """Start the run's server binary with ``args`` (a sentinel's config file, say)."""
         argv = [REDIS_BINARY, *args]
         self.process = await asyncio.to_thread(subprocess.Popen, argv, stdout=subprocess.DEVNULL)
-        await eventually(lambda: answers(self.port, ready), what=f"the server to answer {ready!r}")
+        try:
+            await eventually(
+                lambda: answers(self.port, ready), what=f"the server to answer {ready!r}"
+            )
+        except BaseException:
+            self.stop()  # a server that never became ready is not left running
+            raise
 
     def stop(self) -> None:
         for sock in self.sockets:
