@@ -18,9 +18,9 @@ from redis.exceptions import RedisError
 
 from pipeline.connections import web_client
 from pipeline.dead import DeadLetter, DeadLetters
-from pipeline.keys import QUEUES, Keys
+from pipeline.keys import Keys
 from pipeline.settings import Settings, redact_url
-from pipeline.stats import read_stats, text
+from pipeline.stats import PipelineStats, read_stats, text
 
 PROG = "python -m consumers"
 
@@ -31,10 +31,12 @@ async def operate(settings: Settings, options: argparse.Namespace) -> int:
     keys = Keys(settings.key_prefix)
     try:
         if options.command == "stats":
-            return _print_stats(await read_stats(redis, keys), as_json=options.json)
+            return _print_stats(
+                await read_stats(redis, keys, settings.registry), as_json=options.json
+            )
         if options.command == "check":
             return await _check(redis, keys)
-        dead = DeadLetters(redis, keys)
+        dead = DeadLetters(redis, keys, settings.registry)
         if options.dead_command == "list":
             return _print_dead(await dead.list(options.limit), as_json=options.json)
         if options.dead_command == "requeue":
@@ -105,28 +107,27 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _print_stats(stats: dict[str, Any], *, as_json: bool) -> int:
+def _print_stats(stats: PipelineStats, *, as_json: bool) -> int:
     if as_json:
-        sys.stdout.write(orjson.dumps(stats).decode() + "\n")
+        sys.stdout.write(orjson.dumps(stats.to_json()).decode() + "\n")
         return 0
     print(
         f"{'queue':<10} {'waiting':>8} {'processing':>10} {'delayed':>8} "
         f"{'wait p50/p99 ms':>16} {'run p50/p99 ms':>15}"
     )
-    for queue in QUEUES:
-        latency = stats["latency"][queue]
-        wait = f"{_ms(latency['wait_ms']['p50'])}/{_ms(latency['wait_ms']['p99'])}"
-        run = f"{_ms(latency['run_ms']['p50'])}/{_ms(latency['run_ms']['p99'])}"
+    for queue, latency in stats.latency.items():
+        wait = f"{_ms(latency.wait_ms.p50)}/{_ms(latency.wait_ms.p99)}"
+        run = f"{_ms(latency.run_ms.p50)}/{_ms(latency.run_ms.p99)}"
         print(
-            f"{queue:<10} {stats['queues'][queue]:>8} {stats['processing'][queue]:>10} "
-            f"{stats['delayed'][queue]:>8} {wait:>16} {run:>15}"
+            f"{queue:<10} {stats.queues[queue]:>8} {stats.processing[queue]:>10} "
+            f"{stats.delayed[queue]:>8} {wait:>16} {run:>15}"
         )
-    print(f"dead letters: {stats['dead_letter']}")
-    consumers = stats["consumers"]
-    print(f"live consumers: {len(consumers)}")
+    print(f"dead letters: {stats.dead_letter}")
+    print(f"live consumers: {len(stats.consumers)}")
     now = time.time()
-    for consumer in consumers:
-        queues = ", ".join(f"{q}x{n}" for q, n in consumer.get("queues", {}).items())
-        up = now - float(consumer.get("started_at", now))
-        print(f"  {consumer['id']}  {consumer.get('mode', '?')}  {queues}  up {up:.0f} s")
+    for consumer in stats.consumers:
+        about = consumer.about
+        queues = ", ".join(f"{q}x{n}" for q, n in about.get("queues", {}).items())
+        up = now - float(about.get("started_at", now))
+        print(f"  {consumer.id}  {about.get('mode', '?')}  {queues}  up {up:.0f} s")
     return 0

@@ -28,15 +28,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from consumers.admin import operate
-from consumers.email import email_backend
-from consumers.handlers import HANDLERS, Handler, HandlerContext
 from consumers.metrics import ConsumerMetrics, serve_metrics
 from consumers.runner import Consumer
 from pipeline.connections import consumer_client
-from pipeline.errors import SettingsError
+from pipeline.errors import ReactionError, SettingsError
 from pipeline.keys import Keys
 from pipeline.logs import configure_logging
 from pipeline.queue import Broker
+from pipeline.registry import Context, Handler
 from pipeline.settings import (
     Settings,
     parse_concurrency,
@@ -150,7 +149,12 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     except SettingsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    settings = dataclasses.replace(settings, **overrides)
+    try:
+        settings = dataclasses.replace(settings, **overrides)
+    except SettingsError as exc:
+        # A queue the flags name that no reaction declares: say it of the flag.
+        variable, _, rest = str(exc).partition("=")
+        parser.error(f"argument {_FLAGS.get(variable, variable)}: {rest}")
     if options.command is not None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(settings, options))
@@ -158,6 +162,10 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(settings))
     return 0
+
+
+#: The flag that overrides each setting, for its errors.
+_FLAGS = {"CONSUMER_QUEUES": "--queues", "CONSUMER_CONCURRENCY": "--concurrency"}
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -168,8 +176,20 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) -> None:
-    """Consume the configured queues until SIGTERM or SIGINT, then drain and close Redis."""
+async def run(settings: Settings, handlers: Mapping[str, Handler] | None = None) -> None:
+    """Consume the configured queues until SIGTERM or SIGINT, then drain and close Redis.
+
+    Handlers are the registry's (``REACTIONS``) unless given. A served queue carrying a job
+    type without a handler stops start-up (exit 2, one line), before anything is fetched;
+    the reactions' start-up hooks open their resources, and their shutdown hooks close them
+    once the drain is over."""
+    registry = settings.registry
+    handlers = registry.handlers() if handlers is None else handlers
+    try:
+        registry.check_handlers(settings.consumer_queues, handlers)
+    except ReactionError as exc:
+        print(f"{PROG}: error: REACTIONS: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -195,12 +215,15 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) ->
         settings, max_connections=len(concurrency) + sum(concurrency.values()) + 4
     )
     keys = Keys(settings.key_prefix)
-    context = HandlerContext.for_settings(redis, email_backend(settings), settings)
     broker = Broker(
-        redis, keys, mode=settings.delivery_mode, dead_letter_max=settings.dead_letter_max
+        redis,
+        keys,
+        mode=settings.delivery_mode,
+        dead_letter_max=settings.dead_letter_max,
+        queues=registry.queues,
     )
-    metrics = ConsumerMetrics()
-    consumer = Consumer(broker, handlers, context, settings, metrics)
+    metrics = ConsumerMetrics(registry)
+    ctx = Context(redis, settings)
     server = None
     if settings.metrics_port is not None:
         try:
@@ -220,7 +243,8 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] = HANDLERS) ->
         settings.delivery_mode,
     )
     try:
-        await consumer.run(stop, force)
+        async with registry.resources(ctx):
+            await Consumer(broker, handlers, ctx, settings, metrics).run(stop, force)
     finally:
         if server is not None:
             server.close()

@@ -14,8 +14,8 @@ import logging
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
-from pipeline.keys import JOB_QUEUES, QUEUES
 from pipeline.metrics import JOB_BUCKETS
+from pipeline.registry import Registry, load_registry
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +26,12 @@ REQUEST_TIMEOUT = 5.0
 
 
 class ConsumerMetrics:
-    """The metrics of one consumer process, in their own registry."""
+    """The metrics of one consumer process, in their own registry; the job types and queues
+    labelled are those of ``reactions`` (the default reactions when None)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reactions: Registry | None = None) -> None:
+        reactions = reactions or load_registry()
+        self._types = frozenset(reactions.job_types)
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter(
             "signup_jobs",
@@ -65,15 +68,15 @@ class ConsumerMetrics:
             self.recovered.labels(outcome)
         self._jobs = {
             (job_type, outcome): self.jobs.labels(job_type, outcome)
-            for job_type in (*JOB_QUEUES, UNKNOWN)
+            for job_type in (*reactions.job_types, UNKNOWN)
             for outcome in JOB_OUTCOMES
         }
-        self._run = {t: self.run_seconds.labels(t) for t in (*JOB_QUEUES, UNKNOWN)}
-        self._wait = {q: self.queue_wait.labels(q) for q in QUEUES}
+        self._run = {t: self.run_seconds.labels(t) for t in (*reactions.job_types, UNKNOWN)}
+        self._wait = {q: self.queue_wait.labels(q) for q in reactions.queues}
 
     def finished(self, job_type: str | None, outcome: str) -> None:
         """Count one job's outcome (an unknown or missing type counts as ``unknown``)."""
-        known = job_type if job_type in JOB_QUEUES else UNKNOWN
+        known = job_type if job_type in self._types else UNKNOWN
         self._jobs[known, outcome].inc()
 
     def ran(self, job_type: str, seconds: float) -> None:

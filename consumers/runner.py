@@ -37,13 +37,13 @@ from typing import Any, Final, TypeVar
 
 from redis.exceptions import RedisError
 
-from consumers.handlers import Handler, HandlerContext
 from consumers.metrics import ConsumerMetrics
 from pipeline import logs
 from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.queue import Broker, dead_entry, delivery_id
+from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Context, Handler
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class Consumer:
         self,
         broker: Broker,
         handlers: Mapping[str, Handler],
-        context: HandlerContext,
+        context: Context,
         settings: Settings,
         metrics: ConsumerMetrics | None = None,
     ) -> None:
@@ -308,7 +308,7 @@ class Consumer:
         if handler is None:
             await self._dead_letter(queue, raw, job, f"unknown job type {job.type!r}")
             return
-        limit = self._settings.job_timeout.get(job.type, 30.0)
+        limit = self._settings.job_timeout.get(job.type, DEFAULT_TIMEOUT)
         started, clock = time.time(), time.monotonic()
         wait = max(0.0, started - job.enqueued_at)
         self._metrics.waited(queue, wait)
@@ -354,7 +354,7 @@ class Consumer:
         self, queue: str, raw: bytes, job: Job, error: str, exc: BaseException
     ) -> None:
         attempts = job.attempt + 1
-        allowed = self._settings.job_max_attempts.get(job.type, 5)
+        allowed = self._settings.job_max_attempts.get(job.type, DEFAULT_ATTEMPTS)
         exc_info = (type(exc), exc, exc.__traceback__)
         dead = attempts >= allowed or isinstance(exc, InvalidJobError)
         delay = retry_delay(

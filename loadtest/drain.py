@@ -3,8 +3,8 @@
 ``python -m loadtest.drain [--jobs N] [--rounds R] [--concurrency C] [--json PATH]``
 
 Starts its own redis-server (no persistence) on a free port. Each round, for each mode in
-turn (alternating, so both see the same machine), it fills the marketing queue with N
-``marketing_signup`` jobs, starts a consumer process on that queue (``--handler real``: the
+turn (alternating, so both see the same machine), it fills the marketing-list update's queue
+with N of its jobs, starts a consumer process on that queue (``--handler real``: the
 real handler; ``noop``: the same consumer with handlers that do nothing), and times the jobs
 from the first taken to the last done (neither queued nor held), so process start-up is not
 counted. Prints the median of the
@@ -31,10 +31,13 @@ from pipeline.embedded_redis import scratch_server
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
 from pipeline.settings import DELIVERY_MODES
+from reactions.marketing import MARKETING_SIGNUP
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The job drained: the marketing-list update (its handler is one script).
+JOB = MARKETING_SIGNUP
 HANDLERS_DESCRIBED = {
-    "real": "marketing_signup (one script: done-marker, ZADD, HINCRBY)",
+    "real": f"{JOB} (one script: done-marker, ZADD, HINCRBY)",
     "noop": "a no-op handler (the queue machinery alone)",
 }
 PREFIX = "drain"
@@ -45,16 +48,16 @@ async def _fill(redis: aioredis.Redis, keys: Keys, jobs: int) -> None:
     batch = 1000
     for start in range(0, jobs, batch):
         encoded = [
-            new_job("marketing_signup", {"email": f"u{i}@example.com", "signed_up_at": i}).encode()
+            new_job(JOB.name, {"email": f"u{i}@example.com", "signed_up_at": i}).encode()
             for i in range(start, min(jobs, start + batch))
         ]
-        await redis.lpush(keys.queue("marketing"), *encoded)
+        await redis.lpush(keys.queue(JOB.queue), *encoded)
 
 
 async def _remaining(redis: aioredis.Redis, keys: Keys) -> int:
     """Jobs not yet done: queued, or held by the consumer (at-least-once)."""
     pipe = redis.pipeline(transaction=False)
-    pipe.llen(keys.queue("marketing"))
+    pipe.llen(keys.queue(JOB.queue))
     held = [key async for key in redis.scan_iter(match=f"{keys.prefix}:processing:*")]
     for key in held:
         pipe.llen(key)
@@ -75,8 +78,8 @@ async def drain_round(
         "KEY_PREFIX": PREFIX,
         "LOG_LEVEL": "WARNING",
         "DELIVERY_MODE": mode,
-        "CONSUMER_QUEUES": "marketing",
-        "CONSUMER_CONCURRENCY": f"marketing={concurrency}",
+        "CONSUMER_QUEUES": JOB.queue,
+        "CONSUMER_CONCURRENCY": f"{JOB.queue}={concurrency}",
     }
     # A blocking start is fine: nothing else runs on this loop.
     module = "consumers" if handler == "real" else "loadtest.noop_consumer"
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "--handler",
         choices=sorted(HANDLERS_DESCRIBED),
         default="real",
-        help="real: the marketing_signup handler; noop: a handler doing nothing (real)",
+        help=f"real: the {JOB} handler; noop: a handler doing nothing (real)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args(argv)

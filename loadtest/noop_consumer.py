@@ -7,14 +7,13 @@ import asyncio
 import sys
 
 from consumers.cli import loop_factory, run
-from consumers.handlers import HandlerContext
 from pipeline.jobs import Job
-from pipeline.keys import JOB_QUEUES
 from pipeline.logs import configure_logging
+from pipeline.registry import Context
 from pipeline.settings import Settings
 
 
-async def noop(ctx: HandlerContext, job: Job) -> None:
+async def noop(ctx: Context, job: Job) -> None:
     """Does nothing."""
 
 
@@ -22,7 +21,7 @@ def main() -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(settings, dict.fromkeys(JOB_QUEUES, noop)))
+        runner.run(run(settings, dict.fromkeys(settings.registry.job_types, noop)))
     return 0
 
 

@@ -15,8 +15,10 @@ import orjson
 
 from loadtest.client import Connection, HttpError, poll_stats
 from loadtest.generator import Recording, backlog_row
+from pipeline.registry import load_registry
 
-PIPELINE_COUNTERS = ("emails_sent", "marketing_list_updates", "profiles_generated")
+#: What every processed signup adds one to: the counters of the reactions' job types.
+PIPELINE_COUNTERS = load_registry().effect_counters
 #: Above this share of one core, the generator may be what limits the rate.
 CPU_WARNING = 0.9
 

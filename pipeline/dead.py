@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 
 from pipeline.errors import JobDecodeError
 from pipeline.jobs import Job, decode
-from pipeline.keys import JOB_QUEUES, Keys
+from pipeline.keys import Keys
+from pipeline.registry import Registry, load_registry
 
 # Move one entry back to its queue, only if it is still on the dead-letter list. The push
 # comes before the removal, so a Redis out of memory refuses the script before it changes
@@ -66,9 +67,10 @@ def _parse(raw: bytes) -> DeadLetter:
 class DeadLetters:
     """The dead-letter list of one prefix."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, registry: Registry | None = None) -> None:
         self._redis = redis
         self._keys = keys
+        self._routes = (registry or load_registry()).routes
         self._requeue = redis.register_script(_REQUEUE)
 
     async def count(self) -> int:
@@ -88,11 +90,11 @@ class DeadLetters:
         for entry in await self.list():
             if job_id is not None and entry.job_id != job_id:
                 continue
-            if entry.job is None or entry.job.type not in JOB_QUEUES:
+            if entry.job is None or entry.job.type not in self._routes:
                 skipped += 1
                 continue
             fresh = dataclasses.replace(entry.job, attempt=0, enqueued_at=time.time())
-            keys = [self._keys.dead, self._keys.queue(JOB_QUEUES[entry.job.type])]
+            keys = [self._keys.dead, self._keys.queue(self._routes[entry.job.type])]
             requeued += int(await self._requeue(keys=keys, args=[entry.raw, fresh.encode()]))
         return requeued, skipped
 

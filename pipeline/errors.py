@@ -13,8 +13,14 @@ class JobDecodeError(PipelineError):
     """Bytes fetched from a queue are not a valid job envelope; the message says why."""
 
 
-class UnknownJobTypeError(PipelineError):
-    """A job names a type that no handler serves."""
+class ReactionError(PipelineError):
+    """A reaction is declared wrongly, or a process's reactions do not fit together (a
+    receiver no reaction declares, a served queue without a handler); one line saying which."""
+
+
+class UnknownJobTypeError(ReactionError):
+    """A job was pushed with a type that no reaction declares: a bug in the receiver, not a
+    failure of the signup."""
 
 
 class InvalidJobError(PipelineError):

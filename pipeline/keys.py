@@ -7,51 +7,35 @@ fields of two hashes, not keys of their own.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Final
 
-#: The queues, by name. A job type belongs to exactly one of them.
-QUEUES: Final = ("email", "marketing", "profile")
+#: What a queue, a job type or a counter may be called (they become parts of key names).
+NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
-#: Job type -> the queue it travels on.
-JOB_QUEUES: Final[dict[str, str]] = {
-    "welcome_email": "email",
-    "marketing_signup": "marketing",
-    "generate_profile": "profile",
-}
-
-#: Counters kept in the stats hash.
-COUNTERS: Final = (
-    "users",
-    "emails_sent",
-    "marketing_list_updates",
-    "profiles_generated",
-    "receiver_errors",
-    "dead_letters_dropped",
-)
+#: Counters of the stats hash that the pipeline itself keeps; each reaction's job types add
+#: their own (see ``pipeline.registry``).
+CORE_COUNTERS: Final = ("users", "receiver_errors", "dead_letters_dropped")
 
 
 class Keys:
     """The key names for one prefix. Build once per process and pass it around."""
 
     __slots__ = (
+        "_queues",
         "consumers",
         "dead",
-        "delayed",
         "deliveries",
         "email_claims",
-        "marketing",
         "prefix",
-        "queues",
         "stats",
         "username_claims",
     )
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        #: queue name -> list of encoded jobs (LPUSH in, BRPOP out).
-        self.queues = {name: f"{prefix}:queue:{name}" for name in QUEUES}
-        #: queue name -> sorted set of jobs waiting to be retried, scored by when they are due.
-        self.delayed = {name: f"{prefix}:delayed:{name}" for name in QUEUES}
+        # queue name -> its list's key, built once (every push looks one up).
+        self._queues: dict[str, str] = {}
         #: list of dead letters, newest first.
         self.dead = f"{prefix}:dead"
         #: sorted set of consumer ids, scored by their last heartbeat (Redis time).
@@ -62,14 +46,25 @@ class Keys:
         self.username_claims = f"{prefix}:claims:username"
         #: hash of normalised email -> user id.
         self.email_claims = f"{prefix}:claims:email"
-        #: hash of counters (see COUNTERS).
+        #: hash of counters (see CORE_COUNTERS and the reactions' counters).
         self.stats = f"{prefix}:stats"
-        #: sorted set of subscribed addresses, scored by subscription time.
-        self.marketing = f"{prefix}:marketing"
 
     def queue(self, name: str) -> str:
-        """The list key of queue ``name``."""
-        return self.queues[name]
+        """The list of queue ``name``'s jobs (LPUSH in, popped from the right)."""
+        try:
+            return self._queues[name]
+        except KeyError:
+            key = self._queues[name] = f"{self.prefix}:queue:{name}"
+            return key
+
+    def of(self, *parts: str) -> str:
+        """A key a reaction keeps for itself: ``of("marketing")`` is ``<prefix>:marketing``.
+        Parts are the reaction's own constants or generated ids, never user input."""
+        return ":".join((self.prefix, *parts))
+
+    def delayed(self, queue: str) -> str:
+        """The sorted set of ``queue``'s jobs waiting to be retried, scored by when due."""
+        return f"{self.prefix}:delayed:{queue}"
 
     def processing(self, queue: str, consumer_id: str) -> str:
         """The list of ``queue``'s jobs that consumer ``consumer_id`` holds (at-least-once)."""

@@ -17,15 +17,14 @@ import contextlib
 import multiprocessing
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline.keys import QUEUES
+from pipeline.stats import PipelineStats
 
 #: Buckets (seconds) of the web's request latency: a signup takes milliseconds.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -34,32 +33,32 @@ JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 3
 
 
 class QueueCollector(Collector):
-    """The queues' gauges from one :func:`pipeline.stats.read_stats` snapshot."""
+    """The queues' gauges from one :func:`pipeline.stats.read_stats` snapshot (its queues
+    are the registry's) and the dead letters split by queue."""
 
-    def __init__(self, stats: dict[str, Any]) -> None:
+    def __init__(self, stats: PipelineStats, dead_by_queue: Mapping[str, int]) -> None:
         self._stats = stats
+        self._dead_by_queue = dead_by_queue
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats
-        for name, key, text in (
-            ("signup_queue_depth", "queues", "Jobs waiting in each queue."),
-            ("signup_queue_processing", "processing", "Jobs held by consumers, per queue."),
-            ("signup_queue_delayed", "delayed", "Jobs waiting to be retried, per queue."),
+        for name, counts, text in (
+            ("signup_queue_depth", stats.queues, "Jobs waiting in each queue."),
+            ("signup_queue_processing", stats.processing, "Jobs held by consumers, per queue."),
+            ("signup_queue_delayed", stats.delayed, "Jobs waiting to be retried, per queue."),
         ):
             family = GaugeMetricFamily(name, text, labels=["queue"])
-            for queue in QUEUES:
-                family.add_metric([queue], stats[key][queue])
+            for queue, count in counts.items():
+                family.add_metric([queue], count)
             yield family
         dead = GaugeMetricFamily(
             "signup_dead_letters", "Dead letters, per queue they came from.", labels=["queue"]
         )
-        for queue, count in stats["dead_by_queue"].items():
+        for queue, count in self._dead_by_queue.items():
             dead.add_metric([queue], count)
         yield dead
-        consumers = stats["consumers"]
-        live = len(consumers) if isinstance(consumers, list) else int(consumers)
         yield GaugeMetricFamily(
-            "signup_consumers_live", "Consumers holding a live lease.", value=live
+            "signup_consumers_live", "Consumers holding a live lease.", value=len(stats.consumers)
         )
 
 

@@ -29,9 +29,9 @@ from typing import Any, Final, Literal, Protocol
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline.errors import UnknownJobTypeError
 from pipeline.jobs import Job, new_job
-from pipeline.keys import JOB_QUEUES, QUEUES, Keys
+from pipeline.keys import Keys
+from pipeline.registry import JobType, Registry, load_registry
 from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
 
 #: Latency samples kept per queue (the newest), for the percentiles in /stats.
@@ -45,30 +45,25 @@ SettleAction = Literal["return", "retry", "dead"]
 class JobSink(Protocol):
     """Where a receiver pushes jobs: a signup's unit of work, or a queue directly."""
 
-    async def push(self, job_type: str, payload: dict[str, Any]) -> Job:
-        """Queue one job of ``job_type``; return it."""
+    async def push(self, job_type: JobType | str, payload: dict[str, Any]) -> Job:
+        """Queue one job of ``job_type`` (a declared type, or its name); return it. A type no
+        reaction declares raises :class:`UnknownJobTypeError`."""
         ...
-
-
-def queue_for(job_type: str) -> str:
-    """The queue a job type travels on."""
-    try:
-        return JOB_QUEUES[job_type]
-    except KeyError:
-        raise UnknownJobTypeError(f"no queue serves job type {job_type!r}") from None
 
 
 class DirectQueue:
     """A :class:`JobSink` that LPUSHes each job at once: for scripts and tests, outside a
     request. Inside a request the signup's unit of work collects the jobs instead."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, registry: Registry | None = None) -> None:
         self._redis = redis
         self._keys = keys
+        self._registry = registry or load_registry()
 
-    async def push(self, job_type: str, payload: dict[str, Any]) -> Job:
-        job = new_job(job_type, payload)
-        await self._redis.lpush(self._keys.queue(queue_for(job_type)), job.encode())
+    async def push(self, job_type: JobType | str, payload: dict[str, Any]) -> Job:
+        queue = self._registry.queue_for(job_type)
+        job = new_job(str(job_type), payload)
+        await self._redis.lpush(self._keys.queue(queue), job.encode())
         return job
 
 
@@ -269,8 +264,11 @@ class Broker:
         mode: DeliveryMode = "at-least-once",
         consumer_id: str | None = None,
         dead_letter_max: int = DEAD_LETTER_MAX,
+        queues: Sequence[str] | None = None,
     ) -> None:
         self.redis = redis
+        #: Every queue of the registry: what recovery looks for in a dead consumer's lists.
+        self.queues = tuple(queues if queues is not None else load_registry().queues)
         self.keys = keys
         self.mode = mode
         self.dead_letter_max = dead_letter_max
@@ -338,7 +336,7 @@ class Broker:
             queue,
             raw,
             "retry",
-            self.keys.delayed[queue],
+            self.keys.delayed(queue),
             put=retried.encode(),
             delay=delay,
             job_id=retried.id,
@@ -398,10 +396,10 @@ class Broker:
             self.keys.dead,
             self.keys.stats,
         ]
-        for queue in QUEUES:
+        for queue in self.queues:
             keys += [self.keys.processing(queue, consumer_id), self.keys.queue(queue)]
         args: list[str | int | float] = [consumer_id, max_deliveries, forget_after]
-        args += [self.dead_letter_max, *QUEUES]
+        args += [self.dead_letter_max, *self.queues]
         returned, dead = await self._recover(keys=keys, args=args)
         return int(returned), int(dead)
 
@@ -421,7 +419,7 @@ class Broker:
         """Move due retries to the head of their queues; how many moved."""
         moved = 0
         for queue in queues:
-            keys = [self.keys.delayed[queue], self.keys.queue(queue)]
+            keys = [self.keys.delayed(queue), self.keys.queue(queue)]
             moved += int(await self._promote(keys=keys, args=[PROMOTE_BATCH]))
         return moved
 

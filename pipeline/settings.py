@@ -19,15 +19,19 @@ from email.utils import parseaddr
 from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pipeline.errors import SettingsError
-from pipeline.keys import JOB_QUEUES, QUEUES
+from pipeline.errors import ReactionError, SettingsError
+from pipeline.keys import NAME_RE
 from pipeline.logs import LOG_FORMATS, LogFormat
+from pipeline.registry import DEFAULT_REACTIONS, Registry, load_registry
 
 T = TypeVar("T")
 SmtpSecurity = Literal["none", "starttls", "tls"]
 DeliveryMode = Literal["at-least-once", "at-most-once"]
 DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
-JOB_TYPES: tuple[str, ...] = tuple(JOB_QUEUES)
+#: Jobs run at once per queue, unless CONSUMER_CONCURRENCY says otherwise.
+DEFAULT_CONCURRENCY = 4
+#: The key of a per-name setting's value for every name (``JOB_TIMEOUT=12``).
+EVERY = "*"
 
 _SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
     "smtp": ("none", 25),
@@ -132,17 +136,18 @@ class Settings:
     email_from: str = "Signup <no-reply@localhost>"
     smtp_timeout: float = 10.0
     smtp_ca_file: str | None = None
-    consumer_queues: tuple[str, ...] = QUEUES
-    consumer_concurrency: Mapping[str, int] = field(
-        default_factory=lambda: dict.fromkeys(QUEUES, 4)
-    )
+    reactions: tuple[str, ...] = DEFAULT_REACTIONS
+    # The next four are filled from the registry of ``reactions`` (see __post_init__): every
+    # queue, and a value per queue or job type (its declared default unless given).
+    consumer_queues: tuple[str, ...] = ()
+    consumer_concurrency: Mapping[str, int] = field(default_factory=dict)
     fetch_timeout: float = 1.0
     shutdown_grace_period: float = 10.0
     delivery_mode: DeliveryMode = "at-least-once"
     lease_ttl: float = 5.0
     max_deliveries: int = 3
-    job_max_attempts: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(JOB_TYPES, 5))
-    job_timeout: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(JOB_TYPES, 30.0))
+    job_max_attempts: Mapping[str, int] = field(default_factory=dict)
+    job_timeout: Mapping[str, float] = field(default_factory=dict)
     retry_base_delay: float = 1.0
     retry_max_delay: float = 300.0
     idempotency_ttl: int = 24 * 3600
@@ -159,6 +164,40 @@ class Settings:
     trusted_proxies: tuple[Network, ...] = ()
     reserved_usernames: tuple[str, ...] = RESERVED_USERNAMES
     idempotency_key_ttl: int = 24 * 3600
+
+    def __post_init__(self) -> None:
+        registry = self.registry
+        queues = self.consumer_queues or registry.queues
+        if not set(queues) <= set(registry.queues):
+            raise SettingsError(
+                f"CONSUMER_QUEUES={','.join(queues)!r}: expected a comma-separated list of "
+                f"{', '.join(registry.queues)}"
+            )
+        types = registry.job_types.values()
+        filled = {
+            "consumer_queues": tuple(queues),
+            "consumer_concurrency": _fill(
+                "CONSUMER_CONCURRENCY",
+                self.consumer_concurrency,
+                {q: DEFAULT_CONCURRENCY for q in registry.queues},
+            ),
+            "job_max_attempts": _fill(
+                "JOB_MAX_ATTEMPTS", self.job_max_attempts, {t.name: t.attempts for t in types}
+            ),
+            "job_timeout": _fill(
+                "JOB_TIMEOUT", self.job_timeout, {t.name: t.timeout for t in types}
+            ),
+        }
+        for name, value in filled.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def registry(self) -> Registry:
+        """The reactions of ``REACTIONS``: job types, queues, counters, handlers."""
+        try:
+            return load_registry(self.reactions)
+        except ReactionError as exc:
+            raise SettingsError(f"REACTIONS={','.join(self.reactions)!r}: {exc}") from None
 
     @property
     def sentinel(self) -> SentinelUrl | None:
@@ -185,6 +224,7 @@ class Settings:
         defaults = cls()
         settings = cls(
             redis_url=_get(env, "REDIS_URL", _redis_url, defaults.redis_url),
+            reactions=_get(env, "REACTIONS", parse_modules, defaults.reactions),
             redis_ca_file=_get(env, "REDIS_CA_FILE", _readable_file, None),
             redis_sentinel_password=_get(env, "REDIS_SENTINEL_PASSWORD", str, None),
             redis_min_replicas=_get(
@@ -214,10 +254,8 @@ class Settings:
             email_from=_get(env, "EMAIL_FROM", _address, defaults.email_from),
             smtp_timeout=_get(env, "SMTP_TIMEOUT", _seconds(0.1, 300), defaults.smtp_timeout),
             smtp_ca_file=_get(env, "SMTP_CA_FILE", _readable_file, None),
-            consumer_queues=_get(env, "CONSUMER_QUEUES", parse_queues, defaults.consumer_queues),
-            consumer_concurrency=_get(
-                env, "CONSUMER_CONCURRENCY", parse_concurrency, defaults.consumer_concurrency
-            ),
+            consumer_queues=_get(env, "CONSUMER_QUEUES", parse_queues, ()),
+            consumer_concurrency=_get(env, "CONSUMER_CONCURRENCY", parse_concurrency, {}),
             fetch_timeout=_get(env, "FETCH_TIMEOUT", _seconds(0.1, 10), defaults.fetch_timeout),
             shutdown_grace_period=_get(
                 env, "SHUTDOWN_GRACE_PERIOD", parse_grace_period, defaults.shutdown_grace_period
@@ -225,10 +263,8 @@ class Settings:
             delivery_mode=_get(env, "DELIVERY_MODE", parse_delivery_mode, defaults.delivery_mode),
             lease_ttl=_get(env, "LEASE_TTL", _seconds(1.0, 300), defaults.lease_ttl),
             max_deliveries=_get(env, "MAX_DELIVERIES", _integer(1, 1000), defaults.max_deliveries),
-            job_max_attempts=_get(
-                env, "JOB_MAX_ATTEMPTS", parse_max_attempts, defaults.job_max_attempts
-            ),
-            job_timeout=_get(env, "JOB_TIMEOUT", parse_job_timeout, defaults.job_timeout),
+            job_max_attempts=_get(env, "JOB_MAX_ATTEMPTS", parse_max_attempts, {}),
+            job_timeout=_get(env, "JOB_TIMEOUT", parse_job_timeout, {}),
             retry_base_delay=_get(
                 env, "RETRY_BASE_DELAY", _seconds(0.001, 3600), defaults.retry_base_delay
             ),
@@ -383,43 +419,67 @@ def _address(raw: str) -> str:
     return raw
 
 
-def parse_queues(raw: str) -> tuple[str, ...]:
-    """Parse a comma-separated list of queue names (``email,profile``)."""
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_modules(raw: str) -> tuple[str, ...]:
+    """Parse ``REACTIONS``: comma-separated reaction modules or packages of them."""
     names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
-    unknown = [name for name in names if name not in QUEUES]
-    if unknown or not names:
-        raise ValueError(f"expected a comma-separated list of {', '.join(QUEUES)}")
+    if not names or not all(_MODULE_RE.match(name) for name in names):
+        raise ValueError("expected comma-separated module names, such as reactions,myapp.sms")
     return names
 
 
-def _per_name(
-    names: tuple[str, ...], what: str, parse: Callable[[str], T], default: T
-) -> Callable[[str], dict[str, T]]:
-    """A parser of ``V`` (every name) or ``NAME=V,...`` (the names not given keep ``default``)."""
+def parse_queues(raw: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of queue names (``email,profile``); whether a reaction
+    declares them is checked against the registry (see :meth:`Settings.__post_init__`)."""
+    names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if not names or not all(NAME_RE.fullmatch(name) for name in names):
+        raise ValueError("expected a comma-separated list of queue names")
+    return names
+
+
+def _per_name(what: str, parse: Callable[[str], T]) -> Callable[[str], dict[str, T]]:
+    """A parser of ``V`` (every name: the key :data:`EVERY`) or ``NAME=V,...``."""
 
     def parse_all(raw: str) -> dict[str, T]:
         if "=" not in raw:
-            return dict.fromkeys(names, parse(raw))
-        result = dict.fromkeys(names, default)
+            return {EVERY: parse(raw)}
+        result = {}
         for part in raw.split(","):
             name, sep, value = part.partition("=")
             name = name.strip()
-            if not sep or name not in names:
-                raise ValueError(
-                    f"expected V or {what}=V pairs with {what} one of {', '.join(names)}"
-                )
+            if not sep or not NAME_RE.fullmatch(name):
+                raise ValueError(f"expected V or {what}=V pairs")
             result[name] = parse(value.strip())
         return result
 
     return parse_all
 
 
+def _fill(setting: str, given: Mapping[str, T], defaults: Mapping[str, T]) -> dict[str, T]:
+    """``defaults`` overridden by ``given`` (per name, or :data:`EVERY` for all); a name the
+    registry does not know is a :class:`SettingsError` naming ``setting``."""
+    unknown = [name for name in given if name != EVERY and name not in defaults]
+    if unknown:
+        shown = ",".join(str(v) if k == EVERY else f"{k}={v}" for k, v in given.items())
+        raise SettingsError(
+            f"{setting}={shown!r}: {unknown[0]!r} is not one of {', '.join(defaults)}"
+        )
+    every = given.get(EVERY)
+    return {
+        name: given.get(name, every if every is not None else default)
+        for name, default in defaults.items()
+    }
+
+
 #: ``8`` (every queue) or ``email=8,profile=2`` (the rest keep the default 4).
-parse_concurrency = _per_name(QUEUES, "QUEUE", _integer(1, 1000), 4)
-#: ``5`` (every job type) or ``welcome_email=8`` (the rest keep the default 5).
-parse_max_attempts = _per_name(JOB_TYPES, "TYPE", _integer(1, 100), 5)
-#: Seconds a job may run: ``30`` or ``generate_profile=120`` (the rest keep 30).
-parse_job_timeout = _per_name(JOB_TYPES, "TYPE", _seconds(0.01, 86_400), 30.0)
+parse_concurrency = _per_name("QUEUE", _integer(1, 1000))
+#: ``5`` (every job type) or ``welcome_email=8`` (the rest keep their declared attempts).
+parse_max_attempts = _per_name("TYPE", _integer(1, 100))
+#: Seconds a job may run: ``30`` or ``generate_profile=120`` (the rest keep their declared
+#: timeout).
+parse_job_timeout = _per_name("TYPE", _seconds(0.01, 86_400))
 
 
 def parse_delivery_mode(raw: str) -> DeliveryMode:
@@ -505,14 +565,26 @@ def _boolean(raw: str) -> bool:
         raise ValueError("expected true or false (1/0, yes/no, on/off)") from None
 
 
+class _Probe:
+    """A sender standing in for the app while its receivers are checked."""
+
+
 def main() -> int:
-    """``python -m pipeline.settings``: exit 0 if the environment's settings are valid, else
-    print one line naming the bad variable and exit 2. The Procfile runs it before hypercorn,
-    whose exit code hides a worker's failed start (pgjones/hypercorn#269)."""
+    """``python -m pipeline.settings``: exit 0 if the environment's settings are valid and the
+    reactions of ``REACTIONS`` fit together (every receiver declared, with job types some
+    reaction declares), else print one line saying what is wrong and exit 2. The Procfile
+    runs it before hypercorn, whose exit code hides a worker's failed start
+    (pgjones/hypercorn#269)."""
     try:
-        Settings.from_env()
+        registry = Settings.from_env().registry
+        probe = _Probe()
+        registry.connect(probe)
+        registry.check_receivers(probe)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ReactionError as exc:
+        print(f"error: REACTIONS: {exc}", file=sys.stderr)
         return 2
     return 0
 

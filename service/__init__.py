@@ -1,6 +1,7 @@
 """The web service. ``service:app`` is the ASGI app hypercorn serves.
 
-Settings are read from the environment once, here; a bad value stops start-up with one line.
+Settings are read from the environment once, here; a bad value, or reactions that do not fit
+together (see ``pipeline.registry``), stops start-up with one line.
 In a hypercorn worker, metrics are kept in prometheus_client's multiprocess mode, in a
 directory under ``METRICS_DIR`` shared by the workers of one hypercorn master, so a scrape
 served by any worker sums them all. (Imported anywhere else, as by the tests, the process
@@ -12,7 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from pipeline.errors import SettingsError
+from pipeline.errors import ReactionError, SettingsError
 from pipeline.logs import configure_logging
 from pipeline.metrics import is_spawned_worker, use_multiprocess_dir
 from pipeline.settings import Settings
@@ -37,4 +38,7 @@ if is_spawned_worker():
         use_multiprocess_dir(_settings.metrics_dir)
     except OSError as exc:
         sys.exit(f"error: METRICS_DIR={_settings.metrics_dir!r}: {exc.strerror or exc}")
-app = create_app(_settings)
+try:
+    app = create_app(_settings)
+except ReactionError as exc:
+    sys.exit(f"error: REACTIONS: {exc}")

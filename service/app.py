@@ -19,10 +19,8 @@ from service.metrics import EXTENSION as METRICS
 from service.metrics import WebMetrics, metrics_api
 from service.middleware import RequestObserver
 from service.openapi import document_api
-from service.receivers import connect_receivers
 from service.responses import json_response
 from service.routes import api
-from service.signals import user_signed_up
 from service.users import UserStore
 from service.validation import reserved_forms
 
@@ -37,7 +35,12 @@ _HTTP_MESSAGES = {
 
 
 def create_app(settings: Settings) -> Quart:
-    """Build the web app. Redis is opened when serving starts and closed when it stops."""
+    """Build the web app. Redis is opened when serving starts and closed when it stops.
+
+    The reactions of ``REACTIONS`` connect their receivers for this app; a receiver of their
+    signals that no reaction declares, or one that may push an undeclared job type, raises
+    :class:`ReactionError` here: the app does not start."""
+    registry = settings.registry
     app = Quart(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # A body that has not all arrived this long after the handler asked for it is a 408: a
@@ -47,8 +50,9 @@ def create_app(settings: Settings) -> Quart:
     app.register_blueprint(health)
     app.register_blueprint(metrics_api)
     metrics = app.extensions[METRICS] = WebMetrics()
-    document_api(app)
-    connect_receivers(user_signed_up)
+    document_api(app, registry)
+    registry.connect(app)
+    registry.check_receivers(app)
 
     @app.before_serving
     async def open_redis() -> None:
@@ -65,7 +69,7 @@ def create_app(settings: Settings) -> Quart:
         )
         clients = ClientResolver(settings.trusted_proxies)
         reserved = reserved_forms(settings.reserved_usernames)
-        app.extensions[EXTENSION] = Deps(settings, keys, client, users, clients, reserved)
+        app.extensions[EXTENSION] = Deps(settings, registry, keys, client, users, clients, reserved)
 
     @app.after_serving
     async def close_redis() -> None:

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from quart import current_app
 
 from pipeline.keys import Keys
+from pipeline.registry import Registry
 from pipeline.settings import Settings
 from service.clients import ClientResolver
 from service.users import UserStore
@@ -21,6 +22,8 @@ class Deps:
     """Opened when serving starts (see ``service.app``), closed when it stops."""
 
     settings: Settings
+    #: The reactions this app's receivers and stats come from (``REACTIONS``).
+    registry: Registry
     keys: Keys
     redis: aioredis.Redis
     users: UserStore

@@ -143,15 +143,15 @@ async def metrics() -> Response:
     parts = web_metrics().collectors()
     current = deps()
     try:
-        stats = await read_stats(current.redis, current.keys)
-        stats["dead_by_queue"] = await dead_by_queue(
-            current.redis, current.keys, stats["dead_letter"]
+        stats = await read_stats(current.redis, current.keys, current.registry)
+        split = await dead_by_queue(
+            current.redis, current.keys, stats.dead_letter, current.registry.queues
         )
     except RedisError as exc:
         logger.warning("metrics: queue gauges left out, Redis unavailable: %s", exc)
         redis_up = False
     else:
-        parts.append(QueueCollector(stats))
+        parts.append(QueueCollector(stats, split))
         redis_up = True
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Combined(parts, redis_up))

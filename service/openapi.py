@@ -8,6 +8,7 @@ models, so the document cannot drift from what the API answers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -17,6 +18,7 @@ from quart_schema import DataSource, Info, QuartSchema, document_response
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import Rule
 
+from pipeline.registry import Registry
 from service.docs import docs
 from service.validation import EMAIL_MAX, FORM_TYPE, JSON_TYPE, USERNAME_MAX, USERNAME_MIN
 
@@ -130,27 +132,64 @@ class Latency(Struct):
     run_ms: Percentiles
 
 
-Counts = Annotated[dict[str, int], msgspec.Meta(description="By queue: email, marketing, profile.")]
-
-
 class Stats(Struct):
-    """Counters, queue depths, jobs held and waiting to be retried, dead letters, live
-    consumers and recent latency per queue."""
+    """Stands for the app's :func:`stats_model`, which has a field per counter of its
+    reactions (see :func:`resolve`)."""
 
-    users: int
-    emails_sent: int
-    marketing_list_updates: int
-    profiles_generated: int
-    receiver_errors: int
-    dead_letters_dropped: Annotated[
-        int, msgspec.Meta(description="The oldest dead letters dropped past DEAD_LETTER_MAX.")
+
+#: What the pipeline's own counters count; a reaction's counter says its job type.
+_CORE_COUNTERS = {
+    "users": "Users signed up.",
+    "receiver_errors": "Receivers that raised during a signup (the signup still succeeded).",
+    "dead_letters_dropped": "The oldest dead letters dropped past DEAD_LETTER_MAX.",
+}
+
+
+@functools.cache
+def stats_model(registry: Registry) -> type[Struct]:
+    """The ``GET /stats`` model of ``registry``'s counters and queues."""
+
+    def described(kind: type[Any], text: str) -> Any:
+        return Annotated[kind, msgspec.Meta(description=text)]
+
+    counting = {t.counter: t for t in registry.job_types.values() if t.counter is not None}
+    queues = ", ".join(registry.queues)
+    fields: list[tuple[str, Any]] = [
+        (
+            name,
+            described(int, _CORE_COUNTERS[name])
+            if name in _CORE_COUNTERS
+            else described(int, f"Jobs of {counting[name].name!r} done."),
+        )
+        for name in registry.counters
     ]
-    queues: Annotated[Counts, msgspec.Meta(description="Jobs waiting, by queue.")]
-    processing: Annotated[Counts, msgspec.Meta(description="Jobs held by consumers, by queue.")]
-    delayed: Annotated[Counts, msgspec.Meta(description="Jobs waiting for a retry, by queue.")]
-    dead_letter: int
-    consumers: Annotated[int, msgspec.Meta(description="Consumers holding a live lease.")]
-    latency: dict[str, Latency]
+    fields += [
+        ("queues", described(dict[str, int], f"Jobs waiting, by queue: {queues}.")),
+        ("processing", described(dict[str, int], f"Jobs held by consumers, by queue: {queues}.")),
+        ("delayed", described(dict[str, int], f"Jobs waiting for a retry, by queue: {queues}.")),
+        ("dead_letter", int),
+        ("consumers", described(int, "Consumers holding a live lease.")),
+        ("latency", described(dict[str, Latency], f"By queue: {queues}.")),
+    ]
+    model: type[Struct] = msgspec.defstruct(  # type: ignore[assignment]  # bases=(Struct,)
+        "Stats", fields, bases=(Struct,), module=__name__
+    )
+    model.__doc__ = (
+        "Counters (the pipeline's and one per job type that keeps one), queue depths, jobs "
+        "held and waiting to be retried, dead letters, live consumers and recent latency per "
+        "queue."
+    )
+    return model
+
+
+_MODELS = "signup.openapi_models"
+
+
+def resolve(app: Quart, model: type[Any]) -> type[Any]:
+    """The model ``app`` documents where a view names ``model``: its own :func:`stats_model`
+    for :class:`Stats`, else ``model`` itself."""
+    models: dict[type[Any], type[Any]] = app.extensions.get(_MODELS, {})
+    return models.get(model, model)
 
 
 class Live(Struct):
@@ -309,6 +348,7 @@ class _Provider(OpenAPIProvider):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Response headers where OpenAPI wants them: beside ``content``, not in it as
         quart-schema 0.25 puts them, and ``X-Request-ID`` on every response."""
+        model = resolve(self._app, model)  # type: ignore[arg-type]  # a weak proxy of it
         response, definitions = super().build_response_object(model, headers_model)
         definitions = {**definitions, **_nested(model)}
         if model is SignupCreated:
@@ -330,9 +370,10 @@ class _Provider(OpenAPIProvider):
         return response, definitions
 
 
-def document_api(app: Quart) -> None:
+def document_api(app: Quart, registry: Registry) -> None:
     """Serve ``/openapi.json``, and Swagger UI at ``/docs`` (from :mod:`service.docs`, which
-    serves its script and stylesheet itself)."""
+    serves its script and stylesheet itself). The stats model is ``registry``'s."""
+    app.extensions[_MODELS] = {Stats: stats_model(registry)}
     app.register_blueprint(docs)
     schema = QuartSchema(
         openapi_path="/openapi.json",

@@ -9,6 +9,7 @@ from quart import Blueprint, Response, current_app, request
 from quart_schema import document_request, operation_id
 
 from pipeline.jobs import new_id
+from pipeline.signals import emit, user_signed_up
 from pipeline.stats import read_stats
 from service.deps import deps
 from service.errors import ApiError
@@ -30,7 +31,6 @@ from service.openapi import (
     responses,
 )
 from service.responses import json_response
-from service.signals import emit, user_signed_up
 from service.users import NewUser, SignupJobs
 from service.validation import parse_body, parse_idempotency_key, validate_signup
 
@@ -76,7 +76,7 @@ async def signup() -> Response:
         username_claim=fields.username_claim,
         email_claim=fields.email_claim,
     )
-    jobs = SignupJobs()
+    jobs = SignupJobs(current.registry)
     failures = await emit(
         user_signed_up,
         current_app._get_current_object(),  # type: ignore[attr-defined]
@@ -114,7 +114,6 @@ async def stats() -> Response:
     """Counters, queue depths, jobs held and waiting to be retried, dead letters, the number
     of live consumers, and recent queue-wait and run-time percentiles per queue."""
     current = deps()
-    found = await read_stats(current.redis, current.keys)
+    found = await read_stats(current.redis, current.keys, current.registry)
     # Consumers' hosts and pids are for operators (``python -m consumers stats``), not the API.
-    found["consumers"] = len(found["consumers"])
-    return json_response(found)
+    return json_response(found.to_json(consumers="count"))

@@ -21,7 +21,7 @@ from pipeline.batching import ScriptBatcher
 from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import Keys
-from pipeline.queue import queue_for
+from pipeline.registry import JobType, Registry
 from pipeline.settings import RateLimit, RateLimitFailure
 from service.clients import RefusedClients
 from service.errors import (
@@ -87,13 +87,16 @@ return 'ok'
 @dataclass(slots=True)
 class SignupJobs:
     """The signup's unit of work: a JobSink that collects jobs, each with its queue, until
-    the commit. An unknown job type fails in the receiver that pushed it, not in the commit."""
+    the commit. A job type no reaction declares fails in the receiver that pushed it, with
+    :class:`UnknownJobTypeError`, which fails the signup (a bug, not a reaction's failure)."""
 
+    registry: Registry
     queued: list[tuple[str, Job]] = field(default_factory=list)
 
-    async def push(self, job_type: str, payload: dict[str, Any]) -> Job:
-        job = new_job(job_type, payload)
-        self.queued.append((queue_for(job_type), job))
+    async def push(self, job_type: JobType | str, payload: dict[str, Any]) -> Job:
+        queue = self.registry.queue_for(job_type)
+        job = new_job(str(job_type), payload)
+        self.queued.append((queue, job))
         return job
 
 

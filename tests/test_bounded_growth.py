@@ -30,7 +30,7 @@ async def test_dead_letters_keep_the_newest_and_count_what_they_drop(
     reasons = [orjson.loads(e)["reason"] for e in await redis.lrange(keys.dead, 0, -1)]
     assert reasons == ["bad job 4", "bad job 3", "bad job 2"]
     stats = await read_stats(redis, keys)
-    assert (stats["dead_letter"], stats["dead_letters_dropped"]) == (3, 2)
+    assert (stats.dead_letter, stats.counters["dead_letters_dropped"]) == (3, 2)
 
 
 async def test_dead_letters_from_recovery_are_capped_too(redis: aioredis.Redis, keys: Keys) -> None:

@@ -167,7 +167,7 @@ async def test_kill_9_at_most_once_loses_the_jobs_it_held(
     # The two held jobs are nowhere: not queued, not held, not waiting for a retry. Lost, as
     # documented for this mode.
     assert await _held_anywhere(redis, keys) == 0
-    assert await redis.zcard(keys.delayed["email"]) == 0
+    assert await redis.zcard(keys.delayed("email")) == 0
     assert await redis.llen(keys.dead) == 0
     assert sorted(smtp_server.recipients()) == sorted(emails[2:])
     second.signal(signal.SIGTERM)

@@ -29,9 +29,9 @@ NEED_THE_LOADTEST_EXTRA = {"loadtest.drain", "loadtest.locustfile"}
 #: prints the names of those that fail, as JSON.
 IMPORT_EVERY_MODULE = """
 import importlib, json, pkgutil
-import consumers, loadtest, pipeline, service
+import consumers, loadtest, pipeline, reactions, service
 failed = []
-for package in (service, consumers, pipeline, loadtest):
+for package in (service, consumers, pipeline, reactions, loadtest):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         if not module.name.endswith("__main__"):
             try:

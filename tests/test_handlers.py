@@ -14,26 +14,25 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumers.email import ConsoleEmailBackend, SmtpEmailBackend, email_backend
-from consumers.handlers import (
-    HandlerContext,
-    add_to_marketing_list,
-    build_profile,
-    generate_profile,
-    send_welcome_email,
-)
+from pipeline.batching import ScriptBatcher
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
+from pipeline.registry import Context, load_registry
 from pipeline.settings import Settings
+from pipeline.signals import user_signed_up
 from pipeline.stats import read_stats
-from service.receivers import RECEIVERS
+from reactions.marketing import LIST, add_to_marketing_list
+from reactions.profile import build_profile, generate_profile
+from reactions.welcome_email import EMAIL, send_welcome_email
 from tests.helpers import SmtpSink, eventually
 
 
-def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> HandlerContext:
-    return HandlerContext(
-        redis, keys, email_backend(settings), settings.email_from, settings.idempotency_ttl
-    )
+def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> Context:
+    ctx = Context(redis, settings)
+    assert ctx.keys.prefix == keys.prefix
+    ctx[EMAIL] = email_backend(settings)
+    return ctx
 
 
 async def test_welcome_email_over_smtp(
@@ -41,7 +40,7 @@ async def test_welcome_email_over_smtp(
 ) -> None:
     settings = make_settings({"SMTP_URL": smtp_server.url, "EMAIL_FROM": "Team <team@example.com>"})  # type: ignore[operator]
     ctx = context_for(redis, keys, settings)
-    assert isinstance(ctx.email, SmtpEmailBackend)
+    assert isinstance(ctx[EMAIL], SmtpEmailBackend)
     job = new_job(
         "welcome_email", {"user_id": "u1", "username": "zoë_42", "email": "zoe@example.com"}
     )
@@ -55,14 +54,14 @@ async def test_welcome_email_over_smtp(
     html = message.get_body(("html",))
     assert text is not None and "zoë_42" in text.get_content()
     assert html is not None and "<strong>zoë_42</strong>" in html.get_content()
-    assert (await read_stats(redis, keys))["emails_sent"] == 1
+    assert (await read_stats(redis, keys)).counters["emails_sent"] == 1
 
 
 async def test_welcome_email_to_the_console_without_smtp(
     redis: aioredis.Redis, keys: Keys, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     ctx = context_for(redis, keys, settings)
-    assert isinstance(ctx.email, ConsoleEmailBackend)
+    assert isinstance(ctx[EMAIL], ConsoleEmailBackend)
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
     with caplog.at_level(logging.INFO):
         await send_welcome_email(ctx, job)
@@ -71,7 +70,7 @@ async def test_welcome_email_to_the_console_without_smtp(
     assert "welcome email for user u1 sent to a***@example.com" in caplog.text
     assert "a@example.com" not in caplog.text
     assert "Hello alice" not in caplog.text
-    assert (await read_stats(redis, keys))["emails_sent"] == 1
+    assert (await read_stats(redis, keys)).counters["emails_sent"] == 1
 
     caplog.clear()
     again = new_job("welcome_email", {"user_id": "u2", "username": "bo", "email": "b@example.com"})
@@ -90,7 +89,7 @@ async def test_smtp_failure_raises_and_counts_nothing(
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
     with pytest.raises(Exception, match=r"(?i)connect"):
         await send_welcome_email(context_for(redis, keys, settings), job)
-    assert (await read_stats(redis, keys))["emails_sent"] == 0
+    assert (await read_stats(redis, keys)).counters["emails_sent"] == 0
 
 
 async def test_marketing_list(redis: aioredis.Redis, keys: Keys, settings: Settings) -> None:
@@ -99,10 +98,10 @@ async def test_marketing_list(redis: aioredis.Redis, keys: Keys, settings: Setti
         {"user_id": "u1", "email": "a@example.com", "signed_up_at": 1700000000.5},
     )
     await add_to_marketing_list(context_for(redis, keys, settings), job)
-    assert await redis.zrange(keys.marketing, 0, -1, withscores=True) == [
+    assert await redis.zrange(keys.of(LIST), 0, -1, withscores=True) == [
         (b"a@example.com", 1700000000.5)
     ]
-    assert (await read_stats(redis, keys))["marketing_list_updates"] == 1
+    assert (await read_stats(redis, keys)).counters["marketing_list_updates"] == 1
 
 
 async def test_profile_is_written_and_served(
@@ -122,7 +121,7 @@ async def test_profile_is_written_and_served(
     assert profile["initials"] == "JV"
     assert profile["avatar_url"].startswith("https://www.gravatar.com/avatar/")
     datetime.fromisoformat(profile["created_at"])
-    assert (await read_stats(redis, keys))["profiles_generated"] == 1
+    assert (await read_stats(redis, keys)).counters["profiles_generated"] == 1
     assert orjson.loads(await redis.get(keys.profile(user_id))) == profile
 
 
@@ -142,7 +141,7 @@ def test_build_profile() -> None:
 
 async def test_receivers_push_directly_outside_a_request(redis: aioredis.Redis, keys: Keys) -> None:
     sink = DirectQueue(redis, keys)
-    for receiver in RECEIVERS:
+    for receiver in load_registry().receivers(user_signed_up):
         await receiver(
             None,
             jobs=sink,
@@ -229,8 +228,12 @@ async def test_each_effect_happens_once_per_job_id(
     for _ in range(3):  # delivered three times: a retry, a recovery
         for handler, job in zip(handlers, jobs, strict=True):
             await handler(ctx, job)
-    stats = await read_stats(redis, keys)
-    assert (stats["emails_sent"], stats["marketing_list_updates"], stats["profiles_generated"]) == (
+    counters = (await read_stats(redis, keys)).counters
+    assert (
+        counters["emails_sent"],
+        counters["marketing_list_updates"],
+        counters["profiles_generated"],
+    ) == (
         1,
         1,
         1,
@@ -272,36 +275,42 @@ async def test_headers_that_are_not_ascii_arrive_encoded_and_whole(
     assert text is not None and "Hello Łukasz_ü," in text.get_content()
 
 
-class FlakyMarkContext(HandlerContext):
-    """Redis fails twice right after the SMTP server accepted (our code; Redis is real)."""
+class FlakyMarkContext(Context):
+    """Redis fails twice right after the SMTP server accepted (our code; Redis is real): the
+    welcome email's effect (the only one this test runs) fails before reaching Redis."""
 
     failures = 2
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        real = self.mark_email_sent
+    def effect(self, source: str) -> ScriptBatcher:
+        real = super().effect(source)
+        context = self
 
-        async def flaky(keys: list[Any], args: list[Any]) -> Any:
-            if self.failures:
-                self.failures -= 1
-                raise RedisConnectionError("Redis went away")
-            return await real(keys=keys, args=args)
+        class Flaky(ScriptBatcher):
+            def __init__(self) -> None:
+                pass
 
-        self.mark_email_sent = flaky  # type: ignore[assignment]
+            def __call__(self, keys: Any, args: Any) -> Any:
+                if context.failures:
+                    context.failures -= 1
+                    raise RedisConnectionError("Redis went away")
+                return real(keys, args)
+
+        return Flaky()
 
 
 async def test_a_lost_done_marker_write_is_retried_not_sent_again(
     redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
 ) -> None:
     settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
-    ctx = FlakyMarkContext(redis, keys, email_backend(settings), settings.email_from)
+    ctx = FlakyMarkContext(redis, settings)
+    ctx[EMAIL] = email_backend(settings)
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
     await send_welcome_email(ctx, job)
     await send_welcome_email(ctx, job)  # redelivered: the marker made it
     assert ctx.failures == 0
     assert smtp_server.recipients() == ["a@example.com"]
     assert await redis.exists(keys.done(job.id)) == 1
-    assert (await read_stats(redis, keys))["emails_sent"] == 1
+    assert (await read_stats(redis, keys)).counters["emails_sent"] == 1
 
 
 @pytest.mark.parametrize(
@@ -356,7 +365,7 @@ async def test_a_job_with_an_unsafe_payload_is_dead_lettered_at_once_and_nothing
     assert entry["attempts"] == 1  # not retried
     assert smtp_server.messages == []
     assert await redis.keys(keys.profile("*")) == []
-    assert await redis.zcard(keys.marketing) == 0
+    assert await redis.zcard(keys.of(LIST)) == 0
 
 
 async def _dead_letters(redis: aioredis.Redis, keys: Keys) -> bool:

@@ -15,6 +15,7 @@ from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 
 from pipeline.embedded_redis import free_port
 from service.app import create_app
+from service.openapi import resolve
 from tests.helpers import RedisServer
 from tests.processes import child_env, request, web
 
@@ -119,7 +120,7 @@ def documented_model(app: Quart, method: str, path: str, status: int) -> type[An
     documented = getattr(app.view_functions[endpoint], QUART_SCHEMA_RESPONSE_ATTRIBUTE)
     assert status in documented, f"{method} {path} answered {status}, which is not documented"
     model: type[Any] = documented[status][0]
-    return model
+    return resolve(app, model)  # the app's own model where the view names a stand-in
 
 
 async def check(

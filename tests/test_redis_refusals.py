@@ -26,12 +26,12 @@ from redis.exceptions import (
     ReadOnlyError,
 )
 
-from consumers.handlers import HandlerContext
 from pipeline.connections import REDIS_UNAVAILABLE, BusyError, MisconfError, NoReplicasError
 from pipeline.embedded_redis import free_port
 from pipeline.jobs import Job
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
+from pipeline.registry import Context
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import eventually
@@ -199,7 +199,7 @@ class Held:
 HELD = Held()
 
 
-async def write_after_go(ctx: HandlerContext, job: Job) -> None:
+async def write_after_go(ctx: Context, job: Job) -> None:
     HELD.attempts.append(job.attempt)
     await HELD.go.wait()
     try:
@@ -248,7 +248,7 @@ async def test_a_refusal_inside_a_job_returns_it_untried_and_it_runs_once_redis_
         # Put back as it was, not as a failed attempt: no retry, no dead letter.
         assert HELD.attempts == [0, 0]
         assert await admin.llen(keys.dead) == 0
-        assert await admin.zcard(keys.delayed["email"]) == 0
+        assert await admin.zcard(keys.delayed("email")) == 0
         assert _count(consumer, "signup_jobs_total", type="welcome_email", outcome="returned") == 1
         assert _count(consumer, "signup_jobs_total", type="welcome_email", outcome="retried") == 0
     finally:

@@ -13,14 +13,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumers.email import ConsoleEmailBackend
-from consumers.handlers import HANDLERS, Handler, HandlerContext
 from consumers.runner import Consumer, retry_delay
 from pipeline.connections import consumer_client
 from pipeline.jobs import Job, decode, new_job
 from pipeline.keys import Keys
 from pipeline.queue import Broker, DirectQueue
+from pipeline.registry import Context, Handler
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
+from reactions.marketing import LIST
+from reactions.welcome_email import EMAIL
 from tests.helpers import eventually, parse_metrics
 
 
@@ -37,7 +39,7 @@ class Gate:
 GATE = Gate()
 
 
-async def held_email(ctx: HandlerContext, job: Job) -> None:
+async def held_email(ctx: Context, job: Job) -> None:
     """Stands in for welcome_email: runs until the test releases it (or it is cancelled)."""
     GATE.started.append(job.payload["email"])
     try:
@@ -52,12 +54,12 @@ async def held_email(ctx: HandlerContext, job: Job) -> None:
 _calls: list[tuple[str, int]] = []
 
 
-async def failing(ctx: HandlerContext, job: Job) -> None:
+async def failing(ctx: Context, job: Job) -> None:
     _calls.append((job.id, job.attempt))
     raise ValueError("smtp said no")
 
 
-async def fails_once(ctx: HandlerContext, job: Job) -> None:
+async def fails_once(ctx: Context, job: Job) -> None:
     _calls.append((job.id, job.attempt))
     if job.attempt == 0:
         raise ValueError("try again")
@@ -82,9 +84,10 @@ def build_consumer(
     settings = dataclasses.replace(settings, **overrides)
     client = consumer_client(settings, max_connections=32)
     keys = Keys(settings.key_prefix)
-    ctx = HandlerContext.for_settings(client, ConsoleEmailBackend(), settings)
+    ctx = Context(client, settings)
+    ctx[EMAIL] = ConsoleEmailBackend()
     broker = Broker(client, keys, mode=settings.delivery_mode)
-    return Consumer(broker, handlers or HANDLERS, ctx, settings), client
+    return Consumer(broker, handlers or settings.registry.handlers(), ctx, settings), client
 
 
 @pytest.fixture
@@ -154,13 +157,13 @@ async def test_processes_every_job_type(
     async def all_done() -> bool:
         stats = await read_stats(redis, keys)
         return (
-            stats["emails_sent"],
-            stats["marketing_list_updates"],
-            stats["profiles_generated"],
+            stats.counters["emails_sent"],
+            stats.counters["marketing_list_updates"],
+            stats.counters["profiles_generated"],
         ) == (5, 5, 5)
 
     await eventually(all_done, what="15 jobs processed")
-    assert await redis.zcard(keys.marketing) == 5
+    assert await redis.zcard(keys.of(LIST)) == 5
     running.stop.set()
     await asyncio.wait_for(running.task, 5)
 
@@ -196,7 +199,7 @@ async def test_poison_jobs_go_to_dead_letters_and_the_consumer_keeps_going(
     assert entries[0]["queue"] == "email"
     assert reason in entries[0]["reason"]
     assert entries[0]["job"] == raw.decode("utf-8", "backslashreplace")
-    assert (await read_stats(redis, keys))["dead_letter"] == 1
+    assert (await read_stats(redis, keys)).dead_letter == 1
 
 
 async def test_a_failing_job_is_retried_then_dead_lettered_with_its_error_and_attempts(
@@ -212,7 +215,7 @@ async def test_a_failing_job_is_retried_then_dead_lettered_with_its_error_and_at
     assert entry["reason"] == "failed 3 attempts; last: ValueError: smtp said no"
     assert (entry["id"], entry["type"], entry["attempts"]) == (job.id, "welcome_email", 3)
     assert decode(entry["job"].encode()).id == job.id
-    assert await redis.zcard(keys.delayed["email"]) == 0
+    assert await redis.zcard(keys.delayed("email")) == 0
     assert await redis.llen(keys.queue("email")) == 0
 
 
@@ -222,8 +225,8 @@ async def test_a_retry_waits_in_the_delayed_set_then_runs(
     _calls.clear()
     job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
     await start_consumer({"welcome_email": fails_once}, env={"RETRY_BASE_DELAY": "2"})  # type: ignore[operator]
-    await eventually(lambda: _zcard(redis, keys.delayed["email"], 1), what="the retry scheduled")
-    waiting = decode((await redis.zrange(keys.delayed["email"], 0, 0))[0])
+    await eventually(lambda: _zcard(redis, keys.delayed("email"), 1), what="the retry scheduled")
+    waiting = decode((await redis.zrange(keys.delayed("email"), 0, 0))[0])
     assert (waiting.id, waiting.attempt) == (job.id, 1)
     assert _calls == [(job.id, 0)]  # not run again before it is due
     await eventually(lambda: len(_calls) == 2, what="the retry to run")
@@ -374,7 +377,7 @@ async def test_settling_a_job_no_longer_held_does_nothing(
     assert await broker.retry("email", raw, job, 1.0) is False
     assert await broker.take("email", 0, [(raw, job.id)]) == ([], 0)
     assert await redis.llen(keys.queue("email")) == 0
-    assert await redis.zcard(keys.delayed["email"]) == 0
+    assert await redis.zcard(keys.delayed("email")) == 0
 
 
 async def test_due_retries_are_promoted_to_the_head_earliest_first(
@@ -389,7 +392,7 @@ async def test_due_retries_are_promoted_to_the_head_earliest_first(
     await eventually(lambda: _promoted(broker, 2), what="two due retries")
     order = [decode(raw).id for raw in reversed(await redis.lrange(keys.queue("email"), 0, -1))]
     assert order == [jobs[1].id, jobs[0].id, waiting.id]  # the next to run first
-    assert await redis.zcard(keys.delayed["email"]) == 1
+    assert await redis.zcard(keys.delayed("email")) == 1
 
 
 async def test_latency_samples_reach_the_stats(
@@ -402,11 +405,13 @@ async def test_latency_samples_reach_the_stats(
     await eventually(lambda: len(GATE.finished) == 4, what="four jobs")
     running.stop.set()
     await asyncio.wait_for(running.task, 5)  # the last samples are written on the way out
-    latency = (await read_stats(redis, keys))["latency"]["email"]
-    assert latency["samples"] == 4
-    assert 0 <= latency["wait_ms"]["p50"] <= latency["wait_ms"]["p99"]
-    assert 0 <= latency["run_ms"]["p50"] <= latency["run_ms"]["p99"]
-    assert (await read_stats(redis, keys))["latency"]["profile"]["samples"] == 0
+    latency = (await read_stats(redis, keys)).latency["email"]
+    assert latency.samples == 4
+    assert latency.wait_ms.p50 is not None and latency.wait_ms.p99 is not None
+    assert 0 <= latency.wait_ms.p50 <= latency.wait_ms.p99
+    assert latency.run_ms.p50 is not None and latency.run_ms.p99 is not None
+    assert 0 <= latency.run_ms.p50 <= latency.run_ms.p99
+    assert (await read_stats(redis, keys)).latency["profile"].samples == 0
 
 
 async def test_a_slow_job_does_not_block_fetching(
@@ -569,7 +574,7 @@ async def test_consumer_survives_a_redis_restart(
 _flaky_calls: list[str] = []
 
 
-async def redis_down_once(ctx: HandlerContext, job: Job) -> None:
+async def redis_down_once(ctx: Context, job: Job) -> None:
     _flaky_calls.append(job.id)
     if len(_flaky_calls) == 1:
         raise RedisConnectionError("Redis went away")
@@ -692,14 +697,14 @@ async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
         {**FAST, "JOB_TIMEOUT": "0.1", "RETRY_BASE_DELAY": "60", "CONSUMER_QUEUES": "email"}
     )
     client = consumer_client(settings, max_connections=16)
-    ctx = HandlerContext(client, keys, ConsoleEmailBackend(), settings.email_from)
+    ctx = Context(client, settings)
     consumer = Consumer(SlowSettlingBroker(client, keys), {"welcome_email": failing}, ctx, settings)
     job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
-        await eventually(lambda: _zcard(redis, keys.delayed["email"], 1), what="the retry")
-        [waiting] = await redis.zrange(keys.delayed["email"], 0, -1)
+        await eventually(lambda: _zcard(redis, keys.delayed("email"), 1), what="the retry")
+        [waiting] = await redis.zrange(keys.delayed("email"), 0, -1)
         assert (decode(waiting).id, decode(waiting).attempt) == (job.id, 1)
         assert await redis.llen(keys.processing("email", consumer.consumer_id)) == 0
     finally:

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -21,7 +21,6 @@ from pipeline.jobs import decode
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.app import create_app
-from service.signals import user_signed_up
 from service.validation import FORM_TYPE
 from tests.helpers import eventually, scrape
 
@@ -329,33 +328,22 @@ async def test_503_mid_commit_leaves_nothing(client: QuartClient, redis: aioredi
 # --- receivers -------------------------------------------------------------------------
 
 
-async def broken_receiver(sender: Any, **extra: Any) -> None:
-    raise RuntimeError("receiver exploded")
-
-
-def sync_receiver(sender: Any, **extra: Any) -> None:
-    pass
-
-
 @pytest.fixture
-def with_bad_receivers() -> Iterator[None]:
-    user_signed_up.connect(broken_receiver)
-    user_signed_up.connect(sync_receiver)
-    try:
-        yield
-    finally:
-        user_signed_up.disconnect(broken_receiver)
-        user_signed_up.disconnect(sync_receiver)
+async def with_bad_receivers(make_settings: Any) -> AsyncIterator[QuartClient]:
+    """A client of an app whose reactions include ``tests.reactions.faulty``."""
+    settings = make_settings({"REACTIONS": "reactions,tests.reactions.faulty"})
+    async with create_app(settings).test_app() as test_app:
+        yield test_app.test_client()
 
 
 async def test_failing_receiver_is_isolated_logged_and_counted(
-    with_bad_receivers: None,
-    client: QuartClient,
+    with_bad_receivers: QuartClient,
     redis: aioredis.Redis,
     keys: Keys,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="service.signals"):
+    client = with_bad_receivers
+    with caplog.at_level(logging.ERROR, logger="pipeline.signals"):
         status, _, _ = await post_json(client, {"username": "alice", "email": "a@example.com"})
     assert status == 201
     for queue in ("email", "marketing", "profile"):
@@ -417,7 +405,7 @@ async def test_a_cancelled_commit_is_written_whole(
     from service.users import NewUser, SignupJobs
 
     store = app.app.extensions[EXTENSION].users
-    jobs = SignupJobs()
+    jobs = SignupJobs(app.app.extensions[EXTENSION].registry)
     for job_type in ("welcome_email", "marketing_signup", "generate_profile"):
         await jobs.push(job_type, {"user_id": "u"})
     user = NewUser("a" * 32, "alice", "a@example.com", 1.0, "alice", "a@example.com")

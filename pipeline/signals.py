@@ -1,4 +1,7 @@
-"""The app's signals, declared once, and the helper that emits them with failures isolated.
+"""The signals, declared once, and the helper that emits them with failures isolated.
+
+They live here, not in ``service``, so that reaction modules (which both processes import)
+can connect to them without building the app.
 
 blinker's ``send_async`` awaits receivers one after another and stops at the first exception.
 :func:`emit` walks the same receivers in the same way, but runs every one: a receiver that
@@ -13,6 +16,8 @@ from typing import Any
 
 from blinker import NamedSignal, Namespace
 
+from pipeline.errors import UnknownJobTypeError
+
 logger = logging.getLogger(__name__)
 
 signals = Namespace()
@@ -26,7 +31,11 @@ user_signed_up = signals.signal("user-signed-up", doc="A user signed up.")
 
 async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> list[str]:
     """Await every async receiver of ``signal`` for ``sender``; return the names of those that
-    raised (or were skipped for not being async)."""
+    raised (or were skipped for not being async).
+
+    :class:`UnknownJobTypeError` is not isolated: a receiver pushing a job type no reaction
+    declares is a bug in the wiring, and the signal's sender fails loudly rather than
+    answering as if the job had been queued."""
     failures: list[str] = []
     for receiver in signal.receivers_for(sender):
         if not iscoroutinefunction(receiver):
@@ -35,6 +44,8 @@ async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> list[str]:
             continue
         try:
             await receiver(sender, **kwargs)
+        except UnknownJobTypeError:
+            raise
         except Exception:
             failures.append(_name(receiver))
             logger.exception("receiver %s of %r raised", _name(receiver), signal.name)

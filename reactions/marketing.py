@@ -1,0 +1,54 @@
+"""The marketing list: every new address joins it, scored by its signup time."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from pipeline.handling import count, once, payload_text
+from pipeline.jobs import Job
+from pipeline.queue import JobSink
+from pipeline.registry import Context, JobType, Reaction
+from pipeline.signals import user_signed_up
+
+#: The sorted set of subscribed addresses (``<prefix>:marketing``), scored by signup time.
+LIST: Final = "marketing"
+#: The stats counter of addresses added.
+COUNTER: Final = "marketing_list_updates"
+
+# KEYS: done, marketing set, stats  ARGV: ttl, address, signed-up time
+_ADD = once("redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])\n" + count(COUNTER, "KEYS[3]"))
+
+
+async def add_to_marketing_list(ctx: Context, job: Job) -> None:
+    """Add the address to the marketing list (scored by signup time) and count it, once."""
+    signed_up_at = float(job.payload.get("signed_up_at", job.enqueued_at))
+    await ctx.effect(_ADD)(
+        keys=[ctx.keys.done(job.id), ctx.keys.of(LIST), ctx.keys.stats],
+        args=[ctx.done_ttl, payload_text(job, "email"), repr(signed_up_at)],
+    )
+
+
+MARKETING_SIGNUP: Final = JobType(
+    "marketing_signup",
+    queue="marketing",
+    handler=add_to_marketing_list,
+    counter=COUNTER,
+    description="Add the address to the marketing list.",
+)
+
+
+async def enqueue_marketing_signup(sender: Any, **extra: Any) -> None:
+    """Queue the address's addition to the marketing list."""
+    jobs: JobSink = extra["jobs"]
+    await jobs.push(
+        MARKETING_SIGNUP,
+        {"user_id": extra["user_id"], "email": extra["email"], "signed_up_at": extra["created_at"]},
+    )
+
+
+REACTION: Final = Reaction(
+    "marketing",
+    job_types=[MARKETING_SIGNUP],
+    receivers={user_signed_up: [enqueue_marketing_signup]},
+    description="Every new address on the marketing list.",
+)

@@ -1,0 +1,90 @@
+"""The welcome email: queued at signup, sent by a consumer over SMTP (or to the log)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from consumers.email import EmailBackend, email_backend, welcome_email
+from pipeline.connections import REDIS_UNAVAILABLE
+from pipeline.handling import count, once, payload_text
+from pipeline.jobs import Job
+from pipeline.logs import mask_email
+from pipeline.queue import JobSink
+from pipeline.registry import Context, JobType, Reaction, Resource
+from pipeline.signals import user_signed_up
+
+logger = logging.getLogger(__name__)
+
+#: Where welcome emails go: SMTP when ``SMTP_URL`` is set, else the log.
+EMAIL: Final = Resource[EmailBackend]("email")
+#: Waits between attempts to record that an email went out, when Redis fails right after the
+#: SMTP server accepted it (beyond the client's own retries): a lost marker means a second email.
+MARK_RETRY_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
+
+#: The stats counter of emails sent.
+COUNTER: Final = "emails_sent"
+
+# KEYS: done, stats
+_MARK_SENT = once(count(COUNTER, "KEYS[2]"))
+
+
+async def send_welcome_email(ctx: Context, job: Job) -> None:
+    """Email the new user unless this job already did, then mark it done and count it.
+
+    The marker is written right after the SMTP server accepts the message; a crash between
+    the two is the one window in which the email can go out twice."""
+    done = ctx.keys.done(job.id)
+    if await ctx.redis.exists(done):
+        logger.info("job %s: welcome email already sent; skipping", job.id)
+        return
+    email, username = payload_text(job, "email"), payload_text(job, "username")
+    await ctx[EMAIL].send(welcome_email(ctx.settings.email_from, email, username))
+    logger.info(
+        "job %s: welcome email for user %s sent to %s",
+        job.id,
+        job.payload.get("user_id"),
+        mask_email(email),
+    )
+    mark = ctx.effect(_MARK_SENT)
+    for delay in (*MARK_RETRY_DELAYS, None):
+        try:
+            await mark(keys=[done, ctx.keys.stats], args=[ctx.done_ttl])
+            return
+        except REDIS_UNAVAILABLE:
+            if delay is None:
+                raise
+            logger.warning("job %s: email sent but not yet marked done; retrying", job.id)
+            await asyncio.sleep(delay)
+
+
+WELCOME_EMAIL: Final = JobType(
+    "welcome_email",
+    queue="email",
+    handler=send_welcome_email,
+    counter=COUNTER,
+    description="Send the welcome email (SMTP_URL, else the log).",
+)
+
+
+async def enqueue_welcome_email(sender: Any, **extra: Any) -> None:
+    """Queue the welcome email."""
+    jobs: JobSink = extra["jobs"]
+    await jobs.push(
+        WELCOME_EMAIL,
+        {"user_id": extra["user_id"], "username": extra["username"], "email": extra["email"]},
+    )
+
+
+async def open_email(ctx: Context) -> None:
+    ctx[EMAIL] = email_backend(ctx.settings)
+
+
+REACTION: Final = Reaction(
+    "welcome_email",
+    job_types=[WELCOME_EMAIL],
+    receivers={user_signed_up: [enqueue_welcome_email]},
+    startup=open_email,
+    description="A welcome email to every new user.",
+)

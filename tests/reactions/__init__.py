@@ -1,0 +1,1 @@
+"""Reaction modules that only tests load (through ``REACTIONS``)."""

@@ -1,0 +1,186 @@
+"""Reactions: one module each, collected in a registry both processes derive everything from,
+and checked at start-up."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.errors import ReactionError, SettingsError
+from pipeline.keys import Keys
+from pipeline.registry import JobType, Reaction, Registry
+from pipeline.settings import Settings
+from pipeline.signals import user_signed_up
+from reactions.welcome_email import REACTION as WELCOME
+from reactions.welcome_email import WELCOME_EMAIL, send_welcome_email
+from service.app import create_app
+from tests.helpers import RedisServer, eventually
+from tests.processes import ROOT, child_env, consumer_argv, http, web
+
+SMS = "reactions,tests.reactions.sms"
+
+
+async def test_a_fourth_reaction_runs_end_to_end_from_one_module(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # tests/reactions/sms.py is the whole reaction: receiver, job type on a new queue,
+    # handler, counter, resource hooks. Nothing else names it but REACTIONS.
+    env = child_env(redis_server, REACTIONS=SMS)
+    worker = spawn(consumer_argv(), env)
+    await eventually(lambda: redis.get(keys.of("sms", "gateway")), what="the gateway to open")
+    async with web(spawn, env) as (port, _):
+        status, created = await http(
+            port, "POST", "/signup", {"username": "alice", "email": "a@example.com"}
+        )
+        assert status == 201
+
+        async def texted() -> bool:
+            return (await http(port, "GET", "/stats"))[1]["sms_sent"] == 1
+
+        await eventually(texted, what="the welcome SMS")
+        _, stats = await http(port, "GET", "/stats")
+        assert stats["queues"] == {"email": 0, "marketing": 0, "profile": 0, "sms": 0}
+        assert stats["emails_sent"] == stats["profiles_generated"] == 1
+        _, document = await http(port, "GET", "/openapi.json")
+    assert await redis.lrange(keys.of("sms", "outbox"), 0, -1) == [
+        f"{created['user_id']}: Welcome, alice!".encode()
+    ]
+    answer = document["paths"]["/stats"]["get"]["responses"]["200"]
+    stats_schema = answer["content"]["application/json"]["schema"]
+    assert {"sms_sent", "emails_sent"} <= set(stats_schema["required"])
+    assert "sms" in stats_schema["properties"]["queues"]["description"]
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(15) == 0
+    assert await redis.get(keys.of("sms", "gateway")) == b"closed"  # the shutdown hook ran
+    assert "smsx4" in worker.output()  # served by default, with the default concurrency
+
+
+def test_settings_follow_the_registry() -> None:
+    settings = Settings.from_env({"REACTIONS": SMS, "JOB_TIMEOUT": "welcome_email=5"})
+    assert settings.consumer_queues == ("email", "marketing", "profile", "sms")
+    assert settings.consumer_concurrency["sms"] == 4
+    # Declared defaults (the SMS says 3 attempts, 10 s), overridden only where a setting says.
+    assert settings.job_max_attempts["welcome_sms"] == 3
+    assert settings.job_timeout["welcome_sms"] == 10
+    assert settings.job_timeout["welcome_email"] == 5
+    assert settings.job_timeout["generate_profile"] == 30
+    assert settings.registry.counters == (
+        "users",
+        "emails_sent",
+        "marketing_list_updates",
+        "profiles_generated",
+        "sms_sent",
+        "receiver_errors",
+        "dead_letters_dropped",
+    )
+    with pytest.raises(SettingsError, match=r"^CONSUMER_QUEUES='sms': "):
+        Settings.from_env({"CONSUMER_QUEUES": "sms"})  # without the SMS reaction
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("no.such.module", "cannot import reaction module 'no.such.module'"),
+        ("tests.helpers", "module 'tests.helpers' declares no REACTION"),
+        ("reactions,reactions.welcome_email", ""),  # loaded once: not a conflict
+        ("bad name!", "expected comma-separated module names"),
+    ],
+)
+def test_reactions_setting(value: str, problem: str) -> None:
+    if not problem:
+        assert len(Settings.from_env({"REACTIONS": value}).registry.reactions) == 3
+        return
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REACTIONS": value})
+    message = str(caught.value)
+    assert message.startswith("REACTIONS=") and problem in message
+    assert "\n" not in message
+
+
+def test_conflicting_declarations_are_refused() -> None:
+    twin = Reaction("twin", job_types=[WELCOME_EMAIL])
+    with pytest.raises(ReactionError, match="'welcome_email' is declared by both"):
+        Registry.of(WELCOME, twin)
+    counter = JobType("other", queue="email", handler=send_welcome_email, counter="emails_sent")
+    with pytest.raises(ReactionError, match="counter 'emails_sent' of job type 'other'"):
+        Registry.of(WELCOME, Reaction("other", job_types=[counter]))
+    with pytest.raises(ReactionError, match="counter 'users'"):
+        Registry.of(Reaction("x", job_types=[JobType("x", "x", None, counter="users")]))
+    with pytest.raises(ReactionError, match="job type 'Bad-Name'"):
+        JobType("Bad-Name", queue="email", handler=None)
+    with pytest.raises(ReactionError, match="attempts"):
+        JobType("x", queue="email", handler=None, attempts=0)
+
+
+def test_the_web_refuses_a_receiver_that_may_push_an_undeclared_type(
+    make_settings: Any, redis_server: RedisServer
+) -> None:
+    settings = make_settings({"REACTIONS": "reactions,tests.reactions.undeclared"})
+    with pytest.raises(ReactionError, match="may push job type 'welcome_emial'"):
+        create_app(settings)
+    env = child_env(redis_server, REACTIONS="reactions,tests.reactions.undeclared")
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline.settings"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 2
+    lines = check.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: REACTIONS: receiver ")
+    assert "enqueue_welcome_emial" in lines[0] and "'welcome_emial'" in lines[0]
+
+
+async def stray(sender: Any, **extra: Any) -> None:
+    """Connected by hand, outside any reaction."""
+
+
+def test_the_web_refuses_a_receiver_no_reaction_declares(settings: Settings) -> None:
+    user_signed_up.connect(stray)
+    try:
+        with pytest.raises(ReactionError, match=r"test_reactions\.stray of 'user-signed-up' is"):
+            create_app(settings)
+    finally:
+        user_signed_up.disconnect(stray)
+    create_app(settings)  # and without it, the app starts
+
+
+async def test_a_push_of_an_undeclared_type_fails_the_signup_loudly_with_nothing_written(
+    make_settings: Any, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its declaration passes the start-up check; its code pushes a misspelt type.
+    settings = make_settings({"REACTIONS": "reactions,tests.reactions.misspelt"})
+    async with create_app(settings).test_app() as test_app:
+        response = await test_app.test_client().post(
+            "/signup", json={"username": "alice", "email": "a@example.com"}
+        )
+    assert response.status_code == 500
+    assert (await response.get_json())["error"] == "internal"
+    assert await redis.keys("*") == []
+    assert "no reaction declares job type 'welcome_emial'" in caplog.text
+
+
+def test_consumers_refuse_a_served_queue_whose_type_has_no_handler(
+    redis_server: RedisServer,
+) -> None:
+    env = child_env(redis_server, REACTIONS="reactions,tests.reactions.unhandled")
+    result = subprocess.run(
+        consumer_argv(), env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "python -m consumers: error: REACTIONS: queue 'crm' carries job type 'crm_export' "
+        "(of 'unhandled'), which has no handler here"
+    ]
+    # Serving the other queues is fine: something else consumes 'crm'.
+    registry = Settings.from_env({"REACTIONS": "reactions,tests.reactions.unhandled"}).registry
+    registry.check_handlers(("email", "marketing", "profile"), registry.handlers())
+    with pytest.raises(ReactionError, match="queue 'email' carries job type 'welcome_email'"):
+        registry.check_handlers(("email",), {})
