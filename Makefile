@@ -9,7 +9,7 @@ BENCH_STAMP := .bench-venv/.installed-$(shell cksum < loadtest/bench/requirement
 # oldest server we support, in the matrix, and the server of the Redis TLS tests.
 DEBIAN_REDIS := $(CURDIR)/.redis-debian/redis-server
 
-.PHONY: run test test-matrix audit lint typecheck bench bench-drain lock clean
+.PHONY: run test test-matrix audit lint typecheck docs bench bench-drain lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -40,8 +40,13 @@ audit: $(STAMP)
 	$(BIN)/python .ci/audit.py requirements.lock requirements-dev.lock
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline service consumers loadtest tests
-	$(BIN)/ruff format --check pipeline service consumers loadtest tests
+	$(BIN)/ruff check pipeline service consumers reactions loadtest tests
+	$(BIN)/ruff format --check pipeline service consumers reactions loadtest tests
+
+## docs: regenerate the README's settings and reactions tables and .env.example from the
+## declarations (pipeline/settings.py, the reactions); a test fails when they are stale.
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.readme
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

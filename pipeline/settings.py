@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import ReactionError, SettingsError
@@ -114,207 +114,6 @@ class SmtpConfig:
     security: SmtpSecurity
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Every setting of both processes. See the README's configuration table."""
-
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_ca_file: str | None = None
-    redis_sentinel_password: str | None = field(default=None, repr=False)
-    redis_min_replicas: int = 0
-    redis_replica_timeout: float = 0.5
-    key_prefix: str = "signup"
-    redis_connect_timeout: float = 0.5
-    redis_socket_timeout: float = 1.0
-    redis_pool_size: int = 32
-    redis_pool_timeout: float = 0.5
-    max_body_bytes: int = 16 * 1024
-    body_timeout: float = 10.0
-    smtp: SmtpConfig | None = None
-    email_from: str = "Signup <no-reply@localhost>"
-    smtp_timeout: float = 10.0
-    smtp_ca_file: str | None = None
-    reactions: tuple[str, ...] = DEFAULT_REACTIONS
-    # The next four are filled from the registry of ``reactions`` (see __post_init__): every
-    # queue, and a value per queue or job type (its declared default unless given).
-    consumer_queues: tuple[str, ...] = ()
-    consumer_concurrency: Mapping[str, int] = field(default_factory=dict)
-    fetch_timeout: float = 1.0
-    shutdown_grace_period: float = 10.0
-    delivery_mode: DeliveryMode = "at-least-once"
-    lease_ttl: float = 5.0
-    max_deliveries: int = 3
-    job_max_attempts: Mapping[str, int] = field(default_factory=dict)
-    job_timeout: Mapping[str, float] = field(default_factory=dict)
-    retry_base_delay: float = 1.0
-    retry_max_delay: float = 300.0
-    idempotency_ttl: int = 24 * 3600
-    dead_letter_max: int = DEAD_LETTER_MAX
-    log_level: str = "INFO"
-    log_format: LogFormat = "text"
-    access_log: bool = True
-    metrics_dir: str = field(
-        default_factory=lambda: os.path.join(tempfile.gettempdir(), "signup-metrics")
-    )
-    metrics_port: int | None = None
-    rate_limit: RateLimit | None = RateLimit(10, 60.0)
-    rate_limit_failure: RateLimitFailure = "closed"
-    trusted_proxies: tuple[Network, ...] = ()
-    reserved_usernames: tuple[str, ...] = RESERVED_USERNAMES
-    idempotency_key_ttl: int = 24 * 3600
-
-    def __post_init__(self) -> None:
-        registry = self.registry
-        queues = self.consumer_queues or registry.queues
-        if not set(queues) <= set(registry.queues):
-            raise SettingsError(
-                f"CONSUMER_QUEUES={','.join(queues)!r}: expected a comma-separated list of "
-                f"{', '.join(registry.queues)}"
-            )
-        types = registry.job_types.values()
-        filled = {
-            "consumer_queues": tuple(queues),
-            "consumer_concurrency": _fill(
-                "CONSUMER_CONCURRENCY",
-                self.consumer_concurrency,
-                {q: DEFAULT_CONCURRENCY for q in registry.queues},
-            ),
-            "job_max_attempts": _fill(
-                "JOB_MAX_ATTEMPTS", self.job_max_attempts, {t.name: t.attempts for t in types}
-            ),
-            "job_timeout": _fill(
-                "JOB_TIMEOUT", self.job_timeout, {t.name: t.timeout for t in types}
-            ),
-        }
-        for name, value in filled.items():
-            object.__setattr__(self, name, value)
-
-    @property
-    def registry(self) -> Registry:
-        """The reactions of ``REACTIONS``: job types, queues, counters, handlers."""
-        try:
-            return load_registry(self.reactions)
-        except ReactionError as exc:
-            raise SettingsError(f"REACTIONS={','.join(self.reactions)!r}: {exc}") from None
-
-    @property
-    def sentinel(self) -> SentinelUrl | None:
-        """The parsed ``redis+sentinel://`` URL, or None for a direct one."""
-        if not self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):
-            return None
-        return parse_sentinel_url(self.redis_url)
-
-    def __repr__(self) -> str:
-        # Never print a password: the URL is shown with its credentials masked.
-        fields = ", ".join(
-            f"{f.name}={redact_url(self.redis_url)!r}"
-            if f.name == "redis_url"
-            else f"{f.name}={getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if f.repr
-        )
-        return f"Settings({fields})"
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``environ`` (the process environment when None)."""
-        env = os.environ if environ is None else environ
-        defaults = cls()
-        settings = cls(
-            redis_url=_get(env, "REDIS_URL", _redis_url, defaults.redis_url),
-            reactions=_get(env, "REACTIONS", parse_modules, defaults.reactions),
-            redis_ca_file=_get(env, "REDIS_CA_FILE", _readable_file, None),
-            redis_sentinel_password=_get(env, "REDIS_SENTINEL_PASSWORD", str, None),
-            redis_min_replicas=_get(
-                env, "REDIS_MIN_REPLICAS", _integer(0, 100), defaults.redis_min_replicas
-            ),
-            redis_replica_timeout=_get(
-                env, "REDIS_REPLICA_TIMEOUT", _seconds(0.001, 60), defaults.redis_replica_timeout
-            ),
-            key_prefix=_get(env, "KEY_PREFIX", _prefix, defaults.key_prefix),
-            redis_connect_timeout=_get(
-                env, "REDIS_CONNECT_TIMEOUT", _seconds(0.01, 60), defaults.redis_connect_timeout
-            ),
-            redis_socket_timeout=_get(
-                env, "REDIS_SOCKET_TIMEOUT", _seconds(0.01, 60), defaults.redis_socket_timeout
-            ),
-            redis_pool_size=_get(
-                env, "REDIS_POOL_SIZE", _integer(1, 10_000), defaults.redis_pool_size
-            ),
-            redis_pool_timeout=_get(
-                env, "REDIS_POOL_TIMEOUT", _seconds(0.0, 60), defaults.redis_pool_timeout
-            ),
-            max_body_bytes=_get(
-                env, "MAX_BODY_BYTES", _integer(64, 16 * 1024 * 1024), defaults.max_body_bytes
-            ),
-            body_timeout=_get(env, "BODY_TIMEOUT", _seconds(0.1, 600), defaults.body_timeout),
-            smtp=_get(env, "SMTP_URL", _smtp_url, None),
-            email_from=_get(env, "EMAIL_FROM", _address, defaults.email_from),
-            smtp_timeout=_get(env, "SMTP_TIMEOUT", _seconds(0.1, 300), defaults.smtp_timeout),
-            smtp_ca_file=_get(env, "SMTP_CA_FILE", _readable_file, None),
-            consumer_queues=_get(env, "CONSUMER_QUEUES", parse_queues, ()),
-            consumer_concurrency=_get(env, "CONSUMER_CONCURRENCY", parse_concurrency, {}),
-            fetch_timeout=_get(env, "FETCH_TIMEOUT", _seconds(0.1, 10), defaults.fetch_timeout),
-            shutdown_grace_period=_get(
-                env, "SHUTDOWN_GRACE_PERIOD", parse_grace_period, defaults.shutdown_grace_period
-            ),
-            delivery_mode=_get(env, "DELIVERY_MODE", parse_delivery_mode, defaults.delivery_mode),
-            lease_ttl=_get(env, "LEASE_TTL", _seconds(1.0, 300), defaults.lease_ttl),
-            max_deliveries=_get(env, "MAX_DELIVERIES", _integer(1, 1000), defaults.max_deliveries),
-            job_max_attempts=_get(env, "JOB_MAX_ATTEMPTS", parse_max_attempts, {}),
-            job_timeout=_get(env, "JOB_TIMEOUT", parse_job_timeout, {}),
-            retry_base_delay=_get(
-                env, "RETRY_BASE_DELAY", _seconds(0.001, 3600), defaults.retry_base_delay
-            ),
-            retry_max_delay=_get(
-                env, "RETRY_MAX_DELAY", _seconds(0.001, 86_400), defaults.retry_max_delay
-            ),
-            idempotency_ttl=_get(
-                env, "IDEMPOTENCY_TTL", _integer(60, 365 * 86_400), defaults.idempotency_ttl
-            ),
-            dead_letter_max=_get(
-                env, "DEAD_LETTER_MAX", _integer(1, 10_000_000), defaults.dead_letter_max
-            ),
-            log_level=_get(env, "LOG_LEVEL", _log_level, defaults.log_level),
-            log_format=_get(env, "LOG_FORMAT", _log_format, defaults.log_format),
-            access_log=_get(env, "ACCESS_LOG", _boolean, defaults.access_log),
-            metrics_dir=_get(env, "METRICS_DIR", _directory, defaults.metrics_dir),
-            metrics_port=_get(env, "METRICS_PORT", parse_port, None),
-            rate_limit=_get(env, "RATE_LIMIT", _rate_limit, defaults.rate_limit),
-            rate_limit_failure=_get(
-                env, "RATE_LIMIT_FAILURE", _rate_limit_failure, defaults.rate_limit_failure
-            ),
-            trusted_proxies=_get(env, "TRUSTED_PROXIES", _networks, defaults.trusted_proxies),
-            reserved_usernames=_get(env, "RESERVED_USERNAMES", _names, defaults.reserved_usernames),
-            idempotency_key_ttl=_get(
-                env, "IDEMPOTENCY_KEY_TTL", _integer(1, 30 * 86_400), defaults.idempotency_key_ttl
-            ),
-        )
-        if (
-            settings.redis_min_replicas
-            and settings.redis_replica_timeout >= settings.redis_socket_timeout
-        ):
-            raise SettingsError(
-                f"REDIS_REPLICA_TIMEOUT={settings.redis_replica_timeout:g}: must be below "
-                f"REDIS_SOCKET_TIMEOUT ({settings.redis_socket_timeout:g}), which bounds the "
-                "wait for the replicas' answer"
-            )
-        return settings
-
-
-def _get(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return parse(raw.strip())
-    except ValueError as exc:
-        shown = redact_url(raw) if name in {"REDIS_URL", "SMTP_URL"} else raw
-        if name == "REDIS_SENTINEL_PASSWORD":
-            shown = "***"
-        raise SettingsError(f"{name}={shown!r}: {exc}") from None
 
 
 def redact_url(url: str) -> str:
@@ -563,6 +362,545 @@ def _boolean(raw: str) -> bool:
         return _BOOLEANS[raw.lower()]
     except KeyError:
         raise ValueError("expected true or false (1/0, yes/no, on/off)") from None
+
+
+#: Which process reads a setting: both, one of them, or a tool around them.
+ReadBy = Literal["both", "web", "consumers", "Procfile", "make run, tests"]
+_SETTING = "setting"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """The declaration of one environment variable: its name, how it is parsed, what it
+    means, who reads it and how its default is shown. :meth:`Settings.from_env`, the README's
+    table and ``.env.example`` all follow from these (see ``pipeline.readme``)."""
+
+    env: str
+    kind: str
+    read_by: ReadBy
+    doc: str
+    default: str
+    parse: Callable[[str], Any] | None = None
+    #: How a bad value is shown in the error: masked (a secret), or redacted (a URL).
+    show: Callable[[str], str] | None = None
+    #: The consumer flag overriding it, if any.
+    flag: str | None = None
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == ():
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def setting(
+    env: str,
+    parse: Callable[[str], T],
+    default: Any,
+    *,
+    kind: str,
+    read_by: ReadBy,
+    doc: str,
+    shown: str | None = None,
+    factory: Callable[[], Any] | None = None,
+    show: Callable[[str], str] | None = None,
+    flag: str | None = None,
+) -> Any:
+    """A field of :class:`Settings` read from ``env``: the one place a setting is declared.
+    ``default`` is the field's default (``factory`` makes it instead when given); ``shown``
+    is how the README and ``.env.example`` show it, when ``default`` would not say it."""
+    declared = Setting(
+        env, kind, read_by, doc, _shown(default) if shown is None else shown, parse, show, flag
+    )
+    metadata = {_SETTING: declared}
+    secret = show is _masked
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
+
+
+def _masked(raw: str) -> str:
+    return "***"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of both processes, each declared once, here (see :func:`setting`)."""
+
+    redis_url: str = setting(
+        "REDIS_URL",
+        _redis_url,
+        "redis://127.0.0.1:6379/0",
+        kind="URL",
+        read_by="both",
+        doc="Redis (`redis://`, `rediss://`, `unix://`, or `redis+sentinel://[user:password@]"
+        "host1:port1,host2:port2/<service-name>/<db>`; user and password in the URL)",
+        show=redact_url,
+    )
+    redis_ca_file: str | None = setting(
+        "REDIS_CA_FILE",
+        _readable_file,
+        None,
+        kind="path",
+        read_by="both",
+        doc="for `rediss://`: CA bundle to verify Redis's certificate (and host name) with; "
+        "unset: the system's CAs",
+    )
+    redis_sentinel_password: str | None = setting(
+        "REDIS_SENTINEL_PASSWORD",
+        str,
+        None,
+        kind="string",
+        read_by="both",
+        show=_masked,
+        doc="for `redis+sentinel://`: the password the sentinels themselves require (not "
+        "Redis's, which is in the URL)",
+    )
+    redis_min_replicas: int = setting(
+        "REDIS_MIN_REPLICAS",
+        _integer(0, 100),
+        0,
+        kind="integer",
+        read_by="both",
+        doc="replicas that must confirm a write (`WAIT`, in the same round trip) before it "
+        "counts. Web: a signup before its 201; fewer in time is a 503 `not_replicated`. "
+        "Consumers: a job's effect before the job is acknowledged; fewer puts the job back. "
+        "`0`: no wait (see High availability)",
+    )
+    redis_replica_timeout: float = setting(
+        "REDIS_REPLICA_TIMEOUT",
+        _seconds(0.001, 60),
+        0.5,
+        kind="seconds",
+        read_by="both",
+        doc="how long a write waits for `REDIS_MIN_REPLICAS` replicas; must be below "
+        "`REDIS_SOCKET_TIMEOUT`",
+    )
+    key_prefix: str = setting(
+        "KEY_PREFIX",
+        _prefix,
+        "signup",
+        kind="string",
+        read_by="both",
+        doc="prefix of every Redis key (letters, digits, `_ . : { } -`)",
+    )
+    redis_connect_timeout: float = setting(
+        "REDIS_CONNECT_TIMEOUT",
+        _seconds(0.01, 60),
+        0.5,
+        kind="seconds",
+        read_by="web",
+        doc="seconds to connect to Redis",
+    )
+    redis_socket_timeout: float = setting(
+        "REDIS_SOCKET_TIMEOUT",
+        _seconds(0.01, 60),
+        1.0,
+        kind="seconds",
+        read_by="web",
+        doc="seconds to wait for a Redis reply; together these bound a 503 to ~1 s",
+        shown="1.0",
+    )
+    redis_pool_size: int = setting(
+        "REDIS_POOL_SIZE",
+        _integer(1, 10_000),
+        32,
+        kind="integer",
+        read_by="web",
+        doc="Redis connections per hypercorn worker",
+    )
+    redis_pool_timeout: float = setting(
+        "REDIS_POOL_TIMEOUT",
+        _seconds(0.0, 60),
+        0.5,
+        kind="seconds",
+        read_by="web",
+        doc="seconds a request waits for a free connection before a 503",
+    )
+    max_body_bytes: int = setting(
+        "MAX_BODY_BYTES",
+        _integer(64, 16 * 1024 * 1024),
+        16 * 1024,
+        kind="integer (bytes)",
+        read_by="web",
+        doc="largest request body; larger is a 413, refused as soon as the `Content-Length` "
+        "or the bytes received pass it",
+    )
+    body_timeout: float = setting(
+        "BODY_TIMEOUT",
+        _seconds(0.1, 600),
+        10.0,
+        kind="seconds",
+        read_by="web",
+        doc="seconds a request's whole body may take to arrive once the handler reads it; "
+        "slower is a 408 and the connection is closed",
+    )
+    smtp: SmtpConfig | None = setting(
+        "SMTP_URL",
+        _smtp_url,
+        None,
+        kind="URL",
+        read_by="consumers",
+        show=redact_url,
+        doc="`smtp://[user:pass@]host[:port]` (plain, port 25), `smtp+starttls://…` "
+        "(STARTTLS required, 587) or `smtps://…` (implicit TLS, 465). Unset: emails go to "
+        "the worker's log",
+    )
+    email_from: str = setting(
+        "EMAIL_FROM",
+        _address,
+        "Signup <no-reply@localhost>",
+        kind="address",
+        read_by="consumers",
+        doc="the welcome email's sender",
+    )
+    smtp_timeout: float = setting(
+        "SMTP_TIMEOUT",
+        _seconds(0.1, 300),
+        10.0,
+        kind="seconds",
+        read_by="consumers",
+        doc="seconds for each SMTP operation",
+    )
+    smtp_ca_file: str | None = setting(
+        "SMTP_CA_FILE",
+        _readable_file,
+        None,
+        kind="path",
+        read_by="consumers",
+        doc="CA bundle to verify the SMTP server's certificate with (default: the system's)",
+    )
+    reactions: tuple[str, ...] = setting(
+        "REACTIONS",
+        parse_modules,
+        DEFAULT_REACTIONS,
+        kind="list of modules",
+        read_by="both",
+        doc="reaction modules to load, or packages of them (every public module): "
+        "`reactions,myapp.sms`; both processes must name the same (see Writing a reaction)",
+    )
+    # The next four are filled from the registry of ``reactions`` (see __post_init__): every
+    # queue, and a value per queue or job type (its declared default unless given).
+    consumer_queues: tuple[str, ...] = setting(
+        "CONSUMER_QUEUES",
+        parse_queues,
+        (),
+        kind="list of queues",
+        read_by="consumers",
+        shown="every queue",
+        flag="--queues",
+        doc="queues a consumer process serves (see Reactions for the queues)",
+    )
+    consumer_concurrency: Mapping[str, int] = setting(
+        "CONSUMER_CONCURRENCY",
+        parse_concurrency,
+        None,
+        factory=dict,
+        kind="integer, or per queue",
+        read_by="consumers",
+        shown=str(DEFAULT_CONCURRENCY),
+        flag="--concurrency",
+        doc=f"jobs run at once per queue: `N`, or `email=8,profile=2` (others keep "
+        f"{DEFAULT_CONCURRENCY})",
+    )
+    fetch_timeout: float = setting(
+        "FETCH_TIMEOUT",
+        _seconds(0.1, 10),
+        1.0,
+        kind="seconds",
+        read_by="consumers",
+        shown="1.0",
+        doc="seconds a fetch (BLMOVE / BRPOP) blocks; also the most a stop waits for fetch loops",
+    )
+    shutdown_grace_period: float = setting(
+        "SHUTDOWN_GRACE_PERIOD",
+        parse_grace_period,
+        10.0,
+        kind="seconds",
+        read_by="consumers",
+        flag="--grace-period",
+        doc="seconds in-flight jobs get after SIGTERM/SIGINT",
+    )
+    delivery_mode: DeliveryMode = setting(
+        "DELIVERY_MODE",
+        parse_delivery_mode,
+        "at-least-once",
+        kind="choice",
+        read_by="consumers",
+        flag="--delivery",
+        doc="`at-least-once` or `at-most-once`; see Delivery guarantees",
+    )
+    lease_ttl: float = setting(
+        "LEASE_TTL",
+        _seconds(1.0, 300),
+        5.0,
+        kind="seconds",
+        read_by="consumers",
+        doc="seconds a consumer's lease lives unless renewed (renewed every third of it); a "
+        "killed consumer's jobs are recovered this long after its last renewal, plus at most "
+        "1 s",
+    )
+    max_deliveries: int = setting(
+        "MAX_DELIVERIES",
+        _integer(1, 1000),
+        3,
+        kind="integer",
+        read_by="consumers",
+        doc="a job recovered from a dead consumer this many times is dead-lettered (a poison pill)",
+    )
+    job_max_attempts: Mapping[str, int] = setting(
+        "JOB_MAX_ATTEMPTS",
+        parse_max_attempts,
+        None,
+        factory=dict,
+        kind="integer, or per type",
+        read_by="consumers",
+        shown="as declared",
+        doc="attempts before a failing job is dead-lettered: `N` for every type, or "
+        "`welcome_email=8,generate_profile=3` (others keep their reaction's declared "
+        "attempts: see Reactions)",
+    )
+    job_timeout: Mapping[str, float] = setting(
+        "JOB_TIMEOUT",
+        parse_job_timeout,
+        None,
+        factory=dict,
+        kind="seconds, or per type",
+        read_by="consumers",
+        shown="as declared",
+        doc="seconds a job may run before it counts as a failed attempt: `S`, or per type "
+        "like `JOB_MAX_ATTEMPTS`. One watchdog task per consumer enforces it, within 0.1 s",
+    )
+    retry_base_delay: float = setting(
+        "RETRY_BASE_DELAY",
+        _seconds(0.001, 3600),
+        1.0,
+        kind="seconds",
+        read_by="consumers",
+        doc="seconds before the first retry; doubling each attempt, with jitter: attempt *n* "
+        "waits between half and all of `base * 2^(n-1)`",
+    )
+    retry_max_delay: float = setting(
+        "RETRY_MAX_DELAY",
+        _seconds(0.001, 86_400),
+        300.0,
+        kind="seconds",
+        read_by="consumers",
+        doc="cap of the retry delay, seconds",
+    )
+    idempotency_ttl: int = setting(
+        "IDEMPOTENCY_TTL",
+        _integer(60, 365 * 86_400),
+        24 * 3600,
+        kind="integer (seconds)",
+        read_by="consumers",
+        doc="seconds a job's done-marker is kept; a redelivery later than this would repeat "
+        "the effect",
+    )
+    dead_letter_max: int = setting(
+        "DEAD_LETTER_MAX",
+        _integer(1, 10_000_000),
+        DEAD_LETTER_MAX,
+        kind="integer",
+        read_by="consumers",
+        doc="dead letters kept, the newest; each one past it drops the oldest, counted in "
+        "`/stats` as `dead_letters_dropped`",
+    )
+    log_level: str = setting(
+        "LOG_LEVEL",
+        _log_level,
+        "INFO",
+        kind="choice",
+        read_by="both",
+        doc="`DEBUG`, `INFO`, `WARNING`, `ERROR`",
+    )
+    log_format: LogFormat = setting(
+        "LOG_FORMAT",
+        _log_format,
+        "text",
+        kind="choice",
+        read_by="both",
+        doc="`text` (human-readable lines) or `json` (one JSON object per line)",
+    )
+    access_log: bool = setting(
+        "ACCESS_LOG",
+        _boolean,
+        True,
+        kind="boolean",
+        read_by="web",
+        doc="one INFO line per request (`service.access`) with its request id; `true`/`false` "
+        "(also `1`/`0`, `yes`/`no`, `on`/`off`)",
+    )
+    metrics_dir: str = setting(
+        "METRICS_DIR",
+        _directory,
+        None,
+        kind="path",
+        read_by="web",
+        factory=lambda: os.path.join(tempfile.gettempdir(), "signup-metrics"),
+        shown="<temp dir>/signup-metrics",
+        doc="where hypercorn's workers keep their metrics (prometheus_client multiprocess "
+        "mode), one subdirectory per hypercorn master",
+    )
+    metrics_port: int | None = setting(
+        "METRICS_PORT",
+        parse_port,
+        None,
+        kind="integer",
+        read_by="consumers",
+        flag="--metrics-port",
+        doc="serve Prometheus metrics on this port at `/metrics`; unset: off",
+    )
+    rate_limit: RateLimit | None = setting(
+        "RATE_LIMIT",
+        _rate_limit,
+        RateLimit(10, 60.0),
+        kind="`COUNT/SECONDS`, or `off`",
+        read_by="web",
+        doc="signups per client address: `COUNT` at once, then one every `SECONDS/COUNT`; "
+        "more is a 429 with `Retry-After`. Checked inside the signup's own script (see "
+        "Security)",
+    )
+    rate_limit_failure: RateLimitFailure = setting(
+        "RATE_LIMIT_FAILURE",
+        _rate_limit_failure,
+        "closed",
+        kind="choice",
+        read_by="web",
+        doc="when the limit's state in Redis cannot be read, `closed` answers 503 and `open` "
+        "lets the signup through unlimited. (When Redis itself is down no signup can be "
+        "saved, so both answer 503)",
+    )
+    trusted_proxies: tuple[Network, ...] = setting(
+        "TRUSTED_PROXIES",
+        _networks,
+        (),
+        kind="list of IPs / CIDRs",
+        read_by="web",
+        shown="none",
+        doc="peers whose `X-Forwarded-For` is believed, e.g. `10.0.0.0/8,192.168.1.4`. The "
+        "client is the first address from the right of `X-Forwarded-For` that is not a "
+        "trusted proxy; with none, the connection's peer",
+    )
+    reserved_usernames: tuple[str, ...] = setting(
+        "RESERVED_USERNAMES",
+        _names,
+        RESERVED_USERNAMES,
+        kind="list of names, or `none`",
+        read_by="web",
+        doc='usernames nobody may take (422 `"is reserved"`), compared ignoring case, '
+        "Unicode width and `_ . -`; a value replaces the whole list",
+    )
+    idempotency_key_ttl: int = setting(
+        "IDEMPOTENCY_KEY_TTL",
+        _integer(1, 30 * 86_400),
+        24 * 3600,
+        kind="integer (seconds)",
+        read_by="web",
+        doc="seconds a signup's `Idempotency-Key` (and its 201) is remembered",
+    )
+
+    def __post_init__(self) -> None:
+        if self.redis_min_replicas and self.redis_replica_timeout >= self.redis_socket_timeout:
+            raise SettingsError(
+                f"REDIS_REPLICA_TIMEOUT={self.redis_replica_timeout:g}: must be below "
+                f"REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout:g}), which bounds the "
+                "wait for the replicas' answer"
+            )
+        registry = self.registry
+        queues = self.consumer_queues or registry.queues
+        if not set(queues) <= set(registry.queues):
+            raise SettingsError(
+                f"CONSUMER_QUEUES={','.join(queues)!r}: expected a comma-separated list of "
+                f"{', '.join(registry.queues)}"
+            )
+        types = registry.job_types.values()
+        filled = {
+            "consumer_queues": tuple(queues),
+            "consumer_concurrency": _fill(
+                "CONSUMER_CONCURRENCY",
+                self.consumer_concurrency,
+                {q: DEFAULT_CONCURRENCY for q in registry.queues},
+            ),
+            "job_max_attempts": _fill(
+                "JOB_MAX_ATTEMPTS", self.job_max_attempts, {t.name: t.attempts for t in types}
+            ),
+            "job_timeout": _fill(
+                "JOB_TIMEOUT", self.job_timeout, {t.name: t.timeout for t in types}
+            ),
+        }
+        for name, value in filled.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def registry(self) -> Registry:
+        """The reactions of ``REACTIONS``: job types, queues, counters, handlers."""
+        try:
+            return load_registry(self.reactions)
+        except ReactionError as exc:
+            raise SettingsError(f"REACTIONS={','.join(self.reactions)!r}: {exc}") from None
+
+    @property
+    def sentinel(self) -> SentinelUrl | None:
+        """The parsed ``redis+sentinel://`` URL, or None for a direct one."""
+        if not self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):
+            return None
+        return parse_sentinel_url(self.redis_url)
+
+    def __repr__(self) -> str:
+        # Never print a password: the URL is shown with its credentials masked.
+        fields = ", ".join(
+            f"{f.name}={redact_url(self.redis_url)!r}"
+            if f.name == "redis_url"
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.repr
+        )
+        return f"Settings({fields})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (the process environment when None): each
+        declared variable that is set (and not blank) is parsed; the rest keep their
+        defaults. A bad value raises :class:`SettingsError` naming it."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, declared in declared_settings().items():
+            raw = env.get(declared.env)
+            if raw is None or raw.strip() == "" or declared.parse is None:
+                continue
+            try:
+                values[name] = declared.parse(raw.strip())
+            except ValueError as exc:
+                shown = declared.show(raw) if declared.show else raw
+                raise SettingsError(f"{declared.env}={shown!r}: {exc}") from None
+        return cls(**values)
+
+
+def declared_settings() -> dict[str, Setting]:
+    """Field name -> declaration, for every setting :class:`Settings` reads, in order."""
+    return {f.name: f.metadata[_SETTING] for f in dataclasses.fields(Settings)}
+
+
+#: Settings read by what runs the processes, not by Python: declared here all the same, so
+#: the README's table and ``.env.example`` list them.
+OUTSIDE: tuple[Setting, ...] = (
+    Setting("PORT", "integer", "Procfile", "the web's port", "8000"),
+    Setting("WEB_CONCURRENCY", "integer", "Procfile", "hypercorn workers", "2"),
+    Setting(
+        "REDIS_SERVER",
+        "path",
+        "make run, tests",
+        "path of the Redis (or Valkey) server binary to start; unset: see Two commands",
+        "",
+    ),
+)
 
 
 class _Probe:

@@ -52,7 +52,7 @@ GENERATE_PROFILE: Final = JobType(
     queue="profile",
     handler=generate_profile,
     counter=COUNTER,
-    description="Generate the profile GET /users/<id> serves.",
+    description="Generate the profile `GET /users/<id>` serves.",
 )
 
 

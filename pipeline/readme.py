@@ -1,0 +1,154 @@
+"""The parts of the README and ``.env.example`` that follow from declarations: the settings
+table (from :class:`pipeline.settings.Settings`) and the tables of reactions, job types and
+queues (from the default registry).
+
+``python -m pipeline.readme`` (``make docs``) rewrites them in place; ``--check`` exits 1 when
+they differ from what the declarations say (a test runs it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from pipeline.registry import DEFAULT_REACTIONS, Registry, load_registry
+from pipeline.settings import OUTSIDE, Setting, declared_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+_ENV_HEADER = """\
+# Every setting of the web service and the consumers, with its default. Copy to .env (or
+# set these in your process manager); a bad value stops start-up with one line naming it.
+# Generated from pipeline/settings.py by `make docs`; the README's Configuration table says
+# the same.
+"""
+
+
+def _settings() -> list[Setting]:
+    return [*declared_settings().values(), *OUTSIDE]
+
+
+def _meaning(setting: Setting) -> str:
+    flag = f" (flag `{setting.flag}`)" if setting.flag else ""
+    return f"{setting.doc}{flag}"
+
+
+def settings_table() -> str:
+    """The README's table of every setting."""
+    rows = [
+        "| variable | read by | type | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for setting in _settings():
+        default = f"`{setting.default}`" if setting.default else "unset"
+        if setting.default in {"every queue", "as declared", "none"}:
+            default = setting.default
+        rows.append(
+            f"| `{setting.env}` | {setting.read_by} | {setting.kind} | {default} | "
+            f"{_meaning(setting)} |"
+        )
+    return "\n".join(rows)
+
+
+def env_example() -> str:
+    """``.env.example``: each setting commented out at its default, with what it means."""
+    parts = [_ENV_HEADER]
+    for setting in _settings():
+        meaning = _meaning(setting).replace("`", "")
+        value = "" if setting.default in {"every queue", "as declared", "none"} else setting.default
+        parts.append(
+            f"\n# {meaning} ({setting.kind.replace('`', '')}; read by {setting.read_by})\n"
+            f"# {setting.env}={value}\n"
+        )
+    return "".join(parts)
+
+
+def reactions_table(registry: Registry) -> str:
+    """The README's tables of reactions, job types and queues."""
+    rows = [
+        "| reaction | module | reacts to | pushes | what |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for reaction in registry.reactions:
+        signals = ", ".join(f"`{s.name}`" for s in reaction.receivers) or "-"
+        pushes = ", ".join(f"`{name}`" for name in reaction.pushes) or "-"
+        module = _module_of(reaction)
+        rows.append(
+            f"| {reaction.name} | `{module}` | {signals} | {pushes} | {reaction.description} |"
+        )
+    rows += [
+        "",
+        "| job type | queue | attempts | timeout (s) | counter in `/stats` | handler | what |",
+        "| --- | --- | ---: | ---: | --- | --- | --- |",
+    ]
+    for job_type in registry.job_types.values():
+        handler = f"`{job_type.handler.__name__}`" if job_type.handler else "none here"
+        counter = f"`{job_type.counter}`" if job_type.counter else "-"
+        rows.append(
+            f"| `{job_type.name}` | `{job_type.queue}` | {job_type.attempts} | "
+            f"{job_type.timeout:g} | {counter} | {handler} | {job_type.description} |"
+        )
+    rows += ["", "| queue | Redis list | job types |", "| --- | --- | --- |"]
+    for queue in registry.queues:
+        types = ", ".join(f"`{t.name}`" for t in registry.types_on(queue))
+        rows.append(f"| `{queue}` | `<prefix>:queue:{queue}` | {types} |")
+    return "\n".join(rows)
+
+
+def _module_of(reaction: object) -> str:
+    for job_type in getattr(reaction, "job_types", ()):
+        if job_type.handler is not None:
+            return str(job_type.handler.__module__)
+    for receivers in getattr(reaction, "receivers", {}).values():
+        for receiver in receivers:
+            return str(receiver.__module__)
+    return "?"
+
+
+def _sections(registry: Registry) -> Iterable[tuple[str, str]]:
+    yield "settings", settings_table()
+    yield "reactions", reactions_table(registry)
+
+
+def _replacement(body: str) -> Callable[[re.Match[str]], str]:
+    return lambda match: f"{match.group(1)}{body}\n{match.group(2)}"
+
+
+def render_readme(text: str, registry: Registry) -> str:
+    """``text`` with each generated section (between its begin and end markers) replaced."""
+    for name, body in _sections(registry):
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", flags=re.DOTALL)
+        if not pattern.search(text):
+            raise ValueError(f"README.md has no <!-- {name}:begin/end --> markers")
+        text = pattern.sub(_replacement(body), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.readme", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if they are out of date")
+    options = parser.parse_args(argv)
+    registry = load_registry(DEFAULT_REACTIONS)
+    wanted = {
+        README: render_readme(README.read_text(), registry),
+        ENV_EXAMPLE: env_example(),
+    }
+    stale = [path.name for path, text in wanted.items() if path.read_text() != text]
+    if options.check:
+        if stale:
+            print(f"out of date: {', '.join(stale)} (run make docs)", file=sys.stderr)
+            return 1
+        return 0
+    for path, text in wanted.items():
+        path.write_text(text)
+    print(f"written: {', '.join(stale) or 'nothing to change'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
