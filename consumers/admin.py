@@ -86,19 +86,19 @@ def _when(epoch: Any) -> str:
 def _print_dead(entries: list[DeadLetter], *, as_json: bool) -> int:
     if as_json:
         for entry in entries:
-            sys.stdout.write(orjson.dumps(entry.fields).decode() + "\n")
+            sys.stdout.write(orjson.dumps(entry.to_json()).decode() + "\n")
         return 0
     if not entries:
         print("no dead letters")
         return 0
     for entry in entries:
-        fields = entry.fields
-        tries = fields.get("attempts") or fields.get("deliveries")
-        label = "attempts" if "attempts" in fields else "deliveries"
+        tries = entry.attempts or entry.deliveries
+        label = "attempts" if entry.attempts is not None else "deliveries"
+        job = entry.job
         print(
-            f"{_when(fields.get('failed_at'))}  {entry.job_id or '-'}  "
-            f"{entry.job.type if entry.job else '-'}  queue={fields.get('queue', '?')}  "
-            f"{label}={tries if tries is not None else '?'}  {fields.get('reason', '')}"
+            f"{_when(entry.failed_at)}  {entry.job_id or '-'}  "
+            f"{job.type if job else '-'}  queue={entry.queue or '?'}  "
+            f"{label}={tries if tries is not None else '?'}  {entry.reason or ''}"
         )
     return 0
 

@@ -40,9 +40,10 @@ from redis.exceptions import RedisError
 from consumers.metrics import ConsumerMetrics
 from pipeline import logs
 from pipeline.connections import REDIS_UNAVAILABLE
+from pipeline.dead import DeadLetter
 from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
-from pipeline.queue import Broker, dead_entry, delivery_id
+from pipeline.queue import Broker, delivery_id
 from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Context, Handler
 from pipeline.settings import Settings
 
@@ -388,7 +389,7 @@ class Consumer:
     ) -> None:
         if job is None:
             logger.error("queue %s: dead-lettering a job: %s", queue, reason)
-        entry = dead_entry(queue, raw, reason, job=job, error=error)
+        entry = DeadLetter.for_job(queue, raw, reason, job=job, error=error).encode()
         # An undecodable job's deliveries are counted under its delivery_id: clear that.
         job_id = job.id if job else delivery_id(raw)
         if await self._settle(job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id)):

@@ -1,4 +1,5 @@
-"""The dead-letter list, operable: list, requeue, purge.
+"""The dead-letter list: its entry (:class:`DeadLetter`, defined once), and listing,
+requeueing and purging it.
 
 Each entry is JSON: ``{"queue", "reason", "failed_at", "job"}`` plus, when the job could be
 decoded, ``id``, ``type`` and ``attempts``, and ``error`` (the last exception) or
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
@@ -36,32 +37,117 @@ return 1
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One entry of the dead-letter list."""
+    """One dead letter: the one definition of the entry, which the consumer writes
+    (:meth:`for_job`), the recovery script writes (:func:`lua_entry`) and the operator's
+    commands read (:meth:`decode`). Stored as JSON; ``job`` is the envelope as it was fetched
+    (text), whatever it held."""
 
-    raw: bytes
-    fields: dict[str, Any]
-    job: Job | None
+    queue: str | None
+    reason: str | None
+    failed_at: float | None
+    job_text: str | None
+    #: The job's id: from its envelope, or (an undecodable one) what its deliveries count under.
+    id: str | None = None
+    type: str | None = None
+    #: Attempts made (a job that failed), or deliveries to consumers that died holding it.
+    attempts: int | None = None
+    error: str | None = None
+    deliveries: int | None = None
+    #: The entry's bytes as stored (what a requeue removes); empty for a new one.
+    raw: bytes = b""
+
+    @classmethod
+    def for_job(
+        cls,
+        queue: str,
+        raw: bytes,
+        reason: str,
+        *,
+        job: Job | None = None,
+        error: str | None = None,
+    ) -> DeadLetter:
+        """The dead letter of ``raw`` (decoded as ``job``, if it could be) fetched from
+        ``queue``: why it died, and when."""
+        return cls(
+            queue=queue,
+            reason=reason,
+            failed_at=time.time(),
+            job_text=raw.decode("utf-8", "backslashreplace"),
+            id=job.id if job else None,
+            type=job.type if job else None,
+            attempts=job.attempt + 1 if job else None,
+            error=error,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored JSON object (fields that are None are left out)."""
+        found = {name: getattr(self, attr) for name, attr in _JSON.items()}
+        return {name: value for name, value in found.items() if value is not None}
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.to_json())
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DeadLetter:
+        """An entry as stored; what is missing or mistyped (an entry written by hand or by an
+        older version) is None rather than an error."""
+        try:
+            fields = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            fields = {}
+        if not isinstance(fields, dict):
+            fields = {}
+
+        def get(name: str, *kinds: type) -> Any:
+            value = fields.get(name)
+            ok = isinstance(value, kinds) and not isinstance(value, bool)
+            return value if ok else None
+
+        return cls(
+            queue=get("queue", str),
+            reason=get("reason", str),
+            failed_at=get("failed_at", int, float),
+            job_text=get("job", str),
+            id=get("id", str),
+            type=get("type", str),
+            attempts=get("attempts", int),
+            error=get("error", str),
+            deliveries=get("deliveries", int),
+            raw=raw,
+        )
+
+    @property
+    def job(self) -> Job | None:
+        """The job it holds, decoded; None if it cannot be."""
+        if self.job_text is None:
+            return None
+        try:
+            return decode(self.job_text.encode("utf-8", "surrogateescape"))
+        except (JobDecodeError, UnicodeEncodeError):
+            return None
 
     @property
     def job_id(self) -> str | None:
-        return self.job.id if self.job else self.fields.get("id")
+        job = self.job
+        return job.id if job else self.id
 
 
-def _parse(raw: bytes) -> DeadLetter:
-    try:
-        fields = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        fields = {}
-    if not isinstance(fields, dict):
-        fields = {}
-    job: Job | None = None
-    text = fields.get("job")
-    if isinstance(text, str):
-        try:
-            job = decode(text.encode("utf-8", "surrogateescape"))
-        except (JobDecodeError, UnicodeEncodeError):
-            job = None
-    return DeadLetter(raw, fields, job)
+#: JSON name -> attribute of :class:`DeadLetter` (only ``job`` differs).
+_JSON: Final = {
+    ("job" if f.name == "job_text" else f.name): f.name
+    for f in dataclasses.fields(DeadLetter)
+    if f.name != "raw"
+}
+
+
+def lua_entry(**fields: str) -> str:
+    """The Lua expression encoding a :class:`DeadLetter` in a script, from Lua expressions by
+    JSON name (``queue="name", id="id", ...``): the same entry :meth:`DeadLetter.encode`
+    writes, its names checked against the one definition."""
+    unknown = set(fields) - set(_JSON)
+    if unknown:
+        raise ValueError(f"not fields of a dead letter: {', '.join(sorted(unknown))}")
+    return "cjson.encode({" + ", ".join(f"{name} = {expr}" for name, expr in fields.items()) + "})"
 
 
 class DeadLetters:
@@ -80,7 +166,9 @@ class DeadLetters:
         """The newest ``limit`` entries (all when None), newest first."""
         end = -1 if limit is None else limit - 1
         entries = await self._redis.lrange(self._keys.dead, 0, end)
-        return [_parse(raw if isinstance(raw, bytes) else raw.encode()) for raw in entries]
+        return [
+            DeadLetter.decode(raw if isinstance(raw, bytes) else raw.encode()) for raw in entries
+        ]
 
     async def requeue(self, job_id: str | None = None) -> tuple[int, int]:
         """Put dead jobs back on their queue as a first attempt: the one with ``job_id``, or all

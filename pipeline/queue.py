@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, Protocol
@@ -29,6 +28,7 @@ from typing import Any, Final, Literal, Protocol
 import orjson
 import redis.asyncio as aioredis
 
+from pipeline.dead import lua_entry
 from pipeline.jobs import Job, new_job
 from pipeline.keys import Keys
 from pipeline.registry import JobType, Registry, load_registry
@@ -74,23 +74,6 @@ def _bytes(value: bytes | str) -> bytes:
 def new_consumer_id() -> str:
     """A consumer id that says where it runs: ``host-pid-random``."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def dead_entry(
-    queue: str, raw: bytes, reason: str, *, job: Job | None = None, error: str | None = None
-) -> bytes:
-    """A dead letter: the job as it was fetched, why it died, and when."""
-    entry: dict[str, Any] = {
-        "queue": queue,
-        "reason": reason,
-        "failed_at": time.time(),
-        "job": raw.decode("utf-8", "backslashreplace"),
-    }
-    if job is not None:
-        entry.update(id=job.id, type=job.type, attempts=job.attempt + 1)
-    if error is not None:
-        entry["error"] = error
-    return orjson.dumps(entry)
 
 
 # Settle a fetched job: take it off the consumer's processing list (at-least-once) and, only
@@ -173,7 +156,8 @@ return 0
 # ARGV: consumer id, max deliveries (0: do not count), forget after s, most dead letters kept,
 #       then queue names
 # Returns {returned, dead-lettered}, or {-1, 0} if the lease is held.
-_RECOVER = """
+_RECOVER = (
+    """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {-1, 0}
 end
@@ -197,9 +181,16 @@ for i = 1, (#KEYS - 5) / 2 do
       count = redis.call('HINCRBY', KEYS[3], id, 1)
     end
     if max > 0 and count >= max then
-      redis.call('LPUSH', KEYS[4], cjson.encode({
-        queue = name, id = id, deliveries = count, failed_at = now, job = raw,
-        reason = 'delivered ' .. count .. ' times, each to a consumer that died holding it'}))
+      redis.call('LPUSH', KEYS[4], """
+    + lua_entry(
+        queue="name",
+        id="id",
+        deliveries="count",
+        failed_at="now",
+        job="raw",
+        reason="'delivered ' .. count .. ' times, each to a consumer that died holding it'",
+    )
+    + """)
       redis.call('HDEL', KEYS[3], id)
       dead = dead + 1
     else
@@ -225,6 +216,7 @@ if forget == 0 or (seen and now - tonumber(seen) > forget) then
 end
 return {returned, dead}
 """
+)
 
 # Move due retries to the head of their queue, the earliest due first in line.
 # KEYS: delayed set, queue  ARGV: how many at most
@@ -343,7 +335,8 @@ class Broker:
         )
 
     async def dead_letter(self, queue: str, raw: bytes, entry: bytes, job_id: str = "") -> bool:
-        """Move the job to the dead-letter list as ``entry`` (see :func:`dead_entry`)."""
+        """Move the job to the dead-letter list as ``entry`` (an encoded
+        :class:`pipeline.dead.DeadLetter`)."""
         return await self._do_settle(queue, raw, "dead", self.keys.dead, put=entry, job_id=job_id)
 
     async def _do_settle(

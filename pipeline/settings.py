@@ -22,6 +22,12 @@ from urllib.parse import unquote, urlsplit
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.keys import NAME_RE
 from pipeline.logs import LOG_FORMATS, LogFormat
+from pipeline.rate_limit import (
+    RateLimit,
+    RateLimitFailure,
+    parse_rate_limit,
+    parse_rate_limit_failure,
+)
 from pipeline.registry import DEFAULT_REACTIONS, Registry, load_registry
 
 T = TypeVar("T")
@@ -39,7 +45,6 @@ _SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
     "smtps": ("tls", 465),
 }
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
-RateLimitFailure = Literal["open", "closed"]
 #: How many dead letters are kept by default (the newest); older ones are dropped and counted.
 DEAD_LETTER_MAX = 10_000
 #: Usernames nobody may take, so no one can pose as the service or its staff.
@@ -49,18 +54,6 @@ RESERVED_USERNAMES: tuple[str, ...] = (
     "security", "signup", "staff", "support", "system", "undefined", "webmaster", "www",
 )  # fmt: skip
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    """At most ``count`` signups per ``period`` seconds from one client address, ``count`` of
-    them at once (``RATE_LIMIT=count/period``)."""
-
-    count: int
-    period: float
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.period:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,25 +304,6 @@ def _directory(raw: str) -> str:
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError("not a directory this process can create or write")
     return path
-
-
-def _rate_limit(raw: str) -> RateLimit | None:
-    if raw.lower() in {"off", "0"}:
-        return None
-    count, slash, period = raw.partition("/")
-    try:
-        limit = RateLimit(int(count), float(period))
-    except ValueError:
-        raise ValueError("expected COUNT/SECONDS, such as 10/60, or off") from None
-    if not slash or not 1 <= limit.count <= 1_000_000 or not 1 <= limit.period <= 86_400:
-        raise ValueError("expected COUNT/SECONDS with COUNT 1 to 1000000 and SECONDS 1 to 86400")
-    return limit
-
-
-def _rate_limit_failure(raw: str) -> RateLimitFailure:
-    if raw.lower() not in {"open", "closed"}:
-        raise ValueError("expected open or closed")
-    return "open" if raw.lower() == "open" else "closed"
 
 
 def _networks(raw: str) -> tuple[Network, ...]:
@@ -759,7 +733,7 @@ class Settings:
     )
     rate_limit: RateLimit | None = setting(
         "RATE_LIMIT",
-        _rate_limit,
+        parse_rate_limit,
         RateLimit(10, 60.0),
         kind="`COUNT/SECONDS`, or `off`",
         read_by="web",
@@ -769,7 +743,7 @@ class Settings:
     )
     rate_limit_failure: RateLimitFailure = setting(
         "RATE_LIMIT_FAILURE",
-        _rate_limit_failure,
+        parse_rate_limit_failure,
         "closed",
         kind="choice",
         read_by="web",

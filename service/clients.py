@@ -1,4 +1,4 @@
-"""Which client a request comes from, for the rate limit.
+"""Which client a request comes from, for the rate limit (``pipeline.rate_limit``).
 
 The client is the connection's peer, unless that peer is a trusted proxy (``TRUSTED_PROXIES``):
 then ``X-Forwarded-For`` is read from the right, past every trusted proxy, and the first
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import math
-import time
 from collections.abc import Callable, Iterable
 
 from pipeline.settings import Network
@@ -81,39 +79,3 @@ class ClientResolver:
             if not self._is_trusted(found):
                 break
         return label if address is None else _label(address)
-
-
-class RefusedClients:
-    """The clients this worker has seen refused for their rate limit, and until when: their
-    signups are refused at once, before the body is read and without a Redis round trip, so a
-    flood from one address costs next to nothing. Redis would refuse them too: a refused
-    signup leaves the client's state there as it was, so the client stays over its limit for
-    exactly the wait Redis gave. Bounded: past ``max_size`` clients, the expired are dropped,
-    then the oldest."""
-
-    def __init__(self, max_size: int = 10_000) -> None:
-        self._until: dict[str, float] = {}
-        self._max_size = max_size
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-    def wait(self, client: str) -> int | None:
-        """Whole seconds until ``client`` may sign up again, or None if it may now."""
-        until = self._until.get(client)
-        if until is None:
-            return None
-        left = until - time.monotonic()
-        if left <= 0:
-            del self._until[client]
-            return None
-        return math.ceil(left)
-
-    def refuse(self, client: str, seconds: float) -> None:
-        """Remember that ``client`` is refused for ``seconds``."""
-        if len(self._until) >= self._max_size and client not in self._until:
-            now = time.monotonic()
-            self._until = {c: until for c, until in self._until.items() if until > now}
-            while len(self._until) >= self._max_size:
-                del self._until[next(iter(self._until))]
-        self._until[client] = time.monotonic() + seconds

@@ -21,9 +21,14 @@ from pipeline.batching import ScriptBatcher
 from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import Keys
+from pipeline.rate_limit import (
+    RateLimit,
+    RateLimitFailure,
+    RefusedClients,
+    script_args,
+    script_part,
+)
 from pipeline.registry import JobType, Registry
-from pipeline.settings import RateLimit, RateLimitFailure
-from service.clients import RefusedClients
 from service.errors import (
     ConflictError,
     IdempotencyKeyReusedError,
@@ -37,18 +42,17 @@ logger = logging.getLogger(__name__)
 # KEYS: username claims, email claims, user hash, stats hash, the client's rate-limit key, the
 #       idempotency key's record, then one queue key per job.
 # ARGV: username claim, email claim, user id, username, email, created_at, receiver errors,
-#       rate limit count (0: no limit), rate limit period (ms), "open" or "closed" (what to do
-#       when the limit's state cannot be read), the request's fingerprint ("": no idempotency
-#       key), the record's lifetime (ms), the 201's body, then one encoded job per queue key.
+#       the rate limit's three (pipeline.rate_limit.script_args), the request's fingerprint
+#       ("": no idempotency key), the record's lifetime (ms), the 201's body, then one encoded
+#       job per queue key.
 # Returns "ok"; "replay <body>" when the idempotency key's record is there for this same
 # request (nothing is written); "reused" when it is there for another request; "retry <ms>"
 # when the client is over its limit; "limiter" when the limit's state cannot be read and the
 # limit fails closed; or the name of the field whose claim is taken. Only "ok" writes the
 # signup, and with it the idempotency key's record (its fingerprint, then the 201's body).
-# The limit is a GCRA (a token bucket kept as one number): the key holds when the client's
-# next signup is due; "count" may come at once, then one every period/count. Each signup that
-# reaches the script counts, a conflict too; a replay does not.
-_CREATE_USER = """
+# A replay does not count against the rate limit.
+_CREATE_USER = (
+    """
 if ARGV[11] ~= '' then
   local record = redis.call('GET', KEYS[6])
   if record then
@@ -56,20 +60,9 @@ if ARGV[11] ~= '' then
     return 'reused'
   end
 end
-local count = tonumber(ARGV[8])
-if count > 0 then
-  local stored = redis.pcall('GET', KEYS[5])
-  if type(stored) == 'table' and stored.err then
-    if ARGV[10] ~= 'open' then return 'limiter' end
-  else
-    local period = tonumber(ARGV[9])
-    local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    local due = math.max(tonumber(stored) or now, now) + period / count
-    if due - now > period then return 'retry ' .. math.ceil(due - now - period) end
-    redis.call('SET', KEYS[5], string.format('%.0f', due), 'PX', math.max(1, math.ceil(due - now)))
-  end
-end
+"""
+    + script_part(key="KEYS[5]", args=8)
+    + """\
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'username' end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'email' end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
@@ -82,6 +75,7 @@ for i = 7, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 7]) end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11] .. ARGV[13], 'PX', ARGV[12]) end
 return 'ok'
 """
+)
 
 
 @dataclass(slots=True)
@@ -152,9 +146,7 @@ class UserStore:
         self._idempotency_ttl_ms = round(idempotency_key_ttl * 1000)
         # A signup without an Idempotency-Key still names a key there (never read or written).
         self._unkeyed = keys.idempotency("")
-        self._limit = (
-            [rate_limit.count, round(rate_limit.period * 1000)] if rate_limit else [0, 0]
-        ) + [rate_limit_failure]
+        self._limit = script_args(rate_limit, rate_limit_failure)
         # Clients refused for their rate limit, and until when (see RefusedClients).
         self._refused = RefusedClients()
 

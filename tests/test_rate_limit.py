@@ -12,9 +12,10 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
 
 from pipeline.keys import Keys
+from pipeline.rate_limit import RefusedClients
 from pipeline.settings import RateLimit
 from service.app import create_app
-from service.clients import UNKNOWN, ClientResolver, RefusedClients
+from service.clients import UNKNOWN, ClientResolver
 from tests.helpers import eventually, scrape
 
 JSON = {"Content-Type": "application/json"}

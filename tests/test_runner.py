@@ -594,8 +594,7 @@ async def test_a_job_failed_by_redis_is_returned_not_dead_lettered(
 async def test_dead_letters_requeue_all_skips_what_cannot_be_decoded_and_purge_empties(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    from pipeline.dead import DeadLetters
-    from pipeline.queue import dead_entry
+    from pipeline.dead import DeadLetter, DeadLetters
 
     jobs = [
         new_job("welcome_email", {"email": "a@example.com"}),
@@ -603,8 +602,12 @@ async def test_dead_letters_requeue_all_skips_what_cannot_be_decoded_and_purge_e
     ]
     for job in jobs:
         retried = dataclasses.replace(job, attempt=4)
-        await redis.lpush(keys.dead, dead_entry("x", retried.encode(), "failed", job=retried))
-    await redis.lpush(keys.dead, dead_entry("email", b"not json", "undecodable job"))
+        await redis.lpush(
+            keys.dead, DeadLetter.for_job("x", retried.encode(), "failed", job=retried).encode()
+        )
+    await redis.lpush(
+        keys.dead, DeadLetter.for_job("email", b"not json", "undecodable job").encode()
+    )
     dead = DeadLetters(redis, keys)
     assert [entry.job_id for entry in await dead.list(limit=2)] == [None, jobs[1].id]
     assert await dead.requeue() == (2, 1)

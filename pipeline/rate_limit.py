@@ -1,0 +1,118 @@
+"""The signup rate limit, in one place: its settings' types and parsers (``RATE_LIMIT``,
+``RATE_LIMIT_FAILURE``), its part of the signup script, and the web worker's memory of the
+clients it refused.
+
+The limit is a GCRA (a token bucket kept as one number): the client's key holds when its next
+signup is due, in Redis milliseconds; ``count`` signups may come at once, then one every
+``period/count``. It is checked inside the signup's own script (no extra round trip); each
+signup that reaches the script counts, a conflict too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+RateLimitFailure = Literal["open", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``count`` signups per ``period`` seconds from one client address, ``count`` of
+    them at once (``RATE_LIMIT=count/period``)."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}"
+
+
+def parse_rate_limit(raw: str) -> RateLimit | None:
+    """``RATE_LIMIT``: ``COUNT/SECONDS``, or ``off``."""
+    if raw.lower() in {"off", "0"}:
+        return None
+    count, slash, period = raw.partition("/")
+    try:
+        limit = RateLimit(int(count), float(period))
+    except ValueError:
+        raise ValueError("expected COUNT/SECONDS, such as 10/60, or off") from None
+    if not slash or not 1 <= limit.count <= 1_000_000 or not 1 <= limit.period <= 86_400:
+        raise ValueError("expected COUNT/SECONDS with COUNT 1 to 1000000 and SECONDS 1 to 86400")
+    return limit
+
+
+def parse_rate_limit_failure(raw: str) -> RateLimitFailure:
+    """``RATE_LIMIT_FAILURE``: ``open`` or ``closed``."""
+    if raw.lower() not in {"open", "closed"}:
+        raise ValueError("expected open or closed")
+    return "open" if raw.lower() == "open" else "closed"
+
+
+def script_args(limit: RateLimit | None, failure: RateLimitFailure) -> list[int | str]:
+    """The three arguments :func:`script_part` reads: count (0: no limit), period in ms, failure."""
+    if limit is None:
+        return [0, 0, failure]
+    return [limit.count, round(limit.period * 1000), failure]
+
+
+def script_part(key: str, args: int) -> str:
+    """The limit's part of a script: the client's state is at ``key`` (``KEYS[n]``) and
+    :func:`script_args` at ``ARGV[args]`` to ``ARGV[args + 2]``. It returns ``'retry <ms>'``
+    when the client is over its limit, ``'limiter'`` when the state cannot be read and the
+    limit fails closed, and falls through (having counted the signup) otherwise."""
+    count, period, failure = (f"ARGV[{args + i}]" for i in range(3))
+    return f"""\
+local count = tonumber({count})
+if count > 0 then
+  local stored = redis.pcall('GET', {key})
+  if type(stored) == 'table' and stored.err then
+    if {failure} ~= 'open' then return 'limiter' end
+  else
+    local period = tonumber({period})
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local due = math.max(tonumber(stored) or now, now) + period / count
+    if due - now > period then return 'retry ' .. math.ceil(due - now - period) end
+    redis.call('SET', {key}, string.format('%.0f', due), 'PX', math.max(1, math.ceil(due - now)))
+  end
+end
+"""
+
+
+class RefusedClients:
+    """The clients this worker has seen refused for their rate limit, and until when: their
+    signups are refused at once, before the body is read and without a Redis round trip, so a
+    flood from one address costs next to nothing. Redis would refuse them too: a refused
+    signup leaves the client's state there as it was, so the client stays over its limit for
+    exactly the wait Redis gave. Bounded: past ``max_size`` clients, the expired are dropped,
+    then the oldest."""
+
+    def __init__(self, max_size: int = 10_000) -> None:
+        self._until: dict[str, float] = {}
+        self._max_size = max_size
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def wait(self, client: str) -> int | None:
+        """Whole seconds until ``client`` may sign up again, or None if it may now."""
+        until = self._until.get(client)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._until[client]
+            return None
+        return math.ceil(left)
+
+    def refuse(self, client: str, seconds: float) -> None:
+        """Remember that ``client`` is refused for ``seconds``."""
+        if len(self._until) >= self._max_size and client not in self._until:
+            now = time.monotonic()
+            self._until = {c: until for c, until in self._until.items() if until > now}
+            while len(self._until) >= self._max_size:
+                del self._until[next(iter(self._until))]
+        self._until[client] = time.monotonic() + seconds
