@@ -38,6 +38,7 @@ from pipeline.queue import Broker
 from pipeline.registry import Context, Handler
 from pipeline.settings import (
     Settings,
+    declared_settings,
     parse_concurrency,
     parse_delivery_mode,
     parse_grace_period,
@@ -66,32 +67,39 @@ def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _help(field: str, text: str) -> str:
+    """A flag's help: ``text``, then the setting it overrides and its default, from the
+    setting's one declaration."""
+    declared = declared_settings()[field]
+    return f"{text} (env {declared.env}; default {declared.default or 'unset'})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run the signup pipeline's consumers.")
     parser.add_argument(
         "--queues",
         type=_flag(parse_queues),
-        help="comma-separated queues to consume (env CONSUMER_QUEUES; default all)",
+        help=_help("consumer_queues", "comma-separated queues to consume"),
     )
     parser.add_argument(
         "--concurrency",
         type=_flag(parse_concurrency),
-        help="jobs run at once per queue: N, or QUEUE=N,... (env CONSUMER_CONCURRENCY; default 4)",
+        help=_help("consumer_concurrency", "jobs run at once per queue: N, or QUEUE=N,..."),
     )
     parser.add_argument(
         "--grace-period",
         type=_flag(parse_grace_period),
-        help="seconds in-flight jobs get on shutdown (env SHUTDOWN_GRACE_PERIOD; default 10)",
+        help=_help("shutdown_grace_period", "seconds in-flight jobs get on shutdown"),
     )
     parser.add_argument(
         "--delivery",
         type=_flag(parse_delivery_mode),
-        help="at-least-once or at-most-once (env DELIVERY_MODE; default at-least-once)",
+        help=_help("delivery_mode", "at-least-once or at-most-once"),
     )
     parser.add_argument(
         "--metrics-port",
         type=_flag(parse_port),
-        help="serve Prometheus metrics on this port at /metrics (env METRICS_PORT; default off)",
+        help=_help("metrics_port", "serve Prometheus metrics on this port at /metrics"),
     )
     commands = parser.add_subparsers(dest="command", metavar="{dead,stats,check}")
     dead = commands.add_parser("dead", help="list, requeue or purge dead letters")

@@ -103,9 +103,25 @@ class _Outage:
         return self.back_at is None or time.monotonic() - self.back_at >= seconds
 
 
-def _next_backoff(backoff: float) -> float:
-    """The next wait while Redis is unreachable: from BACKOFF_START, doubling, up to the cap."""
-    return min(max(backoff * 2, BACKOFF_START), BACKOFF_CAP)
+class _Backoff:
+    """One loop's way through an outage: "Redis failed: note the outage, back off, try again".
+    Each failure is noted (logged once per outage, not per loop) and waited out, from
+    BACKOFF_START doubling up to BACKOFF_CAP; a success notes that Redis is back and starts the
+    next wait from the beginning."""
+
+    def __init__(self, outage: _Outage) -> None:
+        self._outage = outage
+        self._delay = 0.0
+
+    async def failed(self, exc: Exception, wait: Callable[[float], Awaitable[Any]]) -> None:
+        """Note ``exc``, then ``wait`` the next delay (a wait that a stop may cut short)."""
+        self._outage.failed(exc)
+        self._delay = min(max(self._delay * 2, BACKOFF_START), BACKOFF_CAP)
+        await wait(self._delay)
+
+    def ok(self) -> None:
+        self._outage.ok()
+        self._delay = 0.0
 
 
 def retry_delay(attempts: int, base: float, cap: float) -> float:
@@ -204,7 +220,7 @@ class Consumer:
         # Never hold a job without a lease: wait for the first heartbeat.
         if not await self._until(self._leased):
             return
-        backoff = 0.0
+        backoff = _Backoff(self._outage)
         reconciled = time.monotonic()
         suspect = False
         while not self._stop.is_set():
@@ -233,13 +249,10 @@ class Consumer:
                     raws = [] if raw is None else [raw]
             except RedisError as exc:
                 self._acks[queue][:0] = acks  # not sent: they go with the next round trip
-                self._outage.failed(exc)
                 suspect = True
-                backoff = _next_backoff(backoff)
-                await self._until(timeout=backoff)
+                await backoff.failed(exc, lambda delay: self._until(timeout=delay))
                 continue
-            self._outage.ok()
-            backoff = 0.0
+            backoff.ok()
             for raw in raws:
                 task = asyncio.create_task(self._process(queue, raw))
                 self._in_flight[task] = _InFlight(queue, raw)
@@ -398,13 +411,13 @@ class Consumer:
     async def _settle(self, job_id: str, operation: Callable[[], Awaitable[T]]) -> T | None:
         """Run a settling operation, retrying through a Redis outage until it succeeds or the
         stop's deadline passes. None if it never succeeded."""
-        backoff = 0.0
+        backoff = _Backoff(self._outage)
         while True:
             try:
                 result = await operation()
             except RedisError as exc:
-                self._outage.failed(exc)
                 if self._past_deadline():
+                    self._outage.failed(exc)
                     if self._broker.mode == "at-least-once":
                         logger.error(
                             "job %s: could not settle it (%s); it stays held and is returned "
@@ -415,10 +428,9 @@ class Consumer:
                     else:
                         logger.critical("job %s: could not settle it (%s): job lost", job_id, exc)
                     return None
-                backoff = _next_backoff(backoff)
-                await self._pause(self._force, backoff)
+                await backoff.failed(exc, lambda delay: self._pause(self._force, delay))
                 continue
-            self._outage.ok()
+            backoff.ok()
             return result
 
     def _past_deadline(self) -> bool:
@@ -438,17 +450,14 @@ class Consumer:
             "mode": self._broker.mode,
             "started_at": time.time(),
         }
-        backoff = 0.0
+        backoff = _Backoff(self._outage)
         while not self._drained.is_set():
             try:
                 held = await self._broker.heartbeat(ttl, about)
             except RedisError as exc:
-                self._outage.failed(exc)
-                backoff = _next_backoff(backoff)
-                await self._pause(self._drained, backoff)
+                await backoff.failed(exc, lambda delay: self._pause(self._drained, delay))
                 continue
-            self._outage.ok()
-            backoff = 0.0
+            backoff.ok()
             if not held and self._leased.is_set():
                 logger.warning(
                     "consumer %s: its lease had lapsed; jobs it held may have been handed to "
