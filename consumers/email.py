@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import html
 import logging
-from email.header import Header, decode_header, make_header
+from email.header import decode_header, make_header
 from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.utils import formataddr, parseaddr
+from email.utils import parseaddr
 from typing import Protocol
 
 import aiosmtplib
@@ -80,39 +77,6 @@ def email_backend(settings: Settings) -> EmailBackend:
     if settings.smtp is None:
         return ConsoleEmailBackend()
     return SmtpEmailBackend(settings.smtp, settings.smtp_timeout, settings.smtp_ca_file)
-
-
-def welcome_email(sender: str, to: str, username: str) -> Message:
-    """The welcome email: a plain-text part and an HTML alternative, both naming the user.
-
-    Built with the ``email.mime`` classes: the same message as ``EmailMessage`` with
-    ``set_content`` / ``add_alternative``, in about 90 us instead of 700 (a consumer's CPU per
-    email). Header text that is not ASCII is encoded here (RFC 2047), as that API would."""
-    message = MIMEMultipart("alternative")
-    name, address = parseaddr(sender)
-    message["From"] = formataddr((name, address), charset="utf-8") if name else sender
-    message["To"] = to
-    message["Subject"] = Header(f"Welcome, {username}!", "utf-8").encode()
-    message.attach(
-        MIMEText(
-            f"Hello {username},\n\nThanks for signing up. Your account is ready.\n\n-- The team\n",
-            "plain",
-            "utf-8",
-        )
-    )
-    escaped = html.escape(username)
-    message.attach(
-        MIMEText(
-            "<!doctype html>\n<html><body>\n"
-            f"<p>Hello <strong>{escaped}</strong>,</p>\n"
-            "<p>Thanks for signing up. Your account is ready.</p>\n"
-            "<p>&mdash; The team</p>\n"
-            "</body></html>\n",
-            "html",
-            "utf-8",
-        )
-    )
-    return message
 
 
 def _plain_text(message: Message) -> str:

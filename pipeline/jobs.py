@@ -1,6 +1,6 @@
 """The job envelope: versioned JSON, one per job, unique by id.
 
-``{"v": 1, "id": <32 random hex digits>, "type": "welcome_email", "attempt": 0,
+``{"v": 1, "id": <32 random hex digits>, "type": <a declared job type>, "attempt": 0,
 "enqueued_at": <epoch s>, "payload": {...}}``, plus ``"request_id"`` when the job was queued
 while handling a request (older jobs without it still decode). Job ids are unique, so the
 encoded bytes of two jobs never compare equal.

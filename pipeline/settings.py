@@ -267,9 +267,9 @@ def _fill(setting: str, given: Mapping[str, T], defaults: Mapping[str, T]) -> di
 
 #: ``8`` (every queue) or ``email=8,profile=2`` (the rest keep the default 4).
 parse_concurrency = _per_name("QUEUE", _integer(1, 1000))
-#: ``5`` (every job type) or ``welcome_email=8`` (the rest keep their declared attempts).
+#: ``5`` (every job type) or ``TYPE=8,...`` (the rest keep their declared attempts).
 parse_max_attempts = _per_name("TYPE", _integer(1, 100))
-#: Seconds a job may run: ``30`` or ``generate_profile=120`` (the rest keep their declared
+#: Seconds a job may run: ``30`` or ``TYPE=120,...`` (the rest keep their declared
 #: timeout).
 parse_job_timeout = _per_name("TYPE", _seconds(0.01, 86_400))
 
@@ -637,7 +637,7 @@ class Settings:
         read_by="consumers",
         shown="as declared",
         doc="attempts before a failing job is dead-lettered: `N` for every type, or "
-        "`welcome_email=8,generate_profile=3` (others keep their reaction's declared "
+        "`TYPE=N,...` per job type (others keep their reaction's declared "
         "attempts: see Reactions)",
     )
     job_timeout: Mapping[str, float] = setting(
