@@ -184,3 +184,48 @@ def test_consumers_refuse_a_served_queue_whose_type_has_no_handler(
     registry.check_handlers(("email", "marketing", "profile"), registry.handlers())
     with pytest.raises(ReactionError, match="queue 'email' carries job type 'welcome_email'"):
         registry.check_handlers(("email",), {})
+
+
+def test_the_readme_example_is_one_complete_reaction_module() -> None:
+    # "Writing a reaction" shows the SMS reaction whole: it must at least be valid Python that
+    # declares a REACTION with a job type, a receiver and both hooks, as tests/reactions/sms.py
+    # (which runs end to end above) does.
+    import ast
+    import importlib
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Writing a reaction", 1)[1]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(source)
+    assigned = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.AnnAssign | ast.Assign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name)
+    }
+    assert {"REACTION", "WELCOME_SMS", "GATEWAY"} <= assigned
+    functions = {n.name for n in tree.body if isinstance(n, ast.AsyncFunctionDef)}
+    assert functions == {"send_welcome_sms", "enqueue_welcome_sms", "open_gateway", "close_gateway"}
+    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
+    # Both processes import a reaction: never Quart or the app.
+    assert not [n.module for n in imports if str(n.module).startswith(("quart", "service"))]
+    for node in imports:
+        if node.module in {"__future__", "myapp.sms_gateway"}:
+            continue
+        module = importlib.import_module(str(node.module))
+        for alias in node.names:  # every name it takes from this project exists
+            assert hasattr(module, alias.name), (node.module, alias.name)
+
+
+def test_loading_the_reactions_imports_neither_quart_nor_the_app() -> None:
+    # What a consumer process does: build the registry. Quart and the service package (which
+    # builds the app on import) must stay out of it.
+    probe = (
+        "import sys; from pipeline.registry import load_registry; load_registry(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'quart', 'service'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
