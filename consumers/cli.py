@@ -162,7 +162,8 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     except SettingsError as exc:
         # A queue the flags name that no reaction declares: say it of the flag.
         variable, _, rest = str(exc).partition("=")
-        parser.error(f"argument {_FLAGS.get(variable, variable)}: {rest}")
+        flags = {s.env: s.flag for s in declared_settings().values() if s.flag}
+        parser.error(f"argument {flags.get(variable, variable)}: {rest}")
     if options.command is not None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(settings, options))
@@ -170,10 +171,6 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(settings))
     return 0
-
-
-#: The flag that overrides each setting, for its errors.
-_FLAGS = {"CONSUMER_QUEUES": "--queues", "CONSUMER_CONCURRENCY": "--concurrency"}
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

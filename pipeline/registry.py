@@ -181,12 +181,12 @@ class Registry:
         job_types: dict[str, JobType] = {}
         owner: dict[str, str] = {}
         counters: dict[str, str] = dict.fromkeys(CORE_COUNTERS, "the pipeline")
-        names: dict[str, str] = {}
+        names: set[str] = set()
         receivers: dict[Receiver, Reaction] = {}
         for reaction in self.reactions:
             if reaction.name in names:
                 raise ReactionError(f"reaction {reaction.name!r} is declared twice")
-            names[reaction.name] = reaction.name
+            names.add(reaction.name)
             for job_type in reaction.job_types:
                 if job_type.name in job_types:
                     raise ReactionError(
@@ -230,17 +230,6 @@ class Registry:
         """A registry of these reactions (for tests and tools; processes use the setting)."""
         return cls(reactions)
 
-    def job_type(self, name: str | JobType) -> JobType:
-        """The declared job type ``name``; :class:`UnknownJobTypeError` if none is."""
-        key = str(name)
-        try:
-            found = self.job_types[key]
-        except KeyError:
-            raise UnknownJobTypeError(f"no reaction declares job type {key!r}") from None
-        if isinstance(name, JobType) and name is not found:
-            raise UnknownJobTypeError(f"job type {key!r} is not the one the registry declares")
-        return found
-
     def queue_for(self, name: str | JobType) -> str:
         """The queue job type ``name`` travels on; :class:`UnknownJobTypeError` if undeclared."""
         try:
@@ -259,10 +248,6 @@ class Registry:
     def receivers(self, signal: NamedSignal) -> tuple[Receiver, ...]:
         """The receivers the reactions declare for ``signal``."""
         return tuple(r for reaction in self.reactions for r in reaction.receivers.get(signal, ()))
-
-    def reaction_of(self, job_type: str) -> str:
-        """The name of the reaction declaring ``job_type``."""
-        return self._owner[job_type]
 
     # --- start-up checks ------------------------------------------------------------------
 
