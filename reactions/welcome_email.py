@@ -117,6 +117,8 @@ async def enqueue_welcome_email(sender: Any, **extra: Any) -> None:
 
 
 async def open_email(ctx: Context) -> None:
+    """The consumer's start-up hook: the backend ``SMTP_URL`` asks for (it connects per
+    message, so there is nothing to close)."""
     ctx[EMAIL] = email_backend(ctx.settings)
 
 
