@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.embedded_redis import free_port
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.keys import Keys
 from pipeline.registry import JobType, Reaction, Registry
@@ -136,6 +137,17 @@ def test_the_web_refuses_a_receiver_that_may_push_an_undeclared_type(
     lines = check.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: REACTIONS: receiver ")
     assert "enqueue_welcome_emial" in lines[0] and "'welcome_emial'" in lines[0]
+    # hypercorn itself: the worker stops at import with that one line and no traceback (its
+    # exit code is 0 whatever the worker's, pgjones/hypercorn#269: hence the check above).
+    served = subprocess.run(
+        [sys.executable, "-m", "hypercorn", "service:app", "--bind", f"127.0.0.1:{free_port()}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert served.stderr.strip().splitlines() == lines
 
 
 async def stray(sender: Any, **extra: Any) -> None:
