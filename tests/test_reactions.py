@@ -20,8 +20,8 @@ from pipeline.signals import user_signed_up
 from reactions.welcome_email import REACTION as WELCOME
 from reactions.welcome_email import WELCOME_EMAIL, send_welcome_email
 from service.app import create_app
-from tests.helpers import RedisServer, eventually
-from tests.processes import ROOT, child_env, consumer_argv, http, web
+from tests.helpers import RedisServer, eventually, parse_metrics
+from tests.processes import ROOT, child_env, consumer_argv, http, request, web
 
 SMS = "reactions,tests.reactions.sms"
 
@@ -32,7 +32,8 @@ async def test_a_fourth_reaction_runs_end_to_end_from_one_module(
     # tests/reactions/sms.py is the whole reaction: receiver, job type on a new queue,
     # handler, counter, resource hooks. Nothing else names it but REACTIONS.
     env = child_env(redis_server, REACTIONS=SMS)
-    worker = spawn(consumer_argv(), env)
+    metrics_port = free_port()
+    worker = spawn(consumer_argv("--metrics-port", str(metrics_port)), env)
     await eventually(lambda: redis.get(keys.of("sms", "gateway")), what="the gateway to open")
     async with web(spawn, env) as (port, _):
         status, created = await http(
@@ -55,6 +56,11 @@ async def test_a_fourth_reaction_runs_end_to_end_from_one_module(
     stats_schema = answer["content"]["application/json"]["schema"]
     assert {"sms_sent", "emails_sent"} <= set(stats_schema["required"])
     assert "sms" in stats_schema["properties"]["queues"]["description"]
+    # The consumer's metrics label the new type and queue like the others.
+    _, _, text = await request(metrics_port, "GET", "/metrics")
+    metrics = parse_metrics(text.decode())
+    assert metrics[("signup_jobs_total", (("outcome", "succeeded"), ("type", "welcome_sms")))] == 1
+    assert ("signup_job_queue_wait_seconds_count", (("queue", "sms"),)) in metrics
     worker.signal(signal.SIGTERM)
     assert await worker.wait(15) == 0
     assert await redis.get(keys.of("sms", "gateway")) == b"closed"  # the shutdown hook ran
