@@ -31,7 +31,6 @@ class ConsumerMetrics:
 
     def __init__(self, reactions: Registry | None = None) -> None:
         reactions = reactions or load_registry()
-        self._types = frozenset(reactions.job_types)
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter(
             "signup_jobs",
@@ -76,7 +75,7 @@ class ConsumerMetrics:
 
     def finished(self, job_type: str | None, outcome: str) -> None:
         """Count one job's outcome (an unknown or missing type counts as ``unknown``)."""
-        known = job_type if job_type in self._types else UNKNOWN
+        known = job_type if job_type in self._run else UNKNOWN
         self._jobs[known, outcome].inc()
 
     def ran(self, job_type: str, seconds: float) -> None:

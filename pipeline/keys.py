@@ -13,9 +13,14 @@ from typing import Final
 #: What a queue, a job type or a counter may be called (they become parts of key names).
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
-#: Counters of the stats hash that the pipeline itself keeps; each reaction's job types add
-#: their own (see ``pipeline.registry``).
-CORE_COUNTERS: Final = ("users", "receiver_errors", "dead_letters_dropped")
+#: Counters of the stats hash that the pipeline itself keeps, and what each counts; each
+#: reaction's job types add their own (see ``pipeline.registry``). ``users`` comes first in
+#: ``/stats``, the reactions' counters next, then the rest.
+CORE_COUNTERS: Final = {
+    "users": "Users signed up.",
+    "receiver_errors": "Receivers that raised during a signup (the signup still succeeded).",
+    "dead_letters_dropped": "The oldest dead letters dropped past DEAD_LETTER_MAX.",
+}
 
 
 class Keys:

@@ -149,9 +149,6 @@ class Context:
     def __setitem__(self, resource: Resource[T], value: T) -> None:
         self._resources[resource] = value
 
-    def __contains__(self, resource: Resource[Any]) -> bool:
-        return resource in self._resources
-
     def pop(self, resource: Resource[T]) -> T | None:
         """Remove ``resource`` (in a shutdown hook) and return it, or None if never set."""
         value: T | None = self._resources.pop(resource, None)
@@ -219,7 +216,8 @@ class Registry:
         self.queues: tuple[str, ...] = tuple(sorted({t.queue for t in job_types.values()}))
         #: Counters of the stats hash: the pipeline's own and one per counting job type.
         reaction_counters = [t.counter for t in self.job_types.values() if t.counter is not None]
-        self.counters: tuple[str, ...] = (CORE_COUNTERS[0], *reaction_counters, *CORE_COUNTERS[1:])
+        first, *rest = CORE_COUNTERS
+        self.counters: tuple[str, ...] = (first, *reaction_counters, *rest)
         #: The counters the reactions' handlers keep (what a drained signup adds to).
         self.effect_counters: tuple[str, ...] = tuple(reaction_counters)
         #: Job type name -> the queue it travels on (the hot path of every push).

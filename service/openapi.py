@@ -18,6 +18,7 @@ from quart_schema import DataSource, Info, QuartSchema, document_response
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import Rule
 
+from pipeline.keys import CORE_COUNTERS
 from pipeline.registry import Registry
 from service.docs import docs
 from service.validation import EMAIL_MAX, FORM_TYPE, JSON_TYPE, USERNAME_MAX, USERNAME_MIN
@@ -137,14 +138,6 @@ class Stats(Struct):
     reactions (see :func:`resolve`)."""
 
 
-#: What the pipeline's own counters count; a reaction's counter says its job type.
-_CORE_COUNTERS = {
-    "users": "Users signed up.",
-    "receiver_errors": "Receivers that raised during a signup (the signup still succeeded).",
-    "dead_letters_dropped": "The oldest dead letters dropped past DEAD_LETTER_MAX.",
-}
-
-
 @functools.cache
 def stats_model(registry: Registry) -> type[Struct]:
     """The ``GET /stats`` model of ``registry``'s counters and queues."""
@@ -157,8 +150,8 @@ def stats_model(registry: Registry) -> type[Struct]:
     fields: list[tuple[str, Any]] = [
         (
             name,
-            described(int, _CORE_COUNTERS[name])
-            if name in _CORE_COUNTERS
+            described(int, CORE_COUNTERS[name])
+            if name in CORE_COUNTERS
             else described(int, f"Jobs of {counting[name].name!r} done."),
         )
         for name in registry.counters
