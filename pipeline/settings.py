@@ -868,6 +868,14 @@ OUTSIDE: tuple[Setting, ...] = (
     Setting("PORT", "integer", "Procfile", "the web's port", "8000"),
     Setting("WEB_CONCURRENCY", "integer", "Procfile", "hypercorn workers", "2"),
     Setting(
+        "WEB_HOST",
+        "address",
+        "Procfile",
+        "the address the web binds: every interface by default; `make run` sets `127.0.0.1` "
+        "unless it is set (`WEB_HOST=0.0.0.0 make run` to be reached from elsewhere)",
+        "0.0.0.0",
+    ),
+    Setting(
         "REDIS_SERVER",
         "path",
         "make run, tests",

@@ -4,6 +4,7 @@ subprocesses, real signals, a real SMTP server, the suite's Redis."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port
+from pipeline.embedded_redis import embedded_redis_server, free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
 from tests.helpers import RedisServer, SmtpSink, eventually
@@ -249,10 +250,12 @@ async def start_make_run(spawn: Any, env: dict[str, str], *args: str) -> Child:
     port = int(env["PORT"])
     supervisor = spawn([sys.executable, "-m", "pipeline.devserver", *args], env)
 
+    name = f"runner{os.urandom(4).hex()}"
+
     async def serving() -> bool:
         assert supervisor.process.poll() is None, supervisor.output()
         try:
-            body = {"username": "runner", "email": "run@example.com"}
+            body = {"username": name, "email": f"{name}@example.com"}
             return (await http(port, "POST", "/signup", body))[0] == 201
         except OSError:
             return False
@@ -329,3 +332,85 @@ async def test_queues_flag_limits_what_a_consumer_serves(
     assert await worker.wait(10) == 0
     assert await redis.llen(keys.queue("email")) == 1  # not served by this consumer
     assert "profilex2" in worker.output()
+
+
+def _debian_redis() -> str:
+    """Debian's redis-server 7.0, which ``make test`` unpacks (``REDIS_TLS_SERVER``)."""
+    binary = os.environ.get("REDIS_TLS_SERVER", "")
+    if not os.access(binary, os.X_OK):
+        message = f"no Debian redis-server (REDIS_TLS_SERVER={binary!r}); `make test` gets one"
+        if os.environ.get("REDIS_TLS_REQUIRED"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
+async def test_make_run_starts_after_a_switch_between_valkey_and_redis(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """Valkey's files stop a Redis 7 at start-up (``Bad file format``): each kind of server
+    keeps its own, so a user who installs redis-server after a first run on the embedded Valkey
+    (or the other way round) gets a running `make run`, and their signups back on return."""
+    data = tmp_path / "redis"
+    seen = []
+    for binary in (embedded_redis_server(), _debian_redis(), embedded_redis_server()):
+        env = child_env("", PORT=str(free_port()), WEB_CONCURRENCY="1", REDIS_SERVER=binary)
+        del env["REDIS_URL"]
+        redis_port = free_port()
+        supervisor = await start_make_run(
+            spawn, env, "--redis-port", str(redis_port), "--data-dir", str(data)
+        )
+        client = aioredis.Redis(port=redis_port)
+        seen.append(await client.hlen(Keys("signup").username_claims))
+        await client.aclose()
+        supervisor.signal(signal.SIGINT)
+        assert await supervisor.wait(30) == 0, supervisor.output()
+    assert sorted(p.name for p in data.iterdir()) == ["redis-7", "valkey-9"]
+    # Each start signed one user up; the third start is Valkey again, with its first user.
+    assert seen == [1, 1, 2]
+
+
+async def test_make_run_shows_a_server_that_does_not_start_in_its_own_words(
+    spawn: Any, tmp_path: Path
+) -> None:
+    env = child_env("", PORT=str(free_port()), REDIS_SERVER=embedded_redis_server())
+    del env["REDIS_URL"]
+    data = tmp_path / "redis"
+    appendonly = data / "valkey-9" / "appendonlydir"
+    appendonly.mkdir(parents=True)
+    (appendonly / "appendonly.aof.manifest").write_text("this is not a manifest\n")
+    supervisor = spawn(
+        [sys.executable, "-m", "pipeline.devserver", "--redis-port", str(free_port()),
+         "--data-dir", str(data)],
+        env,
+    )  # fmt: skip
+    assert await supervisor.wait(30) == 1
+    output = supervisor.output()
+    assert "did not start; its last lines:" in output
+    assert "manifest" in output.split("its last lines:")[1].lower()  # the server's own words
+    assert "taken" not in output  # no guess that the port is taken
+
+
+async def test_make_run_serves_on_loopback_unless_told_otherwise(
+    spawn: Any, redis_server: RedisServer
+) -> None:
+    import psutil
+
+    for given, expected in ((None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")):
+        port = free_port()
+        env = child_env(redis_server, PORT=str(port), WEB_CONCURRENCY="1")
+        env.pop("WEB_HOST", None)
+        if given is not None:
+            env["WEB_HOST"] = given
+        supervisor = await start_make_run(spawn, env)
+        family = psutil.Process(supervisor.process.pid).children(recursive=True)
+        listening = {
+            c.laddr.ip
+            for p in family
+            for c in p.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        assert listening == {expected}
+        assert f"web on http://{expected}:{port}" in supervisor.output()
+        supervisor.signal(signal.SIGINT)
+        assert await supervisor.wait(30) == 0
