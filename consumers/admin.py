@@ -84,9 +84,8 @@ def _when(epoch: Any) -> str:
 
 
 def _print_dead(entries: list[DeadLetter], *, as_json: bool) -> int:
-    if as_json:
-        for entry in entries:
-            sys.stdout.write(orjson.dumps(entry.to_json()).decode() + "\n")
+    if as_json:  # one JSON document, [] for none, as every --json of the CLI prints
+        sys.stdout.write(orjson.dumps([entry.to_json() for entry in entries]).decode() + "\n")
         return 0
     if not entries:
         print("no dead letters")

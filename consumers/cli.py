@@ -109,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument(
         "--limit", type=_flag(_positive), default=None, help="show at most N (default all)"
     )
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument(
+        "--json", action="store_true", help="print them as one JSON array ([] for none)"
+    )
     requeue = dead_commands.add_parser("requeue", help="put dead jobs back on their queue")
     which = requeue.add_mutually_exclusive_group(required=True)
     which.add_argument("job_id", nargs="?", help="the id of the job to requeue")
@@ -118,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", help="queue depths, jobs held, retries waiting, dead letters, live consumers"
     )
-    stats.add_argument("--json", action="store_true", help="print the stats as JSON")
+    stats.add_argument("--json", action="store_true", help="print the stats as one JSON object")
     commands.add_parser(
         "check", help="exit 0 only when at least one consumer holds a live lease (health check)"
     )

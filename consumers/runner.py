@@ -43,6 +43,7 @@ from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.dead import DeadLetter
 from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
+from pipeline.outage import Outage
 from pipeline.queue import Broker, delivery_id
 from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Context, Handler
 from pipeline.settings import Settings
@@ -78,38 +79,13 @@ def _type_of(raw: bytes) -> str | None:
         return None
 
 
-class _Outage:
-    """Tracks whether Redis is reachable, so an outage is logged once, not by every task."""
-
-    def __init__(self) -> None:
-        self.down_since: float | None = None
-        self.back_at: float | None = None
-
-    def failed(self, exc: Exception) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            logger.warning("Redis unavailable (%s); retrying with backoff", exc)
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            logger.warning(
-                "Redis available again after %.1f s; resuming", time.monotonic() - self.down_since
-            )
-            self.down_since = None
-            self.back_at = time.monotonic()
-
-    def quiet_for(self, seconds: float) -> bool:
-        """True unless Redis came back from an outage less than ``seconds`` ago."""
-        return self.back_at is None or time.monotonic() - self.back_at >= seconds
-
-
 class _Backoff:
     """One loop's way through an outage: "Redis failed: note the outage, back off, try again".
     Each failure is noted (logged once per outage, not per loop) and waited out, from
     BACKOFF_START doubling up to BACKOFF_CAP; a success notes that Redis is back and starts the
     next wait from the beginning."""
 
-    def __init__(self, outage: _Outage) -> None:
+    def __init__(self, outage: Outage) -> None:
         self._outage = outage
         self._delay = 0.0
 
@@ -157,7 +133,7 @@ class Consumer:
         #: Running handlers' deadlines (monotonic), and those the watchdog cancelled for it.
         self._deadlines: dict[asyncio.Task[None], float] = {}
         self._timed_out: set[asyncio.Task[None]] = set()
-        self._outage = _Outage()
+        self._outage = Outage(logger, "retrying with backoff", resuming="resuming")
         self._leased = asyncio.Event()
         self._drained = asyncio.Event()
         self._stop = asyncio.Event()

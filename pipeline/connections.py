@@ -8,7 +8,7 @@ drop a reply the server may already have popped).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit
 
 import hiredis
@@ -22,7 +22,12 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
@@ -116,6 +121,41 @@ class HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
     READONLY: a demoted primary."""
 
 
+class _Sentinels(Sentinel):
+    """redis-py's sentinel manager, whose "no primary found" error is one short line naming
+    each sentinel tried and what it said (redis-py's repeats each client's whole pool)."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        tried = []
+        for index, sentinel in enumerate(self.sentinels):
+            where = _address(sentinel)
+            try:
+                masters = cast(dict[str, Any], await sentinel.sentinel_masters())
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                tried.append(f"{where} {_reason(exc)}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                # As redis-py does: ask this sentinel first next time.
+                self.sentinels[0], self.sentinels[index] = sentinel, self.sentinels[0]
+                return state["ip"], state["port"]
+            tried.append(f"{where} {'has it down' if state else 'does not know it'}")
+        raise MasterNotFoundError(
+            f"no sentinel named a primary for {service_name!r} ({'; '.join(tried)})"
+        )
+
+
+def _address(client: aioredis.Redis) -> str:
+    options = client.connection_pool.connection_kwargs
+    return f"{options.get('host')}:{options.get('port')}"
+
+
+def _reason(exc: Exception) -> str:
+    """``Error 111 connecting to h:p. Connection refused.`` -> ``connection refused``."""
+    text = str(exc).rstrip(".")
+    return text.rsplit(". ", 1)[-1].lower() if ". " in text else text.lower()
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """redis-py's sentinel pool (connections to the current primary, idle ones dropped when
     the sentinels name another), bounded and blocking like the direct pool. Closing it closes
@@ -163,7 +203,7 @@ def _pool(settings: Settings, **options: Any) -> BlockingConnectionPool:
             **tls_options(settings),
             **options,
         )
-    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = _Sentinels(  # type: ignore[no-untyped-call]
         target.sentinels,
         sentinel_kwargs={
             "password": settings.redis_sentinel_password,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import redis.exceptions as redis_errors
-from quart import Quart, Response
+from quart import Quart, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 from pipeline.connections import REDIS_UNAVAILABLE, web_client
 from pipeline.keys import Keys
+from pipeline.outage import Outage
 from pipeline.settings import Settings
 from service.clients import ClientResolver
 from service.deps import EXTENSION, Deps
@@ -69,7 +70,15 @@ def create_app(settings: Settings) -> Quart:
         )
         clients = ClientResolver(settings.trusted_proxies)
         reserved = reserved_forms(settings.reserved_usernames)
-        app.extensions[EXTENSION] = Deps(settings, registry, keys, client, users, clients, reserved)
+        outage = Outage(
+            logger,
+            "answering 503 until it is back (this worker logs the outage's end, not each request)",
+            resuming="serving",
+            counted="requests failed",
+        )
+        app.extensions[EXTENSION] = Deps(
+            settings, registry, keys, client, users, clients, reserved, outage
+        )
 
     @app.after_serving
     async def close_redis() -> None:
@@ -106,7 +115,9 @@ async def _render_http_error(error: HTTPException) -> Response:
 
 async def _render_redis_error(error: redis_errors.RedisError) -> Response:
     if isinstance(error, REDIS_UNAVAILABLE):
-        logger.warning("Redis unavailable: %s", error)
+        current: Deps | None = current_app.extensions.get(EXTENSION)
+        if current is not None:
+            current.outage.failed(error)
         return await _render_api_error(UnavailableError())
     return await _render_unexpected(error)
 

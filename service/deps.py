@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from quart import current_app
 
 from pipeline.keys import Keys
+from pipeline.outage import Outage
 from pipeline.registry import Registry
 from pipeline.settings import Settings
 from service.clients import ClientResolver
@@ -30,6 +31,9 @@ class Deps:
     clients: ClientResolver
     #: ``service.validation.reserved_forms`` of RESERVED_USERNAMES.
     reserved: frozenset[str]
+    #: This worker's view of Redis: an outage is logged when it starts and when it ends, with
+    #: the count of requests it failed, not once per failed request.
+    outage: Outage
 
 
 def deps() -> Deps:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from quart import Blueprint, Response
 from redis.exceptions import RedisError
@@ -11,8 +10,6 @@ from redis.exceptions import RedisError
 from service.deps import deps
 from service.openapi import Live, NotReady, Ready, responses
 from service.responses import json_response
-
-logger = logging.getLogger(__name__)
 
 health = Blueprint("health", __name__)
 
@@ -31,14 +28,17 @@ async def healthz() -> Response:
 @responses((200, Ready), (503, NotReady))
 async def readyz() -> Response:
     """Readiness: 200 when Redis answers PING within a second, else 503 with the reason."""
+    current = deps()
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            await deps().redis.ping()
-    except TimeoutError:
+            await current.redis.ping()
+    except TimeoutError as exc:
         reason = f"Redis did not answer PING within {READY_TIMEOUT:g} s"
+        current.outage.failed(exc)
     except RedisError as exc:
         reason = f"Redis did not answer PING: {exc}"
+        current.outage.failed(exc)
     else:
+        current.outage.ok()
         return json_response({"status": "ready"})
-    logger.warning("not ready: %s", reason)
     return json_response({"error": "not_ready", "message": reason}, 503)

@@ -8,7 +8,6 @@ Recording a request costs two label lookups in a dict and three increments: no R
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable
 
@@ -24,8 +23,6 @@ from redis.exceptions import RedisError
 from pipeline.metrics import REQUEST_BUCKETS, QueueCollector
 from pipeline.stats import dead_by_queue, read_stats
 from service.deps import deps
-
-logger = logging.getLogger(__name__)
 
 EXTENSION = "signup_metrics"
 SIGNUP_ROUTE = ("POST", "/signup")
@@ -147,10 +144,11 @@ async def metrics() -> Response:
         split = await dead_by_queue(
             current.redis, current.keys, stats.dead_letter, current.registry.queues
         )
-    except RedisError as exc:
-        logger.warning("metrics: queue gauges left out, Redis unavailable: %s", exc)
+    except RedisError as exc:  # the gauges are left out; signup_redis_up 0 says why
+        current.outage.failed(exc)
         redis_up = False
     else:
+        current.outage.ok()
         parts.append(QueueCollector(stats, split))
         redis_up = True
     registry = CollectorRegistry(auto_describe=False)

@@ -93,6 +93,7 @@ async def signup() -> Response:
     created = await current.users.create(
         user, jobs, receiver_errors=len(failures), client=client, idempotency_key=idempotency_key
     )
+    current.outage.ok()
     return Response(created, status=201, mimetype="application/json")
 
 
@@ -101,7 +102,9 @@ async def signup() -> Response:
 @responses((200, User), (404, NotFound), (503, Unavailable))
 async def get_user(user_id: str) -> Response:
     """A user with its profile (null until generated)."""
-    found = await deps().users.get(user_id)
+    current = deps()
+    found = await current.users.get(user_id)
+    current.outage.ok()
     if found is None:
         raise ApiError(404, "not_found", "no user has that id")
     return json_response(found)
@@ -115,5 +118,6 @@ async def stats() -> Response:
     of live consumers, and recent queue-wait and run-time percentiles per queue."""
     current = deps()
     found = await read_stats(current.redis, current.keys, current.registry)
+    current.outage.ok()
     # Consumers' hosts and pids are for operators (``python -m consumers stats``), not the API.
     return json_response(found.to_json(consumers="count"))

@@ -26,6 +26,7 @@ from pipeline.embedded_redis import free_port, wait_until_ready
 from pipeline.keys import Keys
 from tests.helpers import RedisServer, SmtpSink, eventually, suite_server_args
 from tests.processes import ROOT, Child, admin, child_env, consumer_argv, http, push_emails, web
+from tests.servers import Scratch
 
 Spawn = Callable[[list[str], dict[str, str]], Child]
 
@@ -254,7 +255,7 @@ async def test_an_always_failing_job_is_dead_lettered_then_requeued_by_the_opera
 
     listed = admin(redis_server, "dead", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    [entry] = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    [entry] = orjson.loads(listed.stdout)  # one JSON document
     assert entry["attempts"] == 3
     assert "SMTPRecipientsRefused" in entry["error"]
     assert "mailbox unavailable" in entry["error"]
@@ -267,6 +268,7 @@ async def test_an_always_failing_job_is_dead_lettered_then_requeued_by_the_opera
     assert (requeued.returncode, requeued.stdout.strip()) == (0, "requeued 1 jobs")
     await eventually(lambda: smtp_server.recipients() == [email], what="the requeued email")
     assert admin(redis_server, "dead", "list").stdout.strip() == "no dead letters"
+    assert orjson.loads(admin(redis_server, "dead", "list", "--json").stdout) == []
 
     stats = admin(redis_server, "stats")
     assert stats.returncode == 0, stats.stderr
@@ -348,3 +350,30 @@ def test_operator_commands_say_when_redis_is_unreachable(redis_server: RedisServ
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Redis at redis://127.0.0.1:" in result.stderr
+
+
+async def test_the_web_logs_an_outage_once_and_its_end_with_the_count(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Per worker: one line when Redis becomes unavailable, one with the count when it is
+    back, while every failed request keeps its own access line."""
+    server = Scratch(tmp_path / "redis")
+    await server.start()
+    try:
+        async with web(spawn, child_env(server.url)) as (port, child):
+            server.stop()
+            body = {"username": "during", "email": "during@example.com"}
+            statuses = [(await http(port, "POST", "/signup", body))[0] for _ in range(6)]
+            statuses.append((await http(port, "GET", "/readyz"))[0])
+            assert statuses == [503] * 7
+            await server.start()
+            body = {"username": "after", "email": "after@example.com"}
+            assert (await http(port, "POST", "/signup", body))[0] == 201
+            await eventually(lambda: '"POST /signup" 201' in child.output(), what="access line")
+            output = child.output()
+    finally:
+        server.stop()
+    assert output.count("Redis unavailable") == 1, output
+    assert output.count("Redis available again after") == 1, output
+    assert "; 7 requests failed meanwhile; serving" in output
+    assert output.count('"POST /signup" 503') == 6

@@ -352,3 +352,25 @@ async def test_passwords_of_the_sentinels_and_of_redis_are_each_used_where_they_
     finally:
         sentinel.stop()
         primary.stop()
+
+
+async def test_no_sentinel_naming_a_primary_is_one_short_line(tmp_path: Path) -> None:
+    """One sentinel that monitors nothing, one address where nothing listens: the operator's
+    command says which sentinels it tried and what each said, in one short line (redis-py's
+    own message dumps each sentinel client's pool: some 1,400 characters)."""
+    sentinel = Scratch(tmp_path / "sentinel")
+    sentinel.directory.mkdir(parents=True)
+    config = sentinel.directory / "sentinel.conf"
+    config.write_text(f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.directory}\n")
+    await sentinel.launch([str(config), "--sentinel"])
+    try:
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port},127.0.0.1:1/{SERVICE}/0"
+        done = await asyncio.to_thread(admin_command, url, "stats")
+    finally:
+        sentinel.stop()
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert len(line) < 300, line
+    assert f"127.0.0.1:{sentinel.port} does not know it" in line
+    assert "127.0.0.1:1 connection refused" in line
+    assert f"no sentinel named a primary for '{SERVICE}'" in line
