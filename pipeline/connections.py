@@ -58,6 +58,19 @@ class BusyError(ResponseError):
     """``BUSY``: a script or function has run past ``busy-reply-threshold``; nothing else runs."""
 
 
+class ClusterModeError(ResponseError):
+    """A Redis Cluster node's answer (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``,
+    ``CROSSSLOT``): ``REDIS_URL`` names a node of a cluster, which is not supported. The node
+    refused the command before running it, so nothing was written; it counts as Redis being
+    unavailable (a 503, a consumer's backoff), with a message that says why."""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.status_code} {super().__str__()}: REDIS_URL points at a Redis Cluster node, "
+            "and Redis Cluster is not supported (use a standalone Redis, or Sentinel)"
+        )
+
+
 class _RefusalParser(DefaultParser):  # type: ignore[misc,valid-type]
     """redis-py's parser, knowing the error codes of the refusals it leaves as a bare
     ``ResponseError``. Redis 7 and Valkey give a script's error its command's code
@@ -68,6 +81,7 @@ class _RefusalParser(DefaultParser):  # type: ignore[misc,valid-type]
         "NOREPLICAS": NoReplicasError,
         "MISCONF": MisconfError,
         "BUSY": BusyError,
+        **dict.fromkeys(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT"), ClusterModeError),
     }
 
 
@@ -86,6 +100,7 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     MisconfError,
     BusyError,
     MasterDownError,
+    ClusterModeError,
 )
 
 

@@ -148,9 +148,10 @@ async def request(
 
 @asynccontextmanager
 async def web(
-    spawn: Any, env: dict[str, str], workers: int = 1
+    spawn: Any, env: dict[str, str], workers: int = 1, ready_path: str = "/stats"
 ) -> AsyncIterator[tuple[int, Child]]:
-    """hypercorn serving the app with the deployed config (``hypercorn.toml``)."""
+    """hypercorn serving the app with the deployed config (``hypercorn.toml``), once
+    ``ready_path`` answers 200."""
     port = free_port()
     argv = [sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml"]
     child = spawn(
@@ -160,7 +161,7 @@ async def web(
     async def answers() -> bool:
         assert child.process.poll() is None, child.output()
         try:
-            return (await http(port, "GET", "/stats"))[0] == 200
+            return (await http(port, "GET", ready_path))[0] == 200
         except OSError:
             return False
 
