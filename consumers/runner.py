@@ -44,7 +44,7 @@ from pipeline.dead import DeadLetter
 from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.outage import Outage
-from pipeline.queue import Broker, delivery_id
+from pipeline.queue import LATENCY_FLUSH_INTERVAL, Broker, delivery_id
 from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Context, Handler
 from pipeline.settings import Settings
 
@@ -56,9 +56,8 @@ BACKOFF_START, BACKOFF_CAP = 0.1, 2.0
 #: How long a cancelled job may take to unwind, and how often it is cancelled again if it
 #: swallows the cancellation (some clients wait for a polite goodbye on the way out).
 CANCEL_WAIT, CANCEL_TRIES = 1.0, 3
-#: How often due retries are promoted, and latency samples written.
+#: How often due retries are promoted (latency samples: LATENCY_FLUSH_INTERVAL).
 PROMOTE_INTERVAL: Final = 0.25
-LATENCY_FLUSH_INTERVAL: Final = 1.0
 #: How often the watchdog looks for jobs past their timeout (its precision).
 WATCHDOG_INTERVAL: Final = 0.1
 #: A dead consumer is forgotten this many lease periods after it was last seen (until then

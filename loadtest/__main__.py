@@ -9,9 +9,11 @@ Every request signs up a new user, over keep-alive connections. Closed loop (``-
 default 64): that many connections, each sending as soon as its last answer came. Open loop
 (``--rate``): requests scheduled at R per second over ``--connections`` connections, latency
 measured from each request's scheduled time (no coordinated omission). A live line shows the
-last second; the final report gives requests/s, latency percentiles, status codes, errors, and
-the pipeline's view: how long after the load every accepted signup's jobs were processed, the
-end-to-end rate, and queue waits (from ``GET /stats``).
+last second (the warmup's labelled so); the final report, of the measured phase only, gives the
+rate achieved (answers over the time they took; for an open loop next to the rate offered, and
+whether the server fell behind), latency percentiles, status codes, errors, and the pipeline's
+view: how long after the load every accepted signup's jobs were processed, the end-to-end rate,
+and this run's queue waits (from ``GET /stats``, when they can be told apart).
 """
 
 from __future__ import annotations

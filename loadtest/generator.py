@@ -50,10 +50,13 @@ class Recording:
     status: array[int] = field(default_factory=lambda: array("i"))
     errors: Counter[str] = field(default_factory=Counter)
     accepted_total: int = 0  # 201s including the warmup: the signups the pipeline must process
+    accepted_warmup: int = 0  # of which in the warmup
     scheduled: int = 0  # open loop: requests scheduled in the measured phase
-    unfinished: int = 0  # open loop: scheduled but not answered when the run ended
+    sent: int = 0  # requests of the measured phase that went out
+    unfinished: int = 0  # open loop: sent but not answered when the run ended
     measured_seconds: float = 0.0
-    cpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the generator's CPU over the whole run, warmup included
+    wall_seconds: float = 0.0  # the whole run, warmup included
     backlog: list[dict[str, Any]] = field(default_factory=list)  # per second, from /stats
 
 
@@ -90,6 +93,8 @@ class LoadRun:
         self._signups = _Signups()
         self._measuring_from = 0.0
         self._end = 0.0
+        #: Every answer's latency and status, warmup included, for the live line to take.
+        self._live: list[tuple[float, int]] = []
 
     async def run(self) -> Recording:
         start = time.perf_counter()
@@ -115,6 +120,7 @@ class LoadRun:
             await asyncio.gather(*watchers, return_exceptions=True)
         self.recording.measured_seconds = self.plan.duration
         self.recording.cpu_seconds = time.process_time() - cpu
+        self.recording.wall_seconds = time.perf_counter() - start
         if self.plan.progress:
             sys.stderr.write("\n")
         return self.recording
@@ -122,15 +128,21 @@ class LoadRun:
     async def _send(self, connection: Connection, began: float) -> None:
         """One signup; recorded if ``began`` (its send or scheduled time) is in the measured
         phase."""
+        measured = began >= self._measuring_from
+        if measured:
+            self.recording.sent += 1
         try:
             status, _ = await connection.request("POST", "/signup", self._signups.body())
             error = None
         except HttpError as exc:
             status, error = 0, str(exc).split(":", 1)[0]
         done = time.perf_counter()
+        if self.plan.progress:
+            self._live.append((done - began, status))
         if status == 201:
             self.recording.accepted_total += 1
-        if began < self._measuring_from:
+            self.recording.accepted_warmup += not measured
+        if not measured:
             return
         self.recording.completed.append(done - self._measuring_from)
         self.recording.latency.append(done - began)
@@ -180,8 +192,7 @@ class LoadRun:
         _, pending = await asyncio.wait(workers, timeout=10)
         for task in pending:
             task.cancel()
-        answered = len(self.recording.latency)
-        self.recording.unfinished = max(0, self.recording.scheduled - answered)
+        self.recording.unfinished = self.recording.sent - len(self.recording.latency)
 
     async def _watch_backlog(self) -> None:
         """Once a second: the queues' depths, from the service's /stats."""
@@ -197,17 +208,19 @@ class LoadRun:
             connection.close()
 
     async def _progress(self) -> None:
-        """A live line on stderr, every second: rate, p50/p99 and errors of the last second."""
-        seen = 0
+        """A live line on stderr, every second: rate, p50/p99 and errors of the last second
+        (in the warmup too, labelled so; the report counts only the measured phase)."""
         while True:
             await asyncio.sleep(1.0)
             now = time.perf_counter()
-            recording = self.recording
-            latencies = sorted(recording.latency[seen:])
-            errors = sum(1 for s in recording.status[seen:] if s == 0 or s >= 500)
-            seen = len(recording.latency)
+            answers, self._live = self._live, []
+            latencies = sorted(latency for latency, _ in answers)
+            errors = sum(1 for _, s in answers if s == 0 or s >= 500)
+            # The line is about the second just past: warmup if most of it was.
             phase = (
-                "warmup" if now < self._measuring_from else f"{now - self._measuring_from:5.1f} s"
+                "warmup"
+                if now - 0.5 < self._measuring_from
+                else f"{now - self._measuring_from:5.1f} s"
             )
             p50 = latencies[len(latencies) // 2] * 1e3 if latencies else 0.0
             p99 = latencies[int(len(latencies) * 0.99)] * 1e3 if latencies else 0.0

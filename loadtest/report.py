@@ -15,12 +15,18 @@ import orjson
 
 from loadtest.client import Connection, HttpError, poll_stats
 from loadtest.generator import Recording, backlog_row
+from pipeline.queue import LATENCY_FLUSH_INTERVAL, LATENCY_SAMPLES
 from pipeline.registry import load_registry
 
+_REGISTRY = load_registry()
 #: What every processed signup adds one to: the counters of the reactions' job types.
-PIPELINE_COUNTERS = load_registry().effect_counters
+PIPELINE_COUNTERS = _REGISTRY.effect_counters
+#: The queue each of those counters' jobs travel on.
+COUNTER_QUEUES = {t.counter: t.queue for t in _REGISTRY.job_types.values() if t.counter}
 #: Above this share of one core, the generator may be what limits the rate.
 CPU_WARNING = 0.9
+#: An open loop whose achieved rate is below this share of the offered one fell behind.
+KEPT_UP = 0.95
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float | None:
@@ -38,13 +44,18 @@ def summarise(recording: Recording, rate: float | None) -> dict[str, Any]:
         for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
     }
     failed = sum(n for code, n in statuses.items() if code == "error" or int(code) >= 500)
+    answered = len(latencies) - statuses.get("error", 0)
+    # The rate achieved: answers over the time they took, from the start of the measured phase
+    # to the last answer (past the end when the server fell behind an open loop).
+    seconds = max(recording.measured_seconds, max(recording.completed, default=0.0))
+    achieved = round(answered / seconds, 1) if seconds else 0.0
     per_second: list[dict[str, Any]] = []
     buckets: dict[int, list[float]] = {}
     for done, latency in zip(recording.completed, recording.latency, strict=True):
         buckets.setdefault(int(done), []).append(latency)
     for second in sorted(buckets):
-        if second >= recording.measured_seconds:
-            continue  # answers to requests sent just before the end: not a whole second
+        if second + 1 > seconds:
+            continue  # the last, partial second
         values = sorted(buckets[second])
         per_second.append(
             {
@@ -54,19 +65,26 @@ def summarise(recording: Recording, rate: float | None) -> dict[str, Any]:
                 "p99_ms": round((percentile(values, 0.99) or 0) * 1e3, 3),
             }
         )
-    cpu_share = (
-        recording.cpu_seconds / recording.measured_seconds if recording.measured_seconds else 0
-    )
+    cpu_share = recording.cpu_seconds / recording.wall_seconds if recording.wall_seconds else 0
+    open_loop = rate is not None
+    not_sent = recording.scheduled - recording.sent if open_loop else None
     return {
         "mode": "closed loop" if rate is None else f"open loop at {rate:g} req/s",
         "requests": len(latencies),
-        "requests_per_second": round(len(latencies) / recording.measured_seconds, 1),
+        "answered": answered,
+        "seconds": round(seconds, 3),
+        "requests_per_second": achieved,
+        "offered_per_second": rate,
+        "fell_behind": open_loop
+        and (achieved < KEPT_UP * (rate or 0) or bool(not_sent) or bool(recording.unfinished)),
         "latency_ms": ms,
         "status_codes": dict(sorted(statuses.items())),
         "errors": dict(recording.errors),
         "failed": failed,
-        "scheduled": recording.scheduled if rate is not None else None,
-        "unfinished": recording.unfinished if rate is not None else None,
+        "scheduled": recording.scheduled if open_loop else None,
+        "not_sent": not_sent,
+        "unfinished": recording.unfinished if open_loop else None,
+        "warmup_accepted": recording.accepted_warmup,
         "generator_cpu": round(cpu_share, 3),
         "per_second": per_second,
         "backlog": recording.backlog,
@@ -84,9 +102,9 @@ async def pipeline_view(
     measured_seconds: float,
 ) -> dict[str, Any]:
     """Wait until every accepted signup's jobs are processed (each counter grew by
-    ``accepted``); time it from the end of the load, and read the queue waits. Meanwhile the
-    queues' depths keep being added to ``backlog`` once a second (its time axis goes on from
-    ``measured_seconds``, the end of the load)."""
+    ``accepted``); time it from the end of the load, and read this run's queue waits.
+    Meanwhile the queues' depths keep being added to ``backlog`` once a second, and once more
+    when drained (its time axis goes on from ``measured_seconds``, the end of the load)."""
     connection = Connection(host, port)
     started = time.perf_counter()
     sampled = started - 1.0
@@ -96,10 +114,10 @@ async def pipeline_view(
             if (answer := await poll_stats(connection)) is not None:
                 stats = answer
                 now = time.perf_counter()
-                if now - sampled >= 1.0:
+                done = all(stats[c] - before.get(c, 0) >= accepted for c in PIPELINE_COUNTERS)
+                if done or now - sampled >= 1.0:
                     sampled = now
                     backlog.append(backlog_row(stats, measured_seconds + now - started))
-                done = all(stats[c] - before.get(c, 0) >= accepted for c in PIPELINE_COUNTERS)
                 if done:
                     break
             if time.perf_counter() - started > timeout:
@@ -112,20 +130,40 @@ async def pipeline_view(
                     },
                 }
             await asyncio.sleep(0.1)
+        after = time.perf_counter() - started
+        # The consumers write their latency samples once a second: wait for the last jobs'.
+        await asyncio.sleep(LATENCY_FLUSH_INTERVAL * 1.5)
+        stats = await poll_stats(connection) or stats
     finally:
         connection.close()
-    after = time.perf_counter() - started
-    latency = stats.get("latency", {})
     return {
         "drained": True,
         "signups": accepted,
         "seconds_after_load": round(after, 3),
         "processed_per_second": round(accepted / (load_seconds + after), 1),
-        "queue_wait_ms": {
-            queue: {"p50": v["wait_ms"]["p50"], "p99": v["wait_ms"]["p99"]}
-            for queue, v in latency.items()
-        },
+        "queue_wait_ms": run_queue_waits(before, stats),
     }
+
+
+def run_queue_waits(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Each queue's wait p50/p99 over this run's jobs. ``/stats`` gives percentiles over each
+    queue's newest samples (at most LATENCY_SAMPLES), with no times: they are this run's only
+    when the run finished at least as many jobs on the queue as there are samples. Otherwise
+    the figures are None, with ``run_jobs`` and ``samples`` saying why."""
+    run_jobs: Counter[str] = Counter()
+    for counter, queue in COUNTER_QUEUES.items():
+        run_jobs[queue] += after.get(counter, 0) - before.get(counter, 0)
+    waits: dict[str, Any] = {}
+    for queue, latency in after.get("latency", {}).items():
+        samples = latency["samples"]
+        this_run = run_jobs[queue] >= samples
+        waits[queue] = {
+            "p50": latency["wait_ms"]["p50"] if this_run else None,
+            "p99": latency["wait_ms"]["p99"] if this_run else None,
+            "run_jobs": run_jobs[queue],
+            "samples": samples,
+        }
+    return waits
 
 
 async def read_stats(host: str, port: int) -> dict[str, Any]:
@@ -149,7 +187,9 @@ def render(summary: dict[str, Any]) -> str:
     ms = summary["latency_ms"]
     lines = [
         f"{summary['mode']}: {summary['requests']:,} requests, "
-        f"{summary['requests_per_second']:,.1f} req/s",
+        f"{summary['requests_per_second']:,.1f} req/s achieved "
+        f"({summary['answered']:,} answers over the {summary['seconds']:.1f} s they took; "
+        "warmup excluded)",
         "latency ms: " + "  ".join(f"{name} {_fmt(value)}" for name, value in ms.items()),
         "status codes: "
         + ", ".join(f"{code} x{count:,}" for code, count in summary["status_codes"].items()),
@@ -161,20 +201,22 @@ def render(summary: dict[str, Any]) -> str:
             "429: the service's rate limit per client address (RATE_LIMIT) refused signups; "
             "load-test a service started with RATE_LIMIT=off"
         )
-    if summary.get("unfinished"):
-        lines.append(f"unfinished when the run ended: {summary['unfinished']:,}")
+    if summary.get("fell_behind"):
+        lines.append(
+            f"the server fell behind: {summary['requests_per_second']:,.1f} of the offered "
+            f"{summary['offered_per_second']:,g} req/s achieved; of {summary['scheduled']:,} "
+            f"requests scheduled, {summary['not_sent']:,} not sent and "
+            f"{summary['unfinished']:,} not answered when the run ended"
+        )
     pipeline = summary.get("pipeline")
     if pipeline:
         if pipeline["drained"]:
-            waits = ", ".join(
-                f"{q} {_fmt(w['p50'])}/{_fmt(w['p99'])}"
-                for q, w in pipeline["queue_wait_ms"].items()
-            )
             lines += [
-                f"pipeline: all {pipeline['signups']:,} accepted signups processed "
+                f"pipeline: all {pipeline['signups']:,} accepted signups "
+                f"({summary['warmup_accepted']:,} of them in the warmup) processed "
                 f"{pipeline['seconds_after_load']:.2f} s after the load ended; "
-                f"{pipeline['processed_per_second']:,.1f} signups/s end to end",
-                f"queue wait p50/p99 ms: {waits}",
+                f"{pipeline['processed_per_second']:,.1f} signups/s end to end, warmup included",
+                *_waits(pipeline["queue_wait_ms"]),
             ]
         else:
             lines.append(f"pipeline: {pipeline['message']}; left {pipeline['left']}")
@@ -186,6 +228,23 @@ def render(summary: dict[str, Any]) -> str:
             "(run it on another machine, or compare with wrk)"
         )
     return "\n".join(lines)
+
+
+def _waits(waits: dict[str, dict[str, Any]]) -> list[str]:
+    """The queue waits' lines: this run's figures, and the queues it cannot tell apart."""
+    lines = []
+    known = {q: w for q, w in waits.items() if w["p50"] is not None}
+    if known:
+        figures = ", ".join(f"{q} {_fmt(w['p50'])}/{_fmt(w['p99'])}" for q, w in known.items())
+        lines.append(f"queue wait p50/p99 ms, this run's jobs: {figures}")
+    mixed = {q: w for q, w in waits.items() if q not in known}
+    if mixed:
+        jobs = ", ".join(f"{q} {w['run_jobs']:,} of {w['samples']:,}" for q, w in mixed.items())
+        lines.append(
+            f"queue wait: not this run's alone ({jobs} samples are this run's; /stats keeps "
+            f"each queue's newest {LATENCY_SAMPLES:,}, without times): not reported"
+        )
+    return lines
 
 
 def write_json(summary: dict[str, Any], path: Path) -> None:

@@ -36,6 +36,8 @@ from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
 
 #: Latency samples kept per queue (the newest), for the percentiles in /stats.
 LATENCY_SAMPLES: Final = 1000
+#: How often a consumer writes the latency samples of the jobs it finished.
+LATENCY_FLUSH_INTERVAL: Final = 1.0
 #: Due retries moved per promoter call and queue.
 PROMOTE_BATCH: Final = 100
 

@@ -17,13 +17,15 @@ import redis.asyncio as aioredis
 from loadtest.generator import Recording
 from loadtest.report import render, summarise
 from pipeline.embedded_redis import free_port
-from tests.helpers import RedisServer
+from tests.helpers import RedisServer, SmtpSink
 from tests.processes import ROOT, child_env, consumer_argv, http, web
 
 
-def loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def loadtest(
+    *args: str, timeout: float = 60, quiet: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "loadtest", "--quiet", *args],
+        [sys.executable, "-m", "loadtest", *(["--quiet"] if quiet else []), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -66,12 +68,30 @@ async def test_closed_loop_reports_requests_and_the_pipeline(
         pipeline = summary["pipeline"]
         assert pipeline["drained"] is True
         users = (await http(port, "GET", "/stats"))[1]["users"]
-        assert pipeline["signups"] == users  # the warmup's signups too
-        assert set(pipeline["queue_wait_ms"]) == {"email", "marketing", "profile"}
+        assert pipeline["signups"] == users  # the warmup's signups too, and labelled so:
+        assert summary["warmup_accepted"] > 0
+        assert pipeline["signups"] == summary["requests"] + summary["warmup_accepted"]
+        assert f"({summary['warmup_accepted']:,} of them in the warmup)" in result.stdout
+        # A fresh Redis: every latency sample is this run's, so its waits are reported.
+        waits = pipeline["queue_wait_ms"]
+        assert set(waits) == {"email", "marketing", "profile"}
+        assert all(w["p50"] is not None and w["run_jobs"] >= w["samples"] for w in waits.values())
         assert summary["backlog"], "queue depths sampled"
         assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         assert "201 x" in result.stdout
-        assert "accepted signups processed" in result.stdout
+        assert "accepted signups (" in result.stdout
+
+        # A second, small run: its few jobs are among the first run's samples, so the queue
+        # waits /stats gives are not this run's, and the report says so instead of quoting them.
+        result = loadtest(
+            f"--url=http://127.0.0.1:{port}", "--rate=5", "--duration=1", "--warmup=0",
+            f"--json={report}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        second = orjson.loads(report.read_bytes())["pipeline"]["queue_wait_ms"]
+        assert all(w["p50"] is None and w["p99"] is None for w in second.values()), second
+        assert all(w["run_jobs"] == 5 for w in second.values())
+        assert "queue wait: not this run's alone (email 5 of " in result.stdout
 
 
 async def test_open_loop_sends_on_schedule_whatever_the_server_does(
@@ -97,6 +117,63 @@ async def test_open_loop_sends_on_schedule_whatever_the_server_does(
         assert "pipeline" not in summary
 
 
+async def test_an_open_loop_the_server_cannot_keep_up_with_reports_what_was_achieved(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """5,000 req/s offered over one connection, which answers one request at a time: the
+    report gives the rate achieved (answers over the time they took), not the offered one,
+    and says that the server fell behind."""
+    env = child_env(redis_server, LOG_LEVEL="WARNING")
+    async with web(spawn, env) as (port, _):
+        report = tmp_path / "report.json"
+        result = loadtest(
+            f"--url=http://127.0.0.1:{port}", "--rate=5000", "--connections=1",
+            "--duration=0.5", "--warmup=0", "--no-pipeline", f"--json={report}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        summary = orjson.loads(report.read_bytes())
+    assert summary["scheduled"] == 2500
+    assert summary["offered_per_second"] == 5000
+    assert summary["seconds"] > 0.5  # the answers took longer than the schedule
+    achieved = summary["answered"] / summary["seconds"]
+    assert summary["requests_per_second"] == pytest.approx(achieved, rel=1e-3)
+    assert summary["requests_per_second"] < 0.95 * 5000
+    assert summary["fell_behind"] is True
+    assert summary["not_sent"] + summary["unfinished"] + summary["requests"] == 2500
+    assert f"{summary['requests_per_second']:,.1f} req/s achieved" in result.stdout
+    assert "the server fell behind" in result.stdout
+
+
+async def test_the_backlog_is_sampled_until_drained_and_the_warmup_is_labelled_live(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, smtp_server: SmtpSink,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """One email at a time, each taking 50 ms, behind 40 signups a second: the queue is still
+    draining when the load ends. The chart's last sample is the drained one, at the moment
+    the report says everything was processed. The live line shows the warmup's rate."""
+    smtp_server.delay = 0.05  # a slow mail server
+    env = child_env(redis_server, LOG_LEVEL="WARNING", SMTP_URL=smtp_server.url)
+    async with web(spawn, env) as (port, _):
+        spawn(consumer_argv("--concurrency", "email=1"), env)
+        report = tmp_path / "report.json"
+        result = loadtest(
+            f"--url=http://127.0.0.1:{port}", "--rate=40", "--duration=1", "--warmup=1.5",
+            f"--json={report}", quiet=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        summary = orjson.loads(report.read_bytes())
+    pipeline = summary["pipeline"]
+    assert pipeline["seconds_after_load"] > 1.0  # the emails were still going out
+    last = summary["backlog"][-1]
+    assert last["t"] == pytest.approx(1.0 + pipeline["seconds_after_load"], abs=0.25)
+    assert set(last["queues"].values()) == {0}
+    assert set(last["processing"].values()) == {0}
+    assert max(row["queues"]["email"] for row in summary["backlog"]) > 0
+    live = [line.split() for line in result.stderr.split("\r") if line.strip()]
+    warmup = [line for line in live if line[0] == "warmup"]
+    assert warmup and int(warmup[0][1].replace(",", "")) > 0, result.stderr
+
+
 def test_latency_counts_from_the_scheduled_time_and_cpu_is_reported() -> None:
     recording = Recording(
         completed=array("d", [0.1 * i for i in range(1, 11)]),
@@ -105,6 +182,7 @@ def test_latency_counts_from_the_scheduled_time_and_cpu_is_reported() -> None:
         errors=Counter({"ConnectionResetError": 1}),
         measured_seconds=1.0,
         cpu_seconds=0.95,
+        wall_seconds=1.0,
     )
     summary = summarise(recording, rate=None)
     assert summary["latency_ms"] == {
