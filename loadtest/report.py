@@ -275,7 +275,7 @@ def write_chart(summary: dict[str, Any], path: Path) -> None:
             label=queue,
         )
     depth.set_ylabel("jobs queued + held")
-    depth.set_xlabel("seconds")
+    depth.set_xlabel("seconds from the end of the warmup (before 0: the warmup)")
     if backlog:
         depth.legend()
     figure.tight_layout()
