@@ -18,7 +18,8 @@ $(STAMP): requirements-dev.lock pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-## run: Redis (unless REDIS_URL is set), the web service on $$PORT (8000) and the consumers.
+## run: Redis (unless REDIS_URL is set), the web service on $$WEB_HOST:$$PORT (127.0.0.1:8000)
+## and the consumers.
 run: $(STAMP)
 	$(BIN)/python -m pipeline.devserver
 
