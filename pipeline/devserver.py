@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -65,7 +66,10 @@ def data_dir_for(binary: str, root: Path) -> Path:
     """Where a server of ``binary``'s kind keeps its files under ``root``: ``valkey-9``,
     ``redis-7``. Valkey's files (``VALKEY080``) stop a Redis at start-up, and a newer major's
     an older one, so each kind and major version has its own."""
-    name, _, version = server_version(binary).partition(" ")
+    try:
+        name, _, version = server_version(binary).partition(" ")
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RedisServerNotFoundError(f"{binary}: cannot run it ({exc})") from exc
     return root / f"{name.lower()}-{version.split('.')[0]}"
 
 

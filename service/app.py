@@ -59,6 +59,12 @@ def create_app(settings: Settings) -> Quart:
     async def open_redis() -> None:
         client = web_client(settings)
         keys = Keys(settings.key_prefix)
+        outage = Outage(
+            logger,
+            "answering 503 until it is back (this worker logs the outage's end, not each request)",
+            resuming="serving",
+            counted="requests failed",
+        )
         users = UserStore(
             client,
             keys,
@@ -67,15 +73,10 @@ def create_app(settings: Settings) -> Quart:
             min_replicas=settings.redis_min_replicas,
             replica_timeout=settings.redis_replica_timeout,
             idempotency_key_ttl=settings.idempotency_key_ttl,
+            outage=outage,
         )
         clients = ClientResolver(settings.trusted_proxies)
         reserved = reserved_forms(settings.reserved_usernames)
-        outage = Outage(
-            logger,
-            "answering 503 until it is back (this worker logs the outage's end, not each request)",
-            resuming="serving",
-            counted="requests failed",
-        )
         app.extensions[EXTENSION] = Deps(
             settings, registry, keys, client, users, clients, reserved, outage
         )

@@ -32,9 +32,9 @@ async def readyz() -> Response:
     try:
         async with asyncio.timeout(READY_TIMEOUT):
             await current.redis.ping()
-    except TimeoutError as exc:
+    except TimeoutError:
         reason = f"Redis did not answer PING within {READY_TIMEOUT:g} s"
-        current.outage.failed(exc)
+        current.outage.failed(TimeoutError(reason))
     except RedisError as exc:
         reason = f"Redis did not answer PING: {exc}"
         current.outage.failed(exc)

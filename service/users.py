@@ -21,6 +21,7 @@ from pipeline.batching import ScriptBatcher
 from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import Keys
+from pipeline.outage import Outage
 from pipeline.rate_limit import (
     RateLimit,
     RateLimitFailure,
@@ -137,8 +138,11 @@ class UserStore:
         min_replicas: int = 0,
         replica_timeout: float = 0.5,
         idempotency_key_ttl: float = 86400.0,
+        outage: Outage | None = None,
     ) -> None:
         self._redis = redis
+        #: Where a signup the replicas did not confirm is noted (logged once per outage).
+        self._outage = outage or Outage(logger, "answering 503", resuming="serving")
         self._keys = keys
         # Signups that reach their commit in the same loop tick share one round trip, which
         # ends with WAIT when replicas must confirm them.
@@ -209,7 +213,8 @@ class UserStore:
         try:
             result = bytes(await asyncio.shield(commit))
         except NotReplicatedError as exc:
-            logger.warning("signup %s not confirmed by replicas: %s", user.user_id, exc)
+            logger.debug("signup %s not confirmed by replicas: %s", user.user_id, exc)
+            self._outage.failed(exc)
             raise NotReplicatedApiError(exc.acknowledged, exc.required) from exc
         if result == b"ok":
             return created

@@ -4,6 +4,7 @@ with a deadline, reading metrics. (Fixtures are in ``conftest``.)"""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import pytest
 from quart.typing import TestClientProtocol
 
 from pipeline.embedded_redis import find_redis_server, server_args, server_version
@@ -26,6 +28,19 @@ TEST_RATE_LIMIT = "1000000/1"
 #: embedded one; never whatever PATH holds, so a run always says what it tested.
 REDIS_BINARY = find_redis_server(system_first=False)
 REDIS_VERSION = server_version(REDIS_BINARY)
+
+
+def debian_redis() -> str:
+    """Debian's redis-server 7.0 (built with TLS), which ``make test`` unpacks and names in
+    ``REDIS_TLS_SERVER``. Missing, a test that needs it fails where CI requires it
+    (``REDIS_TLS_REQUIRED``) and is skipped elsewhere."""
+    binary = os.environ.get("REDIS_TLS_SERVER", "")
+    if not os.access(binary, os.X_OK):
+        message = f"no Debian redis-server (REDIS_TLS_SERVER={binary!r}); `make test` gets one"
+        if os.environ.get("REDIS_TLS_REQUIRED"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
 
 
 def suite_server_args(port: int, directory: Path, *, appendonly: bool = False) -> list[str]:

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import embedded_redis_server, free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.helpers import RedisServer, SmtpSink, eventually
+from tests.helpers import RedisServer, SmtpSink, debian_redis, eventually
 from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
 
 #: What a server process started by `make run` is called (Redis, or the embedded Valkey).
@@ -334,17 +334,6 @@ async def test_queues_flag_limits_what_a_consumer_serves(
     assert "profilex2" in worker.output()
 
 
-def _debian_redis() -> str:
-    """Debian's redis-server 7.0, which ``make test`` unpacks (``REDIS_TLS_SERVER``)."""
-    binary = os.environ.get("REDIS_TLS_SERVER", "")
-    if not os.access(binary, os.X_OK):
-        message = f"no Debian redis-server (REDIS_TLS_SERVER={binary!r}); `make test` gets one"
-        if os.environ.get("REDIS_TLS_REQUIRED"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
-
-
 async def test_make_run_starts_after_a_switch_between_valkey_and_redis(
     spawn: Any, tmp_path: Path
 ) -> None:
@@ -353,7 +342,7 @@ async def test_make_run_starts_after_a_switch_between_valkey_and_redis(
     (or the other way round) gets a running `make run`, and their signups back on return."""
     data = tmp_path / "redis"
     seen = []
-    for binary in (embedded_redis_server(), _debian_redis(), embedded_redis_server()):
+    for binary in (embedded_redis_server(), debian_redis(), embedded_redis_server()):
         env = child_env("", PORT=str(free_port()), WEB_CONCURRENCY="1", REDIS_SERVER=binary)
         del env["REDIS_URL"]
         redis_port = free_port()
@@ -386,7 +375,7 @@ async def test_make_run_shows_a_server_that_does_not_start_in_its_own_words(
     )  # fmt: skip
     assert await supervisor.wait(30) == 1
     output = supervisor.output()
-    assert "did not start; its last lines:" in output
+    assert "did not start (its files are in " in output
     assert "manifest" in output.split("its last lines:")[1].lower()  # the server's own words
     assert "taken" not in output  # no guess that the port is taken
 

@@ -4,7 +4,6 @@ redis-server with a generated certificate, and the password never shown."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import trustme
 from pipeline.embedded_redis import free_port, wait_until_ready
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.helpers import eventually
+from tests.helpers import debian_redis, eventually
 from tests.processes import child_env, request, web
 
 PASSWORD = "s3cret-Pa55"
@@ -48,12 +47,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
     """A redis-server built with TLS (``make test`` fetches Debian's), serving TLS with a
     certificate from a private CA, and an ACL user ``app``. Its plain port, on loopback, is
     for the test's own set-up and checks."""
-    binary = os.environ.get("REDIS_TLS_SERVER", "")
-    if not os.access(binary, os.X_OK):
-        message = f"no TLS-capable redis-server (REDIS_TLS_SERVER={binary!r}); `make test` gets one"
-        if os.environ.get("REDIS_TLS_REQUIRED"):
-            pytest.fail(message)
-        pytest.skip(message)
+    binary = debian_redis()
     directory = tmp_path_factory.mktemp("redis-tls")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")

@@ -91,7 +91,9 @@ async def test_a_201_means_the_replica_has_the_signup_and_it_costs_no_extra_roun
 
 
 async def test_too_few_replicas_is_a_503_and_the_retry_gets_the_original_201_once_one_is_back(
-    pair: tuple[Scratch, Scratch, aioredis.Redis], make_settings: Callable[..., Settings]
+    pair: tuple[Scratch, Scratch, aioredis.Redis],
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     primary, replica, client = pair
     replica.stop()
@@ -117,6 +119,10 @@ async def test_too_few_replicas_is_a_503_and_the_retry_gets_the_original_201_onc
     assert created["username"] == "alice"
     assert await client.hget(Keys("signup").user(created["user_id"]), "username") == b"alice"
     assert await client.hget("signup:stats", "users") == b"1"  # one signup, answered at last
+    # The two unconfirmed signups were one outage: logged when it began and when it ended.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("Redis unavailable (" in w for w in warnings) == 1, warnings
+    assert sum("; 2 requests failed meanwhile" in w for w in warnings) == 1, warnings
 
 
 async def test_a_replica_timeout_not_below_the_socket_timeout_is_refused_at_start() -> None:
