@@ -96,14 +96,15 @@ def server_args(
 
 
 @contextmanager
-def scratch_server(*extra: str) -> Iterator[str]:
+def scratch_server(*extra: str, cores: set[int] | None = None) -> Iterator[str]:
     """A throwaway server (no persistence) on a free port in a temporary directory, for the
-    benchmarks, with ``extra`` arguments (``--replicaof HOST PORT``): yields its URL, and
-    stops it on the way out."""
+    benchmarks, with ``extra`` arguments (``--replicaof HOST PORT``), pinned to ``cores`` if
+    given: yields its URL, and stops it on the way out."""
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
         args = [*server_args(port, Path(directory)), *extra]
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, preexec_fn=pin)
         try:
             wait_until_ready(port, time.monotonic() + 15, process)
             yield f"redis://127.0.0.1:{port}/0"

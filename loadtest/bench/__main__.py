@@ -29,8 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,82 @@ def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Cores:
+    """Where each part runs: the server alone on ``server``, the load generator (and Redis)
+    on ``load``. None: the machine has one core, and everything shares it."""
+
+    server: set[int] | None
+    load: set[int] | None
+
+    @classmethod
+    def of_this_machine(cls) -> Cores:
+        available = sorted(os.sched_getaffinity(0))
+        if len(available) < 2:
+            return cls(None, None)
+        return cls({available[-1]}, set(available[:-1]))
+
+    @property
+    def pinned(self) -> bool:
+        return self.server is not None
+
+    def describe(self) -> str:
+        if self.server is None or self.load is None:
+            return "one core: server, wrk and Redis share it (nothing pinned)"
+        return (
+            f"server pinned alone on core {_cores(self.server)}; wrk and Redis on core "
+            f"{_cores(self.load)}"
+        )
+
+
+def _cores(cores: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cores))
+
+
+def _pinned_to(cores: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child (and so everything it starts) to ``cores``."""
+    if cores is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cores)
+
+
+def _tree_cpu(process: subprocess.Popen[bytes]) -> float:
+    """CPU seconds (user + system) used so far by ``process`` and all its children."""
+    total = 0.0
+    try:
+        family = [psutil.Process(process.pid)]
+        family += family[0].children(recursive=True)
+    except psutil.Error:
+        return float("nan")
+    for member in family:
+        try:
+            times = member.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    """CPU seconds (user + system) the Redis server has used since it started."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 @contextmanager
-def _server(argv: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A server in its own process group, answering POST /signup, stopped (group) on exit."""
+def _server(
+    argv: list[str], env: dict[str, str], port: int, cores: set[int] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server in its own process group (pinned to ``cores``), answering POST /signup,
+    stopped (group) on exit. Its output, access log included, is written and discarded."""
     process = subprocess.Popen(
-        argv, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL
+        argv,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_pinned_to(cores),
     )
     try:
         asyncio.run(_until_answering(port, process))
@@ -130,7 +202,9 @@ def _worker_rss(process: subprocess.Popen[bytes]) -> float:
         return float("nan")
 
 
-def _wrk(url: str, connections: int, threads: int, seconds: float) -> dict[str, Any]:
+def _wrk(
+    url: str, connections: int, threads: int, seconds: float, cores: set[int] | None = None
+) -> dict[str, Any]:
     result = subprocess.run(
         [
             "wrk",
@@ -148,6 +222,7 @@ def _wrk(url: str, connections: int, threads: int, seconds: float) -> dict[str, 
         timeout=seconds + 60,
         env={**os.environ, "BENCH_RUN": str(time.time_ns() % 10**10)},
         check=True,
+        preexec_fn=_pinned_to(cores),
     )
     found = re.search(r"^BENCH (\{.*\})$", result.stdout, re.MULTILINE)
     if not found:
@@ -156,6 +231,7 @@ def _wrk(url: str, connections: int, threads: int, seconds: float) -> dict[str, 
     seconds_run = figures["duration_us"] / 1e6
     errors = sum(figures[k] for k in ("non_2xx", "connect", "read", "write", "timeout"))
     return {
+        "requests": figures["requests"],
         "rps": figures["requests"] / seconds_run,
         "p50_ms": figures["p50_us"] / 1e3,
         "p99_ms": figures["p99_us"] / 1e3,
@@ -164,11 +240,12 @@ def _wrk(url: str, connections: int, threads: int, seconds: float) -> dict[str, 
 
 
 def bench_signup(
-    options: argparse.Namespace, redis_url: str, client: redis.Redis
+    options: argparse.Namespace, redis_url: str, client: redis.Redis, cores: Cores
 ) -> dict[str, list[dict[str, Any]]]:
-    servers = (*SERVERS, "replicated") if options.replica else SERVERS
+    servers = options.servers or ((*SERVERS, "replicated") if options.replica else SERVERS)
     results: dict[str, list[dict[str, Any]]] = {server: [] for server in servers}
-    env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING"}
+    # As deployed: the access log on, at INFO (written to a discarded stream).
+    env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "INFO", "ACCESS_LOG": "true"}
     env["PYTHONPATH"] = str(ROOT)
     # wrk sends every signup from 127.0.0.1: a limit that is checked, and never reached.
     env["RATE_LIMIT"] = "1000000/1"
@@ -178,18 +255,23 @@ def bench_signup(
             port = free_port()
             client.flushall()
             own_env = {**env, "REDIS_MIN_REPLICAS": "1"} if server == "replicated" else env
-            with _server(
-                _argv(server, port, options.workers, options.bench_python), own_env, port
-            ) as process:
+            argv = _argv(server, port, options.workers, options.bench_python)
+            with _server(argv, own_env, port, cores.server) as process:
                 url = f"http://127.0.0.1:{port}/signup"
+                load = (options.connections, options.threads)
                 if options.warmup:
-                    _wrk(url, options.connections, options.threads, options.warmup)
-                figures = _wrk(url, options.connections, options.threads, options.duration)
+                    _wrk(url, *load, options.warmup, cores.load)
+                server_cpu, redis_before = _tree_cpu(process), redis_cpu(client)
+                figures = _wrk(url, *load, options.duration, cores.load)
+                served = max(1, figures["requests"])
+                figures["cpu_us"] = (_tree_cpu(process) - server_cpu) / served * 1e6
+                figures["redis_us"] = (redis_cpu(client) - redis_before) / served * 1e6
                 figures["rss_mb"] = _worker_rss(process)
             results[server].append(figures)
             print(
-                f"round {index + 1}  {server:<8} {figures['rps']:>9,.0f} req/s  "
+                f"round {index + 1}  {server:<10} {figures['rps']:>8,.0f} req/s  "
                 f"p50 {figures['p50_ms']:6.2f} ms  p99 {figures['p99_ms']:6.2f} ms  "
+                f"CPU {figures['cpu_us']:5.0f} us/req  Redis {figures['redis_us']:5.1f} us/req  "
                 f"errors {figures['errors']}  worker RSS {figures['rss_mb']:.1f} MB",
                 flush=True,
             )
@@ -254,34 +336,47 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(float(row[key]) for row in rows))
 
 
-def table(options: argparse.Namespace, signup: dict[str, Any], consumers: dict[str, Any]) -> str:
+def table(
+    options: argparse.Namespace,
+    signup: dict[str, Any],
+    consumers: dict[str, Any],
+    cores: Cores,
+) -> str:
     when = time.strftime("%Y-%m-%d %H:%M")
     lines = [f"# make bench: {platform.node()}, {os.cpu_count()} CPUs, {when}", ""]
     if signup:
         ceiling = _median(signup["bare"], "rps")
         ceiling_p99 = _median(signup["bare"], "p99_ms")
-        peer = _median(signup["flask"], "rps")
+        ceiling_cpu = _median(signup["bare"], "cpu_us")
+        peer = _median(signup["flask"], "rps") if "flask" in signup else float("nan")
         lines += [
-            f"POST /signup: wrk -t{options.threads} -c{options.connections} "
-            f"-d{options.duration:g}s, {options.workers} workers, median of {options.rounds} "
-            "alternating rounds",
+            f"POST /signup: {cores.describe()}. wrk -t{options.threads} "
+            f"-c{options.connections} -d{options.duration:g}s (after {options.warmup:g} s of "
+            f"warm-up), unique signups; {options.workers} server worker(s); the access log on; "
+            f"median of {options.rounds} alternating rounds. CPU: the server's process tree, "
+            "and Redis's (`INFO cpu`), over the requests served. Own cost: CPU per request "
+            "above the bare app on the same server.",
             "",
             "| server | req/s | vs ceiling | vs Flask | p50 ms | p99 ms | p99 vs ceiling "
-            "| errors | worker RSS MB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| CPU µs/req | own cost µs | Redis µs/req | errors | worker RSS MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
+        threads = f"{options.workers}x8"
         names = {
-            "bare": "bare Quart, constant 201 (ceiling)",
-            "service": "this service",
-            "flask": "Flask + gunicorn gthread 2x8 (peer)",
+            "bare": "bare Quart on hypercorn, constant 201 (ceiling)",
+            "service": "this service on hypercorn",
+            "flask": f"Flask + blinker + 2 LPUSH, gunicorn gthread {threads} (peer)",
             "replicated": "this service, REDIS_MIN_REPLICAS=1 (WAIT for the replica)",
         }
         for server in signup:
             rows = signup[server]
             rps, p99 = _median(rows, "rps"), _median(rows, "p99_ms")
+            cpu = _median(rows, "cpu_us")
+            own = f"{cpu - ceiling_cpu:.0f}" if server in ("service", "replicated") else "-"
             lines.append(
                 f"| {names[server]} | {rps:,.0f} | {rps / ceiling:.2f} | {rps / peer:.2f} "
                 f"| {_median(rows, 'p50_ms'):.2f} | {p99:.2f} | {p99 / ceiling_p99:.2f} "
+                f"| {cpu:.0f} | {own} | {_median(rows, 'redis_us'):.1f} "
                 f"| {sum(r['errors'] for r in rows)} | {_median(rows, 'rss_mb'):.1f} |"
             )
         lines.append("")
@@ -318,17 +413,25 @@ def table(options: argparse.Namespace, signup: dict[str, Any], consumers: dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (3; at least 3 for medians)")
-    parser.add_argument("--duration", type=float, default=10, help="wrk seconds per round (10)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (5; at least 3 for medians)")
+    parser.add_argument("--duration", type=float, default=8, help="wrk seconds per round (8)")
     parser.add_argument(
         "--warmup", type=float, default=2, help="wrk warm-up seconds, not counted (2)"
     )
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
-    parser.add_argument("--workers", type=int, default=2, help="server workers (2)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server workers (1: one core's worth)"
+    )
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per drain (20000)")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at a time (8)")
     parser.add_argument("--only", choices=["signup", "consumers"], help="run one half")
+    parser.add_argument(
+        "--servers",
+        type=lambda raw: tuple(raw.split(",")),
+        help=f"signup servers to run, of {','.join(SERVERS)},replicated (default all but "
+        "replicated; bare, the ceiling the ratios divide by, must be among them)",
+    )
     parser.add_argument(
         "--replica",
         action="store_true",
@@ -342,18 +445,24 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=ROOT / "bench-results", help="results file stem"
     )
     options = parser.parse_args(argv)
+    if options.servers and not {"bare"} <= set(options.servers) <= {*SERVERS, "replicated"}:
+        parser.error("--servers: bare (the ceiling) and any of service, flask, replicated")
     if options.rounds < 1 or options.duration <= 0 or options.jobs < 100:
         parser.error("--rounds at least 1, --duration above 0, --jobs at least 100")
     if options.only != "consumers" and shutil.which("wrk") is None:
         parser.error("wrk is not installed (make bench installs it)")
     if not Path(options.bench_python).exists():
         parser.error(f"no benchmark venv at {options.bench_python} (make bench makes it)")
-    with scratch_server() as redis_url, _replica(redis_url, options.replica):
+    cores = Cores.of_this_machine()
+    print(f"cores: {cores.describe()}", flush=True)
+    with scratch_server(cores=cores.load) as redis_url, _replica(redis_url, options.replica):
         client = redis.Redis.from_url(redis_url)
-        signup = {} if options.only == "consumers" else bench_signup(options, redis_url, client)
+        signup = (
+            {} if options.only == "consumers" else bench_signup(options, redis_url, client, cores)
+        )
         consumers = {} if options.only == "signup" else bench_consumers(options, redis_url, client)
         client.close()
-    report = table(options, signup, consumers)
+    report = table(options, signup, consumers, cores)
     print("\n" + report)
     options.results.with_suffix(".md").write_text(report + "\n")
     options.results.with_suffix(".json").write_text(
