@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from pipeline.errors import NotReplicatedError
 
@@ -76,12 +76,12 @@ class ScriptBatcher:
                 future.set_result(result)
 
     async def _execute(self, batch: list[Call]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", self._script.sha, len(keys), *keys, *args) for keys, args, _ in batch
+        ]
         if self._replicas:
-            pipe.execute_command("WAIT", self._replicas, self._replica_timeout_ms)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+            commands.append(("WAIT", self._replicas, self._replica_timeout_ms))
+        results = await self._round_trip(commands)
         if self._replicas:
             acknowledged = results.pop()
             if isinstance(acknowledged, Exception):
@@ -91,4 +91,28 @@ class ScriptBatcher:
                 # again, with a WAIT of its own).
                 short = NotReplicatedError(acknowledged, self._replicas)
                 results = [r if isinstance(r, NoScriptError) else short for r in results]
+        return results
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write on one pooled connection and read every reply: a
+        reply that is an error is returned in its place, as a pipeline without a transaction
+        does. (redis-py's Pipeline does the same with several times the CPU per command:
+        command stacks, response callbacks and its retry and bookkeeping layers, which the
+        web client does not use: it never retries.) A failure of the connection itself
+        raises, and the connection is dropped rather than returned half-read."""
+        pool = self._redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
         return results
