@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Final, Literal
 
@@ -37,12 +38,35 @@ def mask_email(address: str) -> str:
     return f"{local[:1]}***@{domain}"
 
 
+class _Seconds:
+    """The text of the current second, formatted once per second rather than once per line
+    (``strftime`` is most of what formatting an access line's time costs)."""
+
+    def __init__(self, pattern: str, convert: Callable[[float | None], time.struct_time]) -> None:
+        self._pattern = pattern
+        self._convert = convert
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime(self._pattern, self._convert(second))
+        return self._text
+
+
 class TextFormatter(logging.Formatter):
     """``2026-11-21 10:00:00,123 INFO consumers.handlers: [req=…] message``. (Job ids are in
     the messages themselves.)"""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._seconds = _Seconds(self.default_time_format, self.converter)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return f"{self._seconds(record.created)},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         rid = request_id.get()
@@ -62,8 +86,12 @@ class JsonFormatter(logging.Formatter):
     ``request_id`` and ``job_id`` when known, ``exc_info`` with a traceback, and the fields
     given through ``extra=``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _Seconds("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
-        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        seconds = self._seconds(record.created)
         line: dict[str, Any] = {
             "time": f"{seconds}.{int(record.msecs):03d}Z",
             "level": record.levelname,

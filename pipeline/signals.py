@@ -10,6 +10,7 @@ raises is logged with its traceback and counted, and the rest still run.
 
 from __future__ import annotations
 
+import functools
 import logging
 from inspect import iscoroutinefunction
 from typing import Any
@@ -19,6 +20,10 @@ from blinker import NamedSignal, Namespace
 from pipeline.errors import UnknownJobTypeError
 
 logger = logging.getLogger(__name__)
+
+#: Whether a receiver is an ``async def``, asked once per receiver, not once per signal sent
+#: (``inspect`` looks through wrappers and partials each time it is asked).
+_is_async = functools.lru_cache(maxsize=1024)(iscoroutinefunction)
 
 signals = Namespace()
 
@@ -38,7 +43,7 @@ async def emit(signal: NamedSignal, sender: Any, **kwargs: Any) -> list[str]:
     answering as if the job had been queued."""
     failures: list[str] = []
     for receiver in signal.receivers_for(sender):
-        if not iscoroutinefunction(receiver):
+        if not _is_async(receiver):
             logger.error("receiver %s of %r is not async; skipped", _name(receiver), signal.name)
             failures.append(_name(receiver))
             continue

@@ -7,7 +7,6 @@ all of it or none of it, in one round trip.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -118,13 +117,6 @@ class NewUser:
         return hashlib.sha256(f"{self.username}\n{self.email}".encode()).hexdigest()
 
 
-def _log_orphaned_failure(commit: asyncio.Future[Any]) -> None:
-    # Retrieve the outcome of a commit whose request was cancelled, so a failure is logged
-    # once here rather than as "exception was never retrieved".
-    if not commit.cancelled() and (exc := commit.exception()) is not None:
-        logger.debug("signup commit failed: %r", exc)
-
-
 class UserStore:
     """Users and their profiles under one key prefix."""
 
@@ -180,8 +172,10 @@ class UserStore:
         nothing of the signup was written. :class:`NotReplicatedApiError` (a 503) means it was
         written but not confirmed by enough replicas in time.
 
-        The script is shielded from cancellation: a client that disconnects mid-request
-        cannot cut the commit short, so the signup is either written whole or not at all.
+        Cancelling the request cannot cut the commit short: the call is queued with the
+        batcher, whose batch goes out whatever becomes of the request that awaits its result
+        (a cancelled await only drops the answer), so the signup is written whole or not at
+        all.
         """
         keys = self._keys
         script_keys = [
@@ -208,10 +202,8 @@ class UserStore:
             created,
         ]
         args += [job.encode() for _, job in jobs.queued]
-        commit = self._create(script_keys, args)
-        commit.add_done_callback(_log_orphaned_failure)
         try:
-            result = bytes(await asyncio.shield(commit))
+            result = bytes(await self._create(script_keys, args))
         except NotReplicatedError as exc:
             logger.debug("signup %s not confirmed by replicas: %s", user.user_id, exc)
             self._outage.failed(exc)

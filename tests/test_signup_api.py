@@ -399,8 +399,8 @@ async def test_stats_is_503_when_redis_is_down(make_settings: Any) -> None:
 async def test_a_cancelled_commit_is_written_whole(
     app: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    # Quart cancels a handler whose client went away. Once the commit is under way it is
-    # shielded: the signup is written whole, never in part.
+    # Quart cancels a handler whose client went away. Once the commit is queued, the batch
+    # goes out whatever becomes of the request: the signup is written whole, never in part.
     from service.deps import EXTENSION
     from service.users import NewUser, SignupJobs
 
@@ -420,7 +420,7 @@ async def test_a_cancelled_commit_is_written_whole(
 
     from tests.helpers import eventually
 
-    await eventually(written, what="the shielded commit")
+    await eventually(written, what="the cancelled request's commit")
     assert await redis.hget(keys.username_claims, "alice") == user.user_id.encode()
     for queue in ("email", "marketing", "profile"):
         assert await redis.llen(keys.queue(queue)) == 1
