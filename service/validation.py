@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import unicodedata
 from collections.abc import Iterable
@@ -18,12 +19,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 from service.errors import ApiError, InvalidIdempotencyKeyError, ValidationError
 
 USERNAME_MIN, USERNAME_MAX = 3, 32
 EMAIL_MAX = 254
+#: The longest local part (before the @) of an address (RFC 5321).
+_LOCAL_MAX = 64
 FIELDS = ("username", "email")
 _USERNAME_PUNCTUATION = frozenset("_.-")
 JSON_TYPE = "application/json"
@@ -266,16 +269,40 @@ def _check_email(value: object, errors: dict[str, str]) -> str | None:
     if len(raw) > EMAIL_MAX:
         errors["email"] = f"must be at most {EMAIL_MAX} characters long"
         return None
-    try:
-        result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        errors["email"] = f"is not a valid address: {exc}"
-        return None
-    email: str = result.normalized
+    email = plain_email(raw)
+    if email is None:
+        try:
+            result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
+        except EmailNotValidError as exc:
+            errors["email"] = f"is not a valid address: {exc}"
+            return None
+        email = result.normalized
     if len(email) > EMAIL_MAX:
         errors["email"] = f"must be at most {EMAIL_MAX} characters long"
         return None
     return email
+
+
+#: An address as most are written: ASCII letters, digits and ``_ + -`` in dot-separated runs
+#: before the @; lowercase ASCII labels after it, ending in a top-level domain of letters.
+PLAIN_EMAIL = re.compile(
+    r"[A-Za-z0-9_+-]{1,64}(?:\.[A-Za-z0-9_+-]{1,64})*"
+    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+([a-z]{2,63})"
+)
+
+
+def plain_email(raw: str) -> str | None:
+    """``raw`` itself when it is a plain address that email-validator accepts unchanged;
+    None for anything else, which email-validator then judges. The fast path of a signup:
+    email-validator costs about 10 us an address, this about 1 (a test checks that the two
+    agree on every address the pattern admits)."""
+    found = PLAIN_EMAIL.fullmatch(raw)
+    if found is None or found.group(1) in SPECIAL_USE_DOMAIN_NAMES:
+        return None
+    local, _, domain = raw.partition("@")
+    if len(local) > _LOCAL_MAX or len(raw) > EMAIL_MAX or "--" in domain:
+        return None  # too long, or a label IDNA reserves (xn--…): email-validator decides
+    return raw
 
 
 def _show(char: str) -> str:

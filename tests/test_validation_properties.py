@@ -9,6 +9,7 @@ import unicodedata
 from typing import Any
 
 import pytest
+from email_validator import validate_email
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +19,13 @@ from service.validation import (
     EMAIL_MAX,
     FORM_TYPE,
     JSON_TYPE,
+    PLAIN_EMAIL,
     USERNAME_MAX,
     USERNAME_MIN,
     SignupFields,
     claim_form,
     parse_body,
+    plain_email,
     reserved_forms,
     validate_signup,
 )
@@ -155,3 +158,31 @@ def test_reserved_usernames_are_refused_however_written(
     with pytest.raises(ValidationError) as caught:
         validate_signup({"username": written, "email": "someone@example.com"}, RESERVED)
     assert caught.value.details["fields"] == {"username": "is reserved"}
+
+
+@FUZZ
+@given(
+    st.from_regex(PLAIN_EMAIL, fullmatch=True)
+    | st.from_regex(r"[a-z0-9.+_-]{1,70}@[a-z0-9.-]{1,40}", fullmatch=True)
+    | tricky
+)
+@example("alice@example.com")
+@example("bob@localhost.test")  # a special-use domain: refused
+@example("x@xn--bcher-kva.example")  # punycode: email-validator decodes it
+@example("a" * 65 + "@example.com")  # a local part too long
+@example("a@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + "." + "e" * 61 + ".com")
+def test_the_plain_address_fast_path_agrees_with_email_validator(raw: str) -> None:
+    """Whatever the fast path accepts, email-validator accepts too, normalised to the same
+    text; what it does not take is left to email-validator."""
+    fast = plain_email(raw)
+    if fast is None:
+        return
+    assert validate_email(raw, check_deliverability=False, allow_smtputf8=True).normalized == fast
+
+
+def test_the_fast_path_takes_plain_addresses() -> None:
+    """It is a fast path only if the addresses most people type go through it."""
+    for raw in ("alice@example.com", "first.last+tag@mail.example.co.uk", "a_b-c@x1.io"):
+        assert plain_email(raw) == raw
+    for raw in ("Alice@Example.COM", "user@localhost.test", '"quoted"@example.com'):
+        assert plain_email(raw) is None
