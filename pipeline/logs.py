@@ -117,6 +117,13 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Log to stderr at ``level`` in ``log_format``, replacing any earlier set-up. hypercorn's
     own loggers go through the same handler (hypercorn's access log is off: the web app writes
     one access line per request itself, with the request id)."""
+    # What no line of ours shows, not gathered for each record (the logging HOWTO's
+    # "Optimization"): the caller's file and line, thread and process names. About a fifth of
+    # what an access line costs.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
