@@ -52,8 +52,9 @@ docs: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: signup req/s (wrk) of this service vs the bare stack and the Flask peer, and consumer
-## jobs/s vs a BRPOP loop, arq and SAQ; one table, also written to bench-results.md/.json.
+## bench: per core, each server pinned alone on a core: signup req/s, latency and CPU per
+## request (wrk) of this service vs the bare stack and the Flask peer, and consumer jobs/s vs a
+## BRPOP loop, arq and SAQ; one table, also written to bench-results.md/.json.
 bench: $(STAMP) $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }

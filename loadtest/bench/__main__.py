@@ -379,6 +379,18 @@ def table(
                 f"| {cpu:.0f} | {own} | {_median(rows, 'redis_us'):.1f} "
                 f"| {sum(r['errors'] for r in rows)} | {_median(rows, 'rss_mb'):.1f} |"
             )
+        for server in ("service", "replicated"):
+            if server in signup:
+                paired = [
+                    row["cpu_us"] - bare["cpu_us"]
+                    for row, bare in zip(signup[server], signup["bare"], strict=True)
+                ]
+                lines.append(
+                    f"\nOwn cost of {names[server]}, round by round (each round's service "
+                    f"less the same round's ceiling): "
+                    + ", ".join(f"{value:.0f}" for value in paired)
+                    + f" µs; median {statistics.median(paired):.0f} µs."
+                )
         lines.append("")
     if consumers:
         arq, saq = _median(consumers["arq"], "jobs_per_s"), _median(consumers["saq"], "jobs_per_s")
@@ -405,8 +417,8 @@ def table(
             )
         lines.append("")
     lines.append(
-        "Everything (wrk, servers, Redis, consumers) shares this machine: compare the ratios, "
-        "not the absolute figures, across machines."
+        "The consumer drains share the machine's cores with Redis. Across machines, compare "
+        "the ratios, not the absolute figures."
     )
     return "\n".join(lines)
 
