@@ -1,0 +1,54 @@
+"""The benchmark tools run and report what they measure (their figures are never asserted:
+speed is what they measure, not what the suite checks)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from loadtest.bench.__main__ import Cores, table
+from tests.helpers import RedisServer
+from tests.processes import ROOT
+
+
+def test_parts_reports_each_part_of_a_signup(redis_server: RedisServer) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench.parts", "--rounds", "1", "--requests", "320",
+         "--redis-url", redis_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = done.stdout.split("CPU per signup")[1]
+    for level in ("bare", "app", "body", "valid", "signup", "own"):
+        assert f"\n  {level} " in report, report
+
+
+def _options() -> argparse.Namespace:
+    return argparse.Namespace(
+        threads=1, connections=32, duration=8.0, warmup=2.0, workers=1, rounds=2,
+        jobs=100, concurrency=8,
+    )  # fmt: skip
+
+
+def _row(cpu: float, rps: float = 1000.0) -> dict[str, float]:
+    return {"rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "cpu_us": cpu, "redis_us": 10.0,
+            "errors": 0, "rss_mb": 40.0}  # fmt: skip
+
+
+def test_the_table_gives_the_own_cost_and_says_how_it_was_pinned() -> None:
+    signup = {
+        "bare": [_row(200), _row(220)],
+        "service": [_row(300), _row(360)],
+        "flask": [_row(400), _row(400)],
+    }
+    pinned = table(_options(), signup, {}, Cores({1}, {0}))
+    assert "server pinned alone on core 1; wrk and Redis on core 0" in pinned
+    service = next(line for line in pinned.splitlines() if line.startswith("| this service"))
+    assert "| 330 | 120 |" in service  # median CPU 330, less the ceiling's 210
+    assert "round by round (each round's service less the same round's ceiling): 100, 140" in (
+        pinned
+    )
+    assert "one core: server, wrk and Redis share it" in table(
+        _options(), signup, {}, Cores(None, None)
+    )
