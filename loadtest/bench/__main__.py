@@ -145,16 +145,21 @@ def _server(
         asyncio.run(_until_answering(port, process))
         yield process
     finally:
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, signum)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(15)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process's group, then SIGKILL it if it has not gone within 15 s."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 async def _until_answering(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -279,6 +284,88 @@ def bench_signup(
     return results
 
 
+def bench_pipeline(
+    options: argparse.Namespace, redis_url: str, client: redis.Redis, cores: Cores
+) -> list[dict[str, Any]]:
+    """Redis's CPU per signup end to end: the service (2 workers) and one consumer process
+    with the real handlers (console email backend) on the server core, wrk on the other,
+    ``INFO cpu`` and ``INFO commandstats`` from before the load until every job is done."""
+    from pipeline.keys import Keys
+    from pipeline.registry import load_registry
+
+    stats_key = Keys("signup").stats
+    counters = load_registry().effect_counters
+    env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    env["RATE_LIMIT"] = "1000000/1"
+    results = []
+    for index in range(options.rounds):
+        client.flushall()
+        port = free_port()
+        argv = _argv("service", port, 2, options.bench_python)
+        with (
+            _server(argv, env, port, cores.server),
+            _server_process([sys.executable, "-m", "consumers"], env, cores.server),
+        ):
+            client.flushall()  # the probe signup of start-up
+            client.config_resetstat()
+            before = redis_cpu(client)
+            figures = _wrk(
+                f"http://127.0.0.1:{port}/signup",
+                options.connections,
+                options.threads,
+                options.duration,
+                cores.load,
+            )
+            deadline = time.monotonic() + 120
+            while True:
+                found = client.hmget(stats_key, ["users", *counters])
+                users, done = int(found[0] or 0), [int(v or 0) for v in found[1:]]
+                if users and all(d >= users for d in done):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not drained in 120 s: {users} users, {done}")
+                time.sleep(0.05)
+            cpu = redis_cpu(client) - before
+            commands = client.info("commandstats")
+        per_command = {
+            name.removeprefix("cmdstat_"): {
+                "calls": value["calls"] / users,
+                "us": value["usec"] / users,
+            }
+            for name, value in commands.items()
+        }
+        row = {"signups": users, "rps": figures["rps"], "redis_us": cpu / users * 1e6}
+        row["commands"] = per_command
+        results.append(row)
+        print(
+            f"round {index + 1}  pipeline   {users:>8,} signups  Redis {row['redis_us']:5.1f} "
+            "us/signup end to end",
+            flush=True,
+        )
+    client.flushall()
+    return results
+
+
+@contextmanager
+def _server_process(
+    argv: list[str], env: dict[str, str], cores: set[int] | None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A process in its own group, pinned to ``cores``, stopped with SIGTERM (then SIGKILL)."""
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_pinned_to(cores),
+    )
+    try:
+        yield process
+    finally:
+        _stop_group(process)
+
+
 def bench_consumers(
     options: argparse.Namespace, redis_url: str, client: redis.Redis
 ) -> dict[str, list[dict[str, Any]]]:
@@ -336,11 +423,46 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(float(row[key]) for row in rows))
 
 
+def pipeline_table(options: argparse.Namespace, rounds: list[dict[str, Any]]) -> list[str]:
+    """Redis CPU per signup end to end, and the commands behind it."""
+    lines = [
+        f"Redis per signup, end to end: this service (2 workers) and one consumer process "
+        f"(real handlers, console email), wrk -t{options.threads} -c{options.connections} "
+        f"-d{options.duration:g}s, `INFO cpu` and `INFO commandstats` from before the load "
+        f"until every job is done; median of {len(rounds)} rounds: "
+        f"**{_median(rounds, 'redis_us'):.1f} µs of Redis CPU per signup** "
+        f"(rounds: {', '.join(format(r['redis_us'], '.1f') for r in rounds)}; "
+        f"{_median(rounds, 'signups'):,.0f} signups a round).",
+        "",
+        "| command | calls per signup | µs per signup (Redis's own count) |",
+        "| --- | ---: | ---: |",
+    ]
+    names = sorted({name for r in rounds for name in r["commands"]})
+    medians = {
+        name: (
+            statistics.median(r["commands"].get(name, {"calls": 0})["calls"] for r in rounds),
+            statistics.median(r["commands"].get(name, {"us": 0})["us"] for r in rounds),
+        )
+        for name in names
+    }
+    for name, (calls, us) in sorted(medians.items(), key=lambda item: -item[1][1]):
+        if calls >= 0.01:
+            lines.append(f"| {name.upper()} | {calls:.2f} | {us:.1f} |")
+    lines += [
+        "",
+        "A script's commands are counted on their own lines and again in the time of the "
+        "EVALSHA that ran them.",
+        "",
+    ]
+    return lines
+
+
 def table(
     options: argparse.Namespace,
     signup: dict[str, Any],
     consumers: dict[str, Any],
     cores: Cores,
+    pipeline: list[dict[str, Any]] | None = None,
 ) -> str:
     when = time.strftime("%Y-%m-%d %H:%M")
     lines = [f"# make bench: {platform.node()}, {os.cpu_count()} CPUs, {when}", ""]
@@ -392,6 +514,8 @@ def table(
                     + f" µs; median {statistics.median(paired):.0f} µs."
                 )
         lines.append("")
+    if pipeline:
+        lines += pipeline_table(options, pipeline)
     if consumers:
         arq, saq = _median(consumers["arq"], "jobs_per_s"), _median(consumers["saq"], "jobs_per_s")
         lines += [
@@ -437,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per drain (20000)")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at a time (8)")
-    parser.add_argument("--only", choices=["signup", "consumers"], help="run one half")
+    parser.add_argument(
+        "--only", choices=["signup", "pipeline", "consumers"], help="run one part of the three"
+    )
     parser.add_argument(
         "--servers",
         type=lambda raw: tuple(raw.split(",")),
@@ -461,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--servers: bare (the ceiling) and any of service, flask, replicated")
     if options.rounds < 1 or options.duration <= 0 or options.jobs < 100:
         parser.error("--rounds at least 1, --duration above 0, --jobs at least 100")
-    if options.only != "consumers" and shutil.which("wrk") is None:
+    if options.only != "consumers" and shutil.which("wrk") is None:  # signup and pipeline
         parser.error("wrk is not installed (make bench installs it)")
     if not Path(options.bench_python).exists():
         parser.error(f"no benchmark venv at {options.bench_python} (make bench makes it)")
@@ -469,17 +595,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cores: {cores.describe()}", flush=True)
     with scratch_server(cores=cores.load) as redis_url, _replica(redis_url, options.replica):
         client = redis.Redis.from_url(redis_url)
-        signup = (
-            {} if options.only == "consumers" else bench_signup(options, redis_url, client, cores)
-        )
-        consumers = {} if options.only == "signup" else bench_consumers(options, redis_url, client)
+        wanted = {options.only} if options.only else {"signup", "pipeline", "consumers"}
+        signup = bench_signup(options, redis_url, client, cores) if "signup" in wanted else {}
+        pipeline = bench_pipeline(options, redis_url, client, cores) if "pipeline" in wanted else []
+        consumers = bench_consumers(options, redis_url, client) if "consumers" in wanted else {}
         client.close()
-    report = table(options, signup, consumers, cores)
+    report = table(options, signup, consumers, cores, pipeline)
     print("\n" + report)
     options.results.with_suffix(".md").write_text(report + "\n")
     options.results.with_suffix(".json").write_text(
         json.dumps(
-            {"signup": signup, "consumers": consumers, "options": vars(options)},
+            {
+                "signup": signup,
+                "pipeline": pipeline,
+                "consumers": consumers,
+                "options": vars(options),
+            },
             default=str,
             indent=2,
         )
