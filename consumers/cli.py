@@ -32,6 +32,7 @@ from consumers.metrics import ConsumerMetrics, serve_metrics
 from consumers.runner import Consumer
 from pipeline.connections import consumer_client
 from pipeline.errors import ReactionError, SettingsError
+from pipeline.heap import freeze_heap
 from pipeline.keys import Keys
 from pipeline.logs import configure_logging
 from pipeline.queue import Broker
@@ -251,6 +252,7 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] | None = None)
     )
     try:
         async with registry.resources(ctx):
+            freeze_heap()  # everything the process keeps is loaded and opened by now
             await Consumer(broker, handlers, ctx, settings, metrics).run(stop, force)
     finally:
         if server is not None:

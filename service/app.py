@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import redis.exceptions as redis_errors
@@ -10,6 +9,7 @@ from quart import Quart, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 from pipeline.connections import REDIS_UNAVAILABLE, web_client
+from pipeline.heap import freeze_heap
 from pipeline.keys import Keys
 from pipeline.outage import Outage
 from pipeline.settings import Settings
@@ -27,9 +27,6 @@ from service.users import UserStore
 from service.validation import reserved_forms
 
 logger = logging.getLogger(__name__)
-
-#: Allocations (net) between two collections of the young generation (CPython's default: 700).
-GC_YOUNG_THRESHOLD = 10_000
 
 _HTTP_MESSAGES = {
     404: "no such resource",
@@ -130,16 +127,6 @@ async def _render_redis_error(error: redis_errors.RedisError) -> Response:
 async def _render_unexpected(error: Exception) -> Response:
     logger.error("unexpected error", exc_info=error)
     return json_response({"error": "internal", "message": "an unexpected error happened"}, 500)
-
-
-def freeze_heap() -> None:
-    """Move everything alive now out of the garbage collector's sight, and collect the young
-    generation less often. A collection then scans what requests allocate, not the whole
-    heap: in-process, about 40 us of CPU less per signup, 32 at a time
-    (``python -m loadtest.bench.parts``), and no full-heap pauses in the latency tail."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def freeze_heap_on_start() -> None:

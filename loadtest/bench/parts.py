@@ -102,7 +102,7 @@ async def _measure(app: Any, requests: int, rounds: int) -> list[float]:
 
     await app.startup()
     try:  # every level under the served app's collector settings, where the checkout has them
-        from service.app import freeze_heap
+        from pipeline.heap import freeze_heap
     except ImportError:
         pass
     else:
