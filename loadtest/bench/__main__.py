@@ -130,22 +130,11 @@ def redis_cpu(client: redis.Redis) -> float:
 def _server(
     argv: list[str], env: dict[str, str], port: int, cores: set[int] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server in its own process group (pinned to ``cores``), answering POST /signup,
-    stopped (group) on exit. Its output, access log included, is written and discarded."""
-    process = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_pinned_to(cores),
-    )
-    try:
+    """A :func:`_server_process` answering POST /signup on ``port``. Its output, access log
+    included, is written and discarded."""
+    with _server_process(argv, env, cores) as process:
         asyncio.run(_until_answering(port, process))
         yield process
-    finally:
-        _stop_group(process)
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
