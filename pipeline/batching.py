@@ -1,49 +1,77 @@
-"""Auto-pipelining of one Lua script: the calls concurrent callers make in the same event-loop
-tick go to Redis as one pipeline of EVALSHAs, one round trip for all of them.
+"""Auto-pipelining: the calls concurrent callers make in the same event-loop tick go to Redis
+as one pipeline, one round trip for all of them, whichever scripts (or plain reads) they are.
 
 Each script still runs atomically on its own (a pipeline is not a transaction), and each
 caller gets its own result or error. A failure of the round trip itself (Redis unreachable, a
 timeout) fails every call of that batch, as it would have failed each of them alone.
 
-With ``replicas`` set, the pipeline ends with ``WAIT replicas timeout``: on the same connection
-and in the same round trip, the batch's writes are confirmed by that many replicas, or every
-call of the batch fails with :class:`NotReplicatedError`.
+With ``replicas`` set, a pipeline holding any write ends with ``WAIT replicas timeout``: on
+the same connection and in the same round trip, the batch's writes are confirmed by that many
+replicas, or every write of the batch fails with :class:`NotReplicatedError` (a read keeps its
+answer).
+
+A consumer shares one :class:`AutoPipeline` between every effect script of its reactions and
+their reads, so the jobs finishing in one tick cost one round trip, not one per script.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from pipeline.errors import NotReplicatedError
 
-Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
+
+@dataclass(slots=True)
+class _Call:
+    """One caller's command, and where its answer goes. ``script``: the script an EVALSHA
+    runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it."""
+
+    command: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    script: AsyncScript | None
+    writes: bool
 
 
-class ScriptBatcher:
-    """Calls one script for many concurrent callers, a pipeline per loop tick."""
+class AutoPipeline:
+    """Sends everything its callers ask for in one loop tick as one pipeline."""
 
     def __init__(
-        self, redis: aioredis.Redis, source: str, replicas: int = 0, replica_timeout: float = 0.0
+        self, redis: aioredis.Redis, replicas: int = 0, replica_timeout: float = 0.0
     ) -> None:
         self._redis = redis
-        self._script = redis.register_script(source)
         self._replicas = replicas
         self._replica_timeout_ms = max(1, round(replica_timeout * 1000))
-        self._pending: list[Call] = []
+        self._pending: list[_Call] = []
         self._flushing: set[asyncio.Task[None]] = set()
+        self._scripts: dict[str, ScriptBatcher] = {}
 
-    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queue one call; its future resolves to the script's reply (or its error)."""
+    def script(self, source: str) -> ScriptBatcher:
+        """The caller of the Lua script ``source`` through this pipeline (one per source)."""
+        try:
+            return self._scripts[source]
+        except KeyError:
+            batcher = self._scripts[source] = ScriptBatcher(self._redis, source, pipeline=self)
+            return batcher
+
+    def read(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue a read-only command (``"EXISTS", key``); its future resolves to the raw reply."""
+        return self._queue(command, None, writes=False)
+
+    def _queue(
+        self, command: tuple[Any, ...], script: AsyncScript | None, *, writes: bool
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((keys, args, future))
+        self._pending.append(_Call(command, future, script, writes))
         return future
 
     def _flush(self) -> None:
@@ -52,45 +80,50 @@ class ScriptBatcher:
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _run(self, batch: list[Call]) -> None:
+    async def _run(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
-                # Redis lost its script cache (a restart, SCRIPT FLUSH): load it, go again.
-                await self._redis.script_load(self._script.script)
+                # Redis lost its script cache (a restart, SCRIPT FLUSH): load them, go again.
+                lost = {id(batch[i].script): batch[i].script for i in missing}
+                for script in lost.values():
+                    assert script is not None
+                    await self._redis.script_load(script.script)
                 retried = await self._execute([batch[i] for i in missing])
                 for index, result in zip(missing, retried, strict=True):
                     results[index] = result
         except Exception as exc:  # the round trip failed: every call fails with it
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(exc)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():
+        for call, result in zip(batch, results, strict=True):
+            if call.future.done():
                 continue
             if isinstance(result, Exception):
-                future.set_exception(result)
+                call.future.set_exception(result)
             else:
-                future.set_result(result)
+                call.future.set_result(result)
 
-    async def _execute(self, batch: list[Call]) -> list[Any]:
-        commands: list[tuple[Any, ...]] = [
-            ("EVALSHA", self._script.sha, len(keys), *keys, *args) for keys, args, _ in batch
-        ]
-        if self._replicas:
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        commands = [call.command for call in batch]
+        waits = bool(self._replicas) and any(call.writes for call in batch)
+        if waits:
             commands.append(("WAIT", self._replicas, self._replica_timeout_ms))
         results = await self._round_trip(commands)
-        if self._replicas:
+        if waits:
             acknowledged = results.pop()
             if isinstance(acknowledged, Exception):
                 raise acknowledged
             if acknowledged < self._replicas:
-                # Every call that ran is unconfirmed (one refused for a missing script runs
-                # again, with a WAIT of its own).
+                # Every write that ran is unconfirmed (one refused for a missing script runs
+                # again, with a WAIT of its own); reads keep their answers.
                 short = NotReplicatedError(acknowledged, self._replicas)
-                results = [r if isinstance(r, NoScriptError) else short for r in results]
+                results = [
+                    short if call.writes and not isinstance(r, NoScriptError) else r
+                    for call, r in zip(batch, results, strict=True)
+                ]
         return results
 
     async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -116,3 +149,25 @@ class ScriptBatcher:
         finally:
             await pool.release(connection)
         return results
+
+
+class ScriptBatcher:
+    """Calls one Lua script through an :class:`AutoPipeline`: its own, or one shared with
+    other scripts (``pipeline=``), whose settings then apply."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        source: str,
+        replicas: int = 0,
+        replica_timeout: float = 0.0,
+        *,
+        pipeline: AutoPipeline | None = None,
+    ) -> None:
+        self._script = redis.register_script(source)
+        self._pipeline = pipeline or AutoPipeline(redis, replicas, replica_timeout)
+
+    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue one call; its future resolves to the script's reply (or its error)."""
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        return self._pipeline._queue(command, self._script, writes=True)

@@ -15,6 +15,7 @@ a served queue with a type nobody handles (:meth:`Registry.check_handlers`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import importlib
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from blinker import NamedSignal
 
-from pipeline.batching import ScriptBatcher
+from pipeline.batching import AutoPipeline, ScriptBatcher
 from pipeline.errors import ReactionError, UnknownJobTypeError
 from pipeline.jobs import Job
 from pipeline.keys import CORE_COUNTERS, NAME_RE, Keys
@@ -123,10 +124,11 @@ class Context:
     """What handlers get with each job (arq's and SAQ's ``ctx``): Redis, the key names, the
     settings, the resources the reactions' start-up hooks opened, and the effect scripts.
 
-    :meth:`effect` batches a script's calls from jobs finishing in the same loop tick into
-    one round trip; with ``REDIS_MIN_REPLICAS`` that round trip ends with ``WAIT``, so an
-    effect a failover could still lose raises :class:`NotReplicatedError` and its job is put
-    back rather than acknowledged."""
+    :meth:`effect` and :meth:`read` share one auto-pipeline: the effects and reads of the
+    jobs finishing in the same loop tick, whatever their scripts, go to Redis in one round
+    trip. With ``REDIS_MIN_REPLICAS`` that round trip ends with ``WAIT``, so an effect a
+    failover could still lose raises :class:`NotReplicatedError` and its job is put back
+    rather than acknowledged."""
 
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
@@ -135,7 +137,9 @@ class Context:
         #: How long a job's done-marker lives (``IDEMPOTENCY_TTL``), in seconds.
         self.done_ttl = settings.idempotency_ttl
         self._resources: dict[Resource[Any], Any] = {}
-        self._effects: dict[str, ScriptBatcher] = {}
+        self._pipeline = AutoPipeline(
+            redis, settings.redis_min_replicas, settings.redis_replica_timeout
+        )
 
     def __getitem__(self, resource: Resource[T]) -> T:
         try:
@@ -156,17 +160,12 @@ class Context:
 
     def effect(self, source: str) -> ScriptBatcher:
         """The batched caller of the Lua script ``source`` (one per script and context)."""
-        try:
-            return self._effects[source]
-        except KeyError:
-            batcher = ScriptBatcher(
-                self.redis,
-                source,
-                self.settings.redis_min_replicas,
-                self.settings.redis_replica_timeout,
-            )
-            self._effects[source] = batcher
-            return batcher
+        return self._pipeline.script(source)
+
+    def read(self, *command: Any) -> asyncio.Future[Any]:
+        """A read-only command (``"EXISTS", key``), sent with this tick's effects; its raw
+        reply. Not confirmed by replicas (it writes nothing)."""
+        return self._pipeline.read(*command)
 
 
 class Registry:

@@ -674,8 +674,8 @@ class Settings:
         24 * 3600,
         kind="integer (seconds)",
         read_by="consumers",
-        doc="seconds a job's done-marker is kept; a redelivery later than this would repeat "
-        "the effect",
+        doc="seconds a job's done-marker (an effect outside Redis: the welcome email) is "
+        "kept; a redelivery later than this would repeat the effect",
     )
     dead_letter_max: int = setting(
         "DEAD_LETTER_MAX",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from pipeline.handling import count, once, payload_text
+from pipeline.handling import count, payload_text
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
 from pipeline.registry import Context, JobType, Reaction
@@ -15,16 +15,23 @@ LIST: Final = "marketing"
 #: The stats counter of addresses added.
 COUNTER: Final = "marketing_list_updates"
 
-# KEYS: done, marketing set, stats  ARGV: ttl, address, signed-up time
-_ADD = once("redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])\n" + count(COUNTER, "KEYS[3]"))
+# Once per address without a done-marker: ZADD NX adds it only if it is not on the list yet,
+# and only an addition is counted, so a job delivered twice counts once.
+# KEYS: marketing set, stats  ARGV: address, signed-up time
+_ADD = (
+    "if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1]) == 1 then\n"
+    f"  {count(COUNTER, 'KEYS[2]')}\n"
+    "end"
+)
 
 
 async def add_to_marketing_list(ctx: Context, job: Job) -> None:
-    """Add the address to the marketing list (scored by signup time) and count it, once."""
+    """Add the address to the marketing list (scored by signup time) and count it, once per
+    address: the list itself says whether it is done."""
     signed_up_at = float(job.payload.get("signed_up_at", job.enqueued_at))
     await ctx.effect(_ADD)(
-        keys=[ctx.keys.done(job.id), ctx.keys.of(LIST), ctx.keys.stats],
-        args=[ctx.done_ttl, payload_text(job, "email"), repr(signed_up_at)],
+        keys=[ctx.keys.of(LIST), ctx.keys.stats],
+        args=[payload_text(job, "email"), repr(signed_up_at)],
     )
 
 

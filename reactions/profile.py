@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import orjson
 
-from pipeline.handling import count, once, payload_text, payload_user_id
+from pipeline.handling import count, payload_text, payload_user_id
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
 from pipeline.registry import Context, JobType, Reaction
@@ -18,8 +18,10 @@ from pipeline.signals import user_signed_up
 #: The stats counter of profiles generated.
 COUNTER: Final = "profiles_generated"
 
-# KEYS: done, profile, stats  ARGV: ttl, profile JSON
-_SAVE = once("redis.call('SET', KEYS[2], ARGV[2])\n" + count(COUNTER, "KEYS[3]"))
+# Once per user without a done-marker: SET NX writes the profile only if the user has none
+# yet, and only a write is counted, so a job delivered twice keeps the first profile and
+# counts once.  KEYS: profile, stats  ARGV: profile JSON
+_SAVE = f"if redis.call('SET', KEYS[1], ARGV[1], 'NX') then\n  {count(COUNTER, 'KEYS[2]')}\nend"
 
 
 def build_profile(username: str, email: str, now: datetime | None = None) -> dict[str, Any]:
@@ -38,12 +40,13 @@ def build_profile(username: str, email: str, now: datetime | None = None) -> dic
 
 
 async def generate_profile(ctx: Context, job: Job) -> None:
-    """Write the user's generated profile and count it, once."""
+    """Write the user's generated profile and count it, once per user: the profile's key
+    itself says whether it is done."""
     user_id = payload_user_id(job)
     profile = build_profile(payload_text(job, "username"), payload_text(job, "email"))
     await ctx.effect(_SAVE)(
-        keys=[ctx.keys.done(job.id), ctx.keys.profile(user_id), ctx.keys.stats],
-        args=[ctx.done_ttl, orjson.dumps(profile)],
+        keys=[ctx.keys.profile(user_id), ctx.keys.stats],
+        args=[orjson.dumps(profile)],
     )
 
 

@@ -75,7 +75,7 @@ async def send_welcome_email(ctx: Context, job: Job) -> None:
     The marker is written right after the SMTP server accepts the message; a crash between
     the two is the one window in which the email can go out twice."""
     done = ctx.keys.done(job.id)
-    if await ctx.redis.exists(done):
+    if await ctx.read("EXISTS", done):
         logger.info("job %s: welcome email already sent; skipping", job.id)
         return
     email, username = payload_text(job, "email"), payload_text(job, "username")

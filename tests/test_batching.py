@@ -1,5 +1,6 @@
-"""Auto-pipelining of a script against the real Redis: one round trip per loop tick, each
-caller its own answer, recovery from a lost script cache, a failed round trip fails all."""
+"""Auto-pipelining against the real Redis: one round trip per loop tick whatever the scripts
+(and reads), each caller its own answer, recovery from a lost script cache, a failed round
+trip fails all."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from pipeline.batching import ScriptBatcher
+from pipeline.batching import AutoPipeline, ScriptBatcher
 from pipeline.embedded_redis import free_port
 
 # Echo ARGV[1] after counting it under KEYS[1]; refuse 'bad'.
@@ -21,29 +22,50 @@ return ARGV[1]
 """
 
 
-class CountingBatcher(ScriptBatcher):
-    """Counts the pipelines it sends (its own code; Redis is real)."""
+# Count KEYS[1] up by ARGV[1]; answer the new count.
+ADD = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+class CountingPipeline(AutoPipeline):
+    """Counts the round trips it makes (its own code; Redis is real)."""
 
     trips = 0
 
-    async def _execute(self, batch):  # type: ignore[no-untyped-def]
-        CountingBatcher.trips += 1
-        return await super()._execute(batch)
+    async def _round_trip(self, commands):  # type: ignore[no-untyped-def]
+        self.trips += 1
+        return await super()._round_trip(commands)
 
 
 async def test_calls_in_one_tick_share_one_round_trip_and_get_their_own_answers(
     redis: aioredis.Redis,
 ) -> None:
     await redis.script_load(ECHO)  # cached already: no NOSCRIPT round (tested below)
-    CountingBatcher.trips = 0
-    batcher = CountingBatcher(redis, ECHO)
+    pipeline = CountingPipeline(redis)
+    batcher = pipeline.script(ECHO)
     calls = [batcher(["count"], [f"v{i}"]) for i in range(20)]
     assert await asyncio.gather(*calls) == [f"v{i}".encode() for i in range(20)]
-    assert CountingBatcher.trips == 1
+    assert pipeline.trips == 1
     assert await redis.get("count") == b"20"
     # The next tick is the next round trip.
     assert await batcher(["count"], ["again"]) == b"again"
-    assert CountingBatcher.trips == 2
+    assert pipeline.trips == 2
+
+
+async def test_other_scripts_and_reads_of_the_tick_ride_the_same_round_trip(
+    redis: aioredis.Redis,
+) -> None:
+    for source in (ECHO, ADD):
+        await redis.script_load(source)
+    pipeline = CountingPipeline(redis)
+    echo, add = pipeline.script(ECHO), pipeline.script(ADD)
+    assert pipeline.script(ECHO) is echo  # one caller per script
+    await redis.set("seen", "x")
+    results = await asyncio.gather(
+        echo(["count"], ["a"]), add(["total"], [5]), pipeline.read("EXISTS", "seen"),
+        add(["total"], [2]), pipeline.read("GET", "count"),
+    )  # fmt: skip
+    assert results == [b"a", 5, 1, 7, b"1"]
+    assert pipeline.trips == 1
 
 
 async def test_an_error_belongs_to_its_own_call(redis: aioredis.Redis) -> None:

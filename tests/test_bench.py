@@ -56,14 +56,14 @@ def test_the_table_gives_the_own_cost_and_says_how_it_was_pinned() -> None:
 
 def test_the_pipeline_table_gives_redis_per_signup_and_its_commands() -> None:
     rounds = [
-        {"signups": 100, "rps": 1.0, "redis_us": 80.0,
+        {"signups": 100, "rps": 1.0, "redis_us": 80.0, "reads": 2.0,
          "commands": {"evalsha": {"calls": 5.0, "us": 50.0}, "lpush": {"calls": 3.0, "us": 3.0}}},
-        {"signups": 120, "rps": 1.0, "redis_us": 60.0,
+        {"signups": 120, "rps": 1.0, "redis_us": 60.0, "reads": 3.0,
          "commands": {"evalsha": {"calls": 5.0, "us": 40.0}, "lpush": {"calls": 3.0, "us": 2.0}}},
     ]  # fmt: skip
     lines = pipeline_table(_options(), rounds)
     assert (
-        "**70.0 µs of Redis CPU per signup** (rounds: 80.0, 60.0; 110 signups a round)"
-        in (lines[0])
+        "**70.0 µs of Redis CPU per signup** (rounds: 80.0, 60.0; 110 signups a round). "
+        "Redis read 2.50 times per signup" in (lines[0])
     )
     assert lines[4:6] == ["| EVALSHA | 5.00 | 45.0 |", "| LPUSH | 3.00 | 2.5 |"]

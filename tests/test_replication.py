@@ -192,3 +192,26 @@ async def test_a_consumer_acknowledges_an_effect_only_once_a_replica_has_it(
         stop.set()
         await asyncio.wait_for(task, 30)
         await consumer_redis.aclose()
+
+
+async def test_an_unconfirmed_batch_fails_its_writes_and_keeps_its_reads(
+    pair: tuple[Scratch, Scratch, aioredis.Redis],
+) -> None:
+    """A consumer's effects and reads share a round trip ending in WAIT: with no replica to
+    confirm, each write fails with NotReplicatedError (its job is put back); a read in the
+    same round trip wrote nothing to confirm, and keeps its answer."""
+    from pipeline.batching import AutoPipeline
+    from pipeline.errors import NotReplicatedError
+
+    _, replica, client = pair
+    replica.stop()
+    await eventually(lambda: replicas_linked(client, 0), what="the primary to see it gone")
+    await client.set("seen", "1")
+    pipeline = AutoPipeline(client, replicas=1, replica_timeout=0.05)
+    effect = pipeline.script("return redis.call('INCR', KEYS[1])")
+    write, read = await asyncio.gather(
+        effect(["count"], []), pipeline.read("EXISTS", "seen"), return_exceptions=True
+    )
+    assert isinstance(write, NotReplicatedError)
+    assert read == 1
+    assert await client.get("count") == b"1"  # it ran: only the confirmation is missing

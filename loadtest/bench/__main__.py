@@ -120,6 +120,12 @@ def _tree_cpu(process: subprocess.Popen[bytes]) -> float:
     return total
 
 
+def _reads(client: redis.Redis) -> int:
+    """Read events Redis has processed (``total_reads_processed``): about one per round
+    trip a client makes, since a pipeline arrives in one read."""
+    return int(client.info("stats")["total_reads_processed"])
+
+
 def redis_cpu(client: redis.Redis) -> float:
     """CPU seconds (user + system) the Redis server has used since it started."""
     info = client.info("cpu")
@@ -297,7 +303,7 @@ def bench_pipeline(
         ):
             client.flushall()  # the probe signup of start-up
             client.config_resetstat()
-            before = redis_cpu(client)
+            before, reads_before = redis_cpu(client), _reads(client)
             figures = _wrk(
                 f"http://127.0.0.1:{port}/signup",
                 options.connections,
@@ -315,6 +321,7 @@ def bench_pipeline(
                     raise RuntimeError(f"not drained in 120 s: {users} users, {done}")
                 time.sleep(0.05)
             cpu = redis_cpu(client) - before
+            reads = _reads(client) - reads_before
             commands = client.info("commandstats")
         per_command = {
             name.removeprefix("cmdstat_"): {
@@ -324,11 +331,12 @@ def bench_pipeline(
             for name, value in commands.items()
         }
         row = {"signups": users, "rps": figures["rps"], "redis_us": cpu / users * 1e6}
+        row["reads"] = reads / users
         row["commands"] = per_command
         results.append(row)
         print(
             f"round {index + 1}  pipeline   {users:>8,} signups  Redis {row['redis_us']:5.1f} "
-            "us/signup end to end",
+            f"us/signup end to end, {row['reads']:.2f} reads/signup",
             flush=True,
         )
     client.flushall()
@@ -421,7 +429,9 @@ def pipeline_table(options: argparse.Namespace, rounds: list[dict[str, Any]]) ->
         f"until every job is done; median of {len(rounds)} rounds: "
         f"**{_median(rounds, 'redis_us'):.1f} µs of Redis CPU per signup** "
         f"(rounds: {', '.join(format(r['redis_us'], '.1f') for r in rounds)}; "
-        f"{_median(rounds, 'signups'):,.0f} signups a round).",
+        f"{_median(rounds, 'signups'):,.0f} signups a round). Redis read "
+        f"{_median(rounds, 'reads'):.2f} times per signup (`total_reads_processed`: about "
+        "one a round trip).",
         "",
         "| command | calls per signup | µs per signup (Redis's own count) |",
         "| --- | ---: | ---: |",

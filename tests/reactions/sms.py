@@ -40,7 +40,7 @@ _MARK_SENT = once(count(COUNTER, "KEYS[2]"))
 async def send_welcome_sms(ctx: Context, job: Job) -> None:
     """Text the new user, once."""
     done = ctx.keys.done(job.id)
-    if await ctx.redis.exists(done):
+    if await ctx.read("EXISTS", done):
         return
     await ctx[GATEWAY].send(
         payload_text(job, "user_id"), f"Welcome, {payload_text(job, 'username')}!"
