@@ -60,6 +60,12 @@ CANCEL_WAIT, CANCEL_TRIES = 1.0, 3
 PROMOTE_INTERVAL: Final = 0.25
 #: How often the watchdog looks for jobs past their timeout (its precision).
 WATCHDOG_INTERVAL: Final = 0.1
+#: How long a fetch loop whose finished jobs leave others still running waits for more of
+#: them to finish before it takes again: a take costs Redis about the same for one job as for
+#: several (its cost is the round trip), so under load this trades up to 2 ms of queue wait
+#: for fewer, fuller takes (and effects that share their round trips). A loop with nothing
+#: running takes at once, and jobs finishing together are taken together without waiting.
+TAKE_LINGER: Final = 0.002
 #: A dead consumer is forgotten this many lease periods after it was last seen (until then
 #: the sweeper still looks at its processing lists).
 FORGET_AFTER_LEASES: Final = 12
@@ -138,6 +144,8 @@ class Consumer:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._deadline: float | None = None
+        #: How long a fetch loop waits for busy slots to free before taking (TAKE_LINGER).
+        self.take_linger = TAKE_LINGER
 
     @property
     def consumer_id(self) -> str:
@@ -198,12 +206,23 @@ class Consumer:
         backoff = _Backoff(self._outage)
         reconciled = time.monotonic()
         suspect = False
+        loop = asyncio.get_running_loop()
+        linger_until: float | None = None
         while not self._stop.is_set():
             free = limit - len(running)
             if free <= 0:
                 freed.clear()
                 await freed.wait()  # a job finished, or the stop (run() sets it)
                 continue
+            if running:  # some slots still busy: let more of them finish (TAKE_LINGER)
+                linger_until = linger_until or loop.time() + self.take_linger
+                if loop.time() < linger_until:
+                    freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(linger_until):
+                            await freed.wait()
+                    continue
+            linger_until = None
             # Finished jobs' acks ride along with the next take: one round trip per batch.
             acks, self._acks[queue] = self._acks[queue], []
             try:

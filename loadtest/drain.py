@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The job drained: the marketing-list update (its handler is one script).
 JOB = MARKETING_SIGNUP
 HANDLERS_DESCRIBED = {
-    "real": f"{JOB} (one script: done-marker, ZADD, HINCRBY)",
+    "real": f"{JOB} (one script: ZADD NX, HINCRBY when added)",
     "noop": "a no-op handler (the queue machinery alone)",
 }
 PREFIX = "drain"

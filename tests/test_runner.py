@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import pytest
@@ -618,6 +619,48 @@ async def test_dead_letters_requeue_all_skips_what_cannot_be_decoded_and_purge_e
     assert await dead.requeue(jobs[0].id) == (0, 0)  # already requeued
     assert await dead.purge() == 1
     assert await dead.count() == 0
+
+
+async def test_jobs_finishing_apart_are_acked_by_one_take_and_an_idle_loop_takes_at_once(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Under load a fetch loop waits (up to its linger) for its running jobs to finish before
+    it takes again, so three jobs finishing in three different ticks cost one take; with
+    nothing running it takes at once, whatever the linger. (The linger is made long here so
+    that the test does not depend on this machine's speed.)"""
+    gates = {f"j{i}@example.com": asyncio.Event() for i in range(6)}
+
+    async def gated(ctx: Context, job: Job) -> None:
+        await gates[job.payload["email"]].wait()
+
+    queue = DirectQueue(redis, keys)
+    for email in gates:
+        await queue.push("welcome_email", {"user_id": "u", "username": "u", "email": email})
+    running = await start_consumer(  # type: ignore[operator]
+        handlers={"welcome_email": gated}, concurrency={"email": 3}
+    )
+    running.consumer.take_linger = 60.0
+    broker = running.consumer._broker
+    takes: list[tuple[int, int]] = []
+    real_take = broker.take
+
+    async def take(queue: str, count: int, acks: Any = ()) -> Any:
+        takes.append((count, len(acks)))
+        return await real_take(queue, count, acks)
+
+    broker.take = take
+    held = keys.processing("email", running.consumer.consumer_id)
+    await eventually(lambda: _llen(redis, held, 3), what="three jobs taken")
+    assert takes == [(3, 0)]
+    for email in list(gates)[:3]:  # the three finish in three different ticks
+        gates[email].set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    await eventually(lambda: len(takes) == 2, what="the next take")
+    assert takes[1] == (3, 3)  # one round trip acked all three and took three more
+    for event in gates.values():  # nothing is left running: the next take is at once
+        event.set()
+    await eventually(lambda: _llen(redis, held, 0), what="the last acks, without the linger")
 
 
 async def test_take_acks_finished_jobs_and_takes_a_batch_oldest_first(
