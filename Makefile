@@ -35,10 +35,10 @@ test-matrix: $(STAMP) $(DEBIAN_REDIS)
 $(DEBIAN_REDIS):
 	sh tests/fetch_debian_redis.sh .redis-debian
 
-## audit: pip-audit over both lock files; fails on a known vulnerability, and lists what it
+## audit: pip-audit over the lock files; fails on a known vulnerability, and lists what it
 ## could not audit (AUDIT_STRICT=1: fail on those too).
 audit: $(STAMP)
-	$(BIN)/python .ci/audit.py requirements.lock requirements-dev.lock
+	$(BIN)/python .ci/audit.py requirements.lock requirements-uvicorn.lock requirements-dev.lock
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline service consumers reactions loadtest tests
@@ -71,10 +71,14 @@ $(BENCH_STAMP): loadtest/bench/requirements.txt
 bench-drain: $(STAMP)
 	$(BIN)/python -m loadtest.drain
 
-## lock: re-pin requirements.lock and requirements-dev.lock from pyproject.toml.
+## lock: re-pin requirements.lock, requirements-uvicorn.lock and requirements-dev.lock from
+## pyproject.toml.
 lock:
 	$(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet pip-tools
 	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+	# The uvicorn lock starts from the base lock's pins, so the two differ only by uvicorn's.
+	cp requirements.lock requirements-uvicorn.lock
+	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --extra uvicorn --output-file requirements-uvicorn.lock pyproject.toml
 	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --extra dev --output-file requirements-dev.lock pyproject.toml
 	rm -rf .lockenv
 

@@ -114,8 +114,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
-    """Log to stderr at ``level`` in ``log_format``, replacing any earlier set-up. hypercorn's
-    own loggers go through the same handler (hypercorn's access log is off: the web app writes
+    """Log to stderr at ``level`` in ``log_format``, replacing any earlier set-up. The ASGI
+    server's own loggers go through the same handler (its access log is off: the web app writes
     one access line per request itself, with the request id)."""
     # What no line of ours shows, not gathered for each record (the logging HOWTO's
     # "Optimization"): the caller's file and line, thread and process names. About a fifth of
@@ -131,7 +131,9 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for name in ("hypercorn.error", "hypercorn.access"):
-        hypercorn = logging.getLogger(name)
-        hypercorn.handlers = []
-        hypercorn.propagate = True
+    # The servers' own loggers (hypercorn's, and uvicorn's as the second supported server)
+    # go through the same handler.
+    for name in ("hypercorn.error", "hypercorn.access", "uvicorn", "uvicorn.error"):
+        server = logging.getLogger(name)
+        server.handlers = []
+        server.propagate = True

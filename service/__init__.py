@@ -1,11 +1,11 @@
-"""The web service. ``service:app`` is the ASGI app hypercorn serves.
+"""The web service. ``service:app`` is the ASGI app hypercorn (or uvicorn) serves.
 
 Settings are read from the environment once, here; a bad value, or reactions that do not fit
 together (see ``pipeline.registry``), stops start-up with one line.
-In a hypercorn worker, metrics are kept in prometheus_client's multiprocess mode, in a
-directory under ``METRICS_DIR`` shared by the workers of one hypercorn master, so a scrape
-served by any worker sums them all. (Imported anywhere else, as by the tests, the process
-keeps its metrics to itself.)
+In a worker of a hypercorn (or uvicorn) master, metrics are kept in prometheus_client's
+multiprocess mode, in a directory under ``METRICS_DIR`` shared by the workers of one master,
+so a scrape served by any worker sums them all. (Imported anywhere else, as by the tests, the
+process keeps its metrics to itself.)
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ except SettingsError as exc:
 
 configure_logging(_settings.log_level, _settings.log_format)
 if is_spawned_worker():
-    # hypercorn's master alone decides when its workers stop (it tells them through an
-    # event, and they drain their requests in flight). Its SIGTERM to the workers still
-    # draining once the first has stopped (hypercorn 0.18), or a SIGTERM sent to every
-    # process of the group (Heroku, systemd), would otherwise cut those requests off. With
-    # ``daemon = false`` (hypercorn.toml) the master waits for them before exiting.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "uvicorn" not in sys.modules:  # a worker of hypercorn's master, not uvicorn's
+        # hypercorn's master alone decides when its workers stop (it tells them through an
+        # event, and they drain their requests in flight). Its SIGTERM to the workers still
+        # draining once the first has stopped (hypercorn 0.18), or a SIGTERM sent to every
+        # process of the group (Heroku, systemd), would otherwise cut those requests off.
+        # With ``daemon = false`` (hypercorn.toml) the master waits for them before exiting.
+        # (uvicorn's workers drain on SIGTERM themselves, and their master waits for them.)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         use_multiprocess_dir(_settings.metrics_dir)
     except OSError as exc:

@@ -34,6 +34,8 @@ _HTTP_MESSAGES = {
     408: "the request body did not arrive in time",
     413: "the body is too large",
 }
+#: Answers given before the body was all read (RFC 9110 15.5.9: a 408 closes).
+_BODY_LEFT_UNREAD = frozenset({408, 413})
 
 
 def create_app(settings: Settings) -> Quart:
@@ -112,6 +114,10 @@ async def _render_http_error(error: HTTPException) -> Response:
     allow = dict(error.get_headers()).get("Allow")
     if allow:
         response.headers["Allow"] = allow
+    if status in _BODY_LEFT_UNREAD:
+        # The rest of the body was never read: the connection cannot carry another request.
+        # hypercorn closes it by itself; uvicorn waits for the body unless told.
+        response.headers["Connection"] = "close"
     return response
 
 

@@ -109,6 +109,13 @@ def smtp_server() -> Iterator[SmtpSink]:
 # --- processes --------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["hypercorn", "uvicorn"])
+def asgi_server(request: pytest.FixtureRequest) -> str:
+    """Each supported ASGI server in turn (tests/processes.py ``web(server=...)``): the
+    process-level web tests hold on both."""
+    return str(request.param)
+
+
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
     """Start subprocesses (see tests.processes.Child); every one is stopped at teardown."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
+from service.uvicorn_http import UVICORN_OPTIONS
 from tests.helpers import TEST_RATE_LIMIT, RedisServer, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,17 +147,37 @@ async def request(
     return int(status_line.split()[1]), found, decoded
 
 
+#: The supported ASGI servers: hypercorn (the default, the Procfile's) and uvicorn.
+SERVERS: Final = ("hypercorn", "uvicorn")
+
+
+def server_argv(server: str, port: int, workers: int) -> list[str]:
+    """The command line the README gives for ``server``, on 127.0.0.1:``port``: hypercorn
+    with ``hypercorn.toml`` (as the Procfile runs it), or uvicorn as "Serving on uvicorn"
+    runs it."""
+    if server == "uvicorn":
+        return [
+            sys.executable, "-m", "uvicorn", *UVICORN_OPTIONS, "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(workers), "service:app",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml",
+        "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "service:app",
+    ]  # fmt: skip
+
+
 @asynccontextmanager
 async def web(
-    spawn: Any, env: dict[str, str], workers: int = 1, ready_path: str = "/stats"
+    spawn: Any,
+    env: dict[str, str],
+    workers: int = 1,
+    ready_path: str = "/stats",
+    server: str = "hypercorn",
 ) -> AsyncIterator[tuple[int, Child]]:
-    """hypercorn serving the app with the deployed config (``hypercorn.toml``), once
-    ``ready_path`` answers 200."""
+    """``server`` serving the app as deployed (hypercorn with ``hypercorn.toml``, or uvicorn
+    with the README's options), once ``ready_path`` answers 200."""
     port = free_port()
-    argv = [sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml"]
-    child = spawn(
-        [*argv, "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "service:app"], env
-    )
+    child = spawn(server_argv(server, port, workers), env)
 
     async def answers() -> bool:
         assert child.process.poll() is None, child.output()
@@ -165,7 +186,7 @@ async def web(
         except OSError:
             return False
 
-    await eventually(answers, timeout=20, what="hypercorn to answer")
+    await eventually(answers, timeout=20, what=f"{server} to answer")
     yield port, child
 
 

@@ -67,3 +67,20 @@ def test_the_pipeline_table_gives_redis_per_signup_and_its_commands() -> None:
         "Redis read 2.50 times per signup" in (lines[0])
     )
     assert lines[4:6] == ["| EVALSHA | 5.00 | 45.0 |", "| LPUSH | 3.00 | 2.5 |"]
+
+
+def test_a_service_on_another_server_is_measured_against_the_bare_app_on_that_server() -> None:
+    signup = {
+        "bare": [_row(200, 3000), _row(200, 3000)],
+        "service": [_row(300, 2000), _row(300, 2000)],
+        "bare-uvicorn": [_row(100, 8000), _row(100, 8000)],
+        "service-uvicorn": [_row(170, 4000), _row(170, 4000)],
+        "flask": [_row(400, 2500), _row(400, 2500)],
+    }
+    lines = table(_options(), signup, {}, Cores({1}, {0})).splitlines()
+    (uvicorn,) = [line for line in lines if line.startswith("| this service on uvicorn")]
+    # 4,000 req/s: 0.50 of its own ceiling (8,000), 1.60x the peer; own cost 170 - 100.
+    assert uvicorn.startswith("| this service on uvicorn | 4,000 | 0.50 | 1.60 |")
+    assert "| 170 | 70 |" in uvicorn
+    (hypercorn,) = [line for line in lines if line.startswith("| this service on hypercorn")]
+    assert hypercorn.startswith("| this service on hypercorn | 2,000 | 0.67 | 0.80 |")

@@ -20,11 +20,15 @@ import redis.asyncio as aioredis
 
 from pipeline.embedded_redis import free_port
 from tests.helpers import RedisServer, SmtpSink, eventually
-from tests.processes import ROOT, Child, child_env, http
+from tests.processes import ROOT, Child, child_env, http, server_argv
 
 SIGNUP = {"username": "deployed", "email": "deployed@example.com"}
 #: Modules that import what only the `loadtest` extra installs (locust, psutil).
 NEED_THE_LOADTEST_EXTRA = {"loadtest.drain", "loadtest.locustfile"}
+#: The module that imports what only the `uvicorn` extra installs.
+NEED_THE_UVICORN_EXTRA = {"service.uvicorn_http"}
+#: Per supported server: the lock file its production install uses.
+LOCKS = {"hypercorn": "requirements.lock", "uvicorn": "requirements-uvicorn.lock"}
 #: Imports every module of the installed packages (but the ``__main__``s, which would run);
 #: prints the names of those that fail, as JSON.
 IMPORT_EVERY_MODULE = """
@@ -69,15 +73,25 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="session")
-def production_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtualenv with ``requirements.lock`` and the project's built wheel, nothing
-    else: what a platform that installs the lock file gets."""
+_VENVS: dict[str, Path] = {}
+
+
+@pytest.fixture
+def production_venv(tmp_path_factory: pytest.TempPathFactory, asgi_server: str) -> Path:
+    """A fresh virtualenv with the server's lock file (``requirements.lock``, or
+    ``requirements-uvicorn.lock`` for uvicorn) and the project's built wheel, nothing else:
+    what a platform that installs the lock file gets. Built once per server and session."""
+    if asgi_server not in _VENVS:
+        _VENVS[asgi_server] = _production_venv(tmp_path_factory, LOCKS[asgi_server])
+    return _VENVS[asgi_server]
+
+
+def _production_venv(tmp_path_factory: pytest.TempPathFactory, lock: str) -> Path:
     root = tmp_path_factory.mktemp("production")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], root)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-    _run([*pip, "install", "-r", str(ROOT / "requirements.lock")], root)
+    _run([*pip, "install", "-r", str(ROOT / lock)], root)
     dist = root / "dist"
     # Built from a copy, so the build leaves nothing (build/, *.egg-info) in the source tree.
     source = root / "source"
@@ -106,6 +120,7 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
     redis: aioredis.Redis,
     spawn: Any,
     tmp_path: Path,
+    asgi_server: str,
 ) -> None:
     python = str(production_venv / "bin" / "python")
     elsewhere = tmp_path / "elsewhere"  # not the source tree: only the installed package
@@ -117,8 +132,9 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
         )
         assert found.returncode != 0, f"{dev_tool} is in the production install"
     env = _production_env(redis_server, production_venv)
-    # Every module imports with what the lock installed (all but the two that need the
-    # `loadtest` extra), so no code path meets a missing dependency later.
+    # Every module imports with what the lock installed (all but those that need the
+    # `loadtest` extra, and uvicorn's protocol without uvicorn), so no code path meets a
+    # missing dependency later.
     imports = await asyncio.to_thread(
         subprocess.run,
         [python, "-c", IMPORT_EVERY_MODULE],
@@ -129,15 +145,19 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
         check=False,
     )
     assert imports.returncode == 0, imports.stderr
-    assert set(orjson.loads(imports.stdout)) == NEED_THE_LOADTEST_EXTRA
-    port = free_port()
-    web = spawn(
-        [str(production_venv / "bin" / "hypercorn"), "--bind", f"127.0.0.1:{port}", "service:app"],
-        env,
-        cwd=elsewhere,
+    extras = NEED_THE_LOADTEST_EXTRA | (
+        NEED_THE_UVICORN_EXTRA if asgi_server == "hypercorn" else set()
     )
+    assert set(orjson.loads(imports.stdout)) == extras
+    port = free_port()
+    # The server as its section of the README runs it, from the installed package.
+    argv = server_argv(asgi_server, port, workers=1)
+    argv[:3] = [str(production_venv / "bin" / asgi_server)]
+    if asgi_server == "hypercorn":  # hypercorn.toml is in the source tree, not the package
+        argv[1:3] = []
+    web = spawn(argv, env, cwd=elsewhere)
     worker = spawn([python, "-m", "consumers"], env, cwd=elsewhere)
-    await eventually(lambda: _answers(port, web), timeout=30, what="hypercorn to answer")
+    await eventually(lambda: _answers(port, web), timeout=30, what=f"{asgi_server} to answer")
     status, body = await http(port, "POST", "/signup", SIGNUP)
     assert status == 201, (body, web.output())
     await eventually(lambda: _processed(port), timeout=30, what="the three jobs")

@@ -191,11 +191,11 @@ def test_mask_email() -> None:
 
 
 async def test_one_signup_can_be_traced_through_both_processes_json_logs(
-    spawn: Spawn, redis_server: RedisServer
+    spawn: Spawn, redis_server: RedisServer, asgi_server: str
 ) -> None:
     env = child_env(redis_server, LOG_FORMAT="json")
     consumer = spawn(consumer_argv(), env)
-    async with web(spawn, env) as (port, server):
+    async with web(spawn, env, server=asgi_server) as (port, server):
         status, headers, _ = await request(
             port,
             "POST",
@@ -302,10 +302,10 @@ async def test_metrics_without_redis_still_answer_with_redis_up_0(
 
 
 async def test_metrics_are_summed_over_hypercorns_workers(
-    spawn: Spawn, redis_server: RedisServer, tmp_path: Path
+    spawn: Spawn, redis_server: RedisServer, tmp_path: Path, asgi_server: str
 ) -> None:
     env = child_env(redis_server, METRICS_DIR=str(tmp_path / "metrics"), ACCESS_LOG="false")
-    async with web(spawn, env, workers=2) as (port, _):
+    async with web(spawn, env, workers=2, server=asgi_server) as (port, _):
         # Sign up, a new connection each, until both workers have served some (the kernel
         # decides which accepts; on a busy machine one may take many in a row).
         signups = 0
@@ -362,11 +362,16 @@ async def test_a_processed_job_moves_the_consumers_metrics(
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["master", "whole-group"])
 async def test_a_request_in_flight_at_sigterm_still_gets_its_201(
-    spawn: Spawn, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, to_group: bool
+    spawn: Spawn,
+    redis_server: RedisServer,
+    redis: aioredis.Redis,
+    keys: Keys,
+    to_group: bool,
+    asgi_server: str,
 ) -> None:
     """SIGTERM to hypercorn's master (docker stop), or to every process of the group (Heroku,
     systemd), while a signup waits on Redis in one of two workers: it is answered 201."""
-    async with web(spawn, child_env(redis_server), workers=2) as (port, server):
+    async with web(spawn, child_env(redis_server), workers=2, server=asgi_server) as (port, server):
         # Hold writes for 0.8 s (below the web client's 1 s socket timeout): the signup's
         # commit waits in Redis while SIGTERM arrives.
         await redis.execute_command("CLIENT", "PAUSE", 800, "WRITE")

@@ -42,11 +42,11 @@ async def closed(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
 
 
 async def test_a_trickled_body_gets_408_and_holds_no_one_back(
-    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, asgi_server: str
 ) -> None:
     body = orjson.dumps({"username": "slowpoke", "email": "slow@example.com"})
     env = child_env(redis_server, BODY_TIMEOUT="1.5")
-    async with web(spawn, env) as (port, _):
+    async with web(spawn, env, server=asgi_server) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(SIGNUP + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1])
         await writer.drain()
@@ -79,9 +79,9 @@ async def test_a_trickled_body_gets_408_and_holds_no_one_back(
 
 
 async def test_huge_headers_get_431_before_they_are_all_sent(
-    spawn: Any, redis_server: RedisServer
+    spawn: Any, redis_server: RedisServer, asgi_server: str
 ) -> None:
-    async with web(spawn, child_env(redis_server)) as (port, _):
+    async with web(spawn, child_env(redis_server), server=asgi_server) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(SIGNUP)
         for n in range(40):  # 40 headers of 1 KiB, never finished with a blank line
@@ -96,9 +96,9 @@ async def test_huge_headers_get_431_before_they_are_all_sent(
 
 
 async def test_a_huge_declared_body_gets_413_before_any_of_it_is_sent(
-    spawn: Any, redis_server: RedisServer
+    spawn: Any, redis_server: RedisServer, asgi_server: str
 ) -> None:
-    async with web(spawn, child_env(redis_server)) as (port, _):
+    async with web(spawn, child_env(redis_server), server=asgi_server) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(SIGNUP + b"Content-Length: 1000000000\r\n\r\n")
         await writer.drain()
@@ -110,10 +110,10 @@ async def test_a_huge_declared_body_gets_413_before_any_of_it_is_sent(
 
 
 async def test_a_chunked_body_is_cut_off_with_413_once_it_passes_the_limit(
-    spawn: Any, redis_server: RedisServer
+    spawn: Any, redis_server: RedisServer, asgi_server: str
 ) -> None:
     env = child_env(redis_server, MAX_BODY_BYTES="4096")
-    async with web(spawn, env) as (port, _):
+    async with web(spawn, env, server=asgi_server) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(SIGNUP + b"Transfer-Encoding: chunked\r\n\r\n")
         chunk = b"x" * 1024

@@ -4,6 +4,9 @@ medians.
 Signup, with wrk (same threads, connections, duration and worker count for each):
   - ``bare``: a bare Quart app on hypercorn answering a constant 201 (the stack's ceiling);
   - ``service``: this service on hypercorn (consumers not running);
+  - ``bare-uvicorn``, ``service-uvicorn``: the same two on uvicorn, the second supported
+    server, as README "Serving on uvicorn" runs it (and ``bare-granian``,
+    ``service-granian`` with ``--servers``: measured, not supported);
   - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer);
   - ``replicated`` (with ``--replica``): this service with ``REDIS_MIN_REPLICAS=1``, its
     Redis then having a replica (which every server of that run writes to).
@@ -44,7 +47,10 @@ from pipeline.embedded_redis import free_port, scratch_server
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("signup.lua")
-SERVERS = ("bare", "service", "flask")
+SERVERS = ("bare", "service", "bare-uvicorn", "service-uvicorn", "flask")
+#: The other ASGI servers a run may add (``--servers``): ``bare-<server>`` and
+#: ``service-<server>``, the ceiling and this service on that server.
+ASGI_SERVERS = ("uvicorn", "granian")  # granian: measured, not supported (README)
 CONSUMERS = ("at-least-once", "at-most-once", "brpop", "arq", "saq")
 PROBE = b'{"username": "bench_probe", "email": "bench_probe@example.com"}'
 
@@ -57,11 +63,38 @@ def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
             "--worker-class", "gthread", "--workers", str(workers), "--threads", "8",
             "--bind", bind, "--log-level", "warning",
         ]  # fmt: skip
-    app = "loadtest.bench.bare:app" if server == "bare" else "service:app"  # or replicated
+    app_name, _, asgi = server.partition("-")
+    app = "loadtest.bench.bare:app" if app_name == "bare" else "service:app"  # or replicated
+    host, port_text = bind.split(":")
+    if asgi == "uvicorn":  # as README "Serving on uvicorn" runs it
+        from service.uvicorn_http import UVICORN_OPTIONS
+
+        return [
+            sys.executable, "-m", "uvicorn", *UVICORN_OPTIONS, "--host", host,
+            "--port", port_text, "--workers", str(workers), "--log-level", "warning", app,
+        ]  # fmt: skip
+    if asgi == "granian":
+        return [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--host", host,
+            "--port", port_text, "--workers", str(workers), "--loop", "uvloop",
+            "--http", "1", "--log-level", "warning", app,
+        ]  # fmt: skip
     return [
         sys.executable, "-m", "hypercorn", app, "--worker-class", "uvloop",
         "--workers", str(workers), "--bind", bind,
     ]  # fmt: skip
+
+
+def ceiling_of(server: str) -> str:
+    """The bare app on the same ASGI server as ``server``."""
+    _, _, asgi = server.partition("-")
+    return f"bare-{asgi}" if asgi else "bare"
+
+
+def all_servers() -> tuple[str, ...]:
+    """Every signup server ``--servers`` accepts."""
+    others = [f"{app}-{asgi}" for asgi in ASGI_SERVERS for app in ("bare", "service")]
+    return tuple(dict.fromkeys([*SERVERS, "replicated", *others]))
 
 
 @dataclass(frozen=True)
@@ -194,10 +227,13 @@ def _replica(primary_url: str, wanted: bool) -> Iterator[None]:
 
 
 def _worker_rss(process: subprocess.Popen[bytes]) -> float:
-    """The largest RSS (MB) among the server's worker processes (the master's children)."""
+    """The largest RSS (MB) among the server's worker processes (the master's children, or
+    the server itself when it has none)."""
     try:
-        children = psutil.Process(process.pid).children(recursive=True)
-        return float(max(child.memory_info().rss for child in children)) / 2**20
+        server = psutil.Process(process.pid)
+        # One worker may be the server process itself (uvicorn with --workers 1).
+        workers = server.children(recursive=True) or [server]
+        return float(max(worker.memory_info().rss for worker in workers)) / 2**20
     except (psutil.Error, ValueError):
         return float("nan")
 
@@ -466,9 +502,6 @@ def table(
     when = time.strftime("%Y-%m-%d %H:%M")
     lines = [f"# make bench: {platform.node()}, {os.cpu_count()} CPUs, {when}", ""]
     if signup:
-        ceiling = _median(signup["bare"], "rps")
-        ceiling_p99 = _median(signup["bare"], "p99_ms")
-        ceiling_cpu = _median(signup["bare"], "cpu_us")
         peer = _median(signup["flask"], "rps") if "flask" in signup else float("nan")
         lines += [
             f"POST /signup: {cores.describe()}. wrk -t{options.threads} "
@@ -476,7 +509,8 @@ def table(
             f"warm-up), unique signups; {options.workers} server worker(s); the access log on; "
             f"median of {options.rounds} alternating rounds. CPU: the server's process tree, "
             "and Redis's (`INFO cpu`), over the requests served. Own cost: CPU per request "
-            "above the bare app on the same server.",
+            'above the bare app on the same server; "vs ceiling" too divides by the bare app '
+            "on the same server.",
             "",
             "| server | req/s | vs ceiling | vs Flask | p50 ms | p99 ms | p99 vs ceiling "
             "| CPU µs/req | own cost µs | Redis µs/req | errors | worker RSS MB |",
@@ -489,22 +523,30 @@ def table(
             "flask": f"Flask + blinker + 2 LPUSH, gunicorn gthread {threads} (peer)",
             "replicated": "this service, REDIS_MIN_REPLICAS=1 (WAIT for the replica)",
         }
+        for asgi in ASGI_SERVERS:
+            names[f"bare-{asgi}"] = f"bare Quart on {asgi}, constant 201 (its ceiling)"
+            names[f"service-{asgi}"] = f"this service on {asgi}"
         for server in signup:
-            rows = signup[server]
+            rows, bare = signup[server], signup[ceiling_of(server)]
+            ceiling, ceiling_p99 = _median(bare, "rps"), _median(bare, "p99_ms")
             rps, p99 = _median(rows, "rps"), _median(rows, "p99_ms")
             cpu = _median(rows, "cpu_us")
-            own = f"{cpu - ceiling_cpu:.0f}" if server in ("service", "replicated") else "-"
+            own = (
+                "-"
+                if server.startswith(("bare", "flask"))
+                else f"{cpu - _median(bare, 'cpu_us'):.0f}"
+            )
             lines.append(
                 f"| {names[server]} | {rps:,.0f} | {rps / ceiling:.2f} | {rps / peer:.2f} "
                 f"| {_median(rows, 'p50_ms'):.2f} | {p99:.2f} | {p99 / ceiling_p99:.2f} "
                 f"| {cpu:.0f} | {own} | {_median(rows, 'redis_us'):.1f} "
                 f"| {sum(r['errors'] for r in rows)} | {_median(rows, 'rss_mb'):.1f} |"
             )
-        for server in ("service", "replicated"):
-            if server in signup:
+        for server in signup:
+            if not server.startswith(("bare", "flask")):
                 paired = [
                     row["cpu_us"] - bare["cpu_us"]
-                    for row, bare in zip(signup[server], signup["bare"], strict=True)
+                    for row, bare in zip(signup[server], signup[ceiling_of(server)], strict=True)
                 ]
                 lines.append(
                     f"\nOwn cost of {names[server]}, round by round (each round's service "
@@ -566,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         type=lambda raw: tuple(raw.split(",")),
-        help=f"signup servers to run, of {','.join(SERVERS)},replicated (default all but "
-        "replicated; bare, the ceiling the ratios divide by, must be among them)",
+        help=f"signup servers to run, of {','.join(all_servers())} (default "
+        f"{','.join(SERVERS)}; each one's ceiling, the bare app on its ASGI server, must be "
+        "among them)",
     )
     parser.add_argument(
         "--replica",
@@ -582,8 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=ROOT / "bench-results", help="results file stem"
     )
     options = parser.parse_args(argv)
-    if options.servers and not {"bare"} <= set(options.servers) <= {*SERVERS, "replicated"}:
-        parser.error("--servers: bare (the ceiling) and any of service, flask, replicated")
+    if options.servers and not (
+        set(options.servers) <= set(all_servers())
+        and {ceiling_of(s) for s in options.servers if s != "flask"} <= set(options.servers)
+    ):
+        parser.error(
+            f"--servers: any of {','.join(all_servers())}, each with its ceiling (bare, or "
+            "bare-<server>)"
+        )
     if options.rounds < 1 or options.duration <= 0 or options.jobs < 100:
         parser.error("--rounds at least 1, --duration above 0, --jobs at least 100")
     if options.only != "consumers" and shutil.which("wrk") is None:  # signup and pipeline
