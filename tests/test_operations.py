@@ -191,7 +191,7 @@ def test_mask_email() -> None:
 
 
 async def test_one_signup_can_be_traced_through_both_processes_json_logs(
-    spawn: Spawn, redis_server: RedisServer, asgi_server: str
+    spawn: Spawn, redis_server: RedisServer, redis: aioredis.Redis, asgi_server: str
 ) -> None:
     env = child_env(redis_server, LOG_FORMAT="json")
     consumer = spawn(consumer_argv(), env)
@@ -302,7 +302,11 @@ async def test_metrics_without_redis_still_answer_with_redis_up_0(
 
 
 async def test_metrics_are_summed_over_hypercorns_workers(
-    spawn: Spawn, redis_server: RedisServer, tmp_path: Path, asgi_server: str
+    spawn: Spawn,
+    redis_server: RedisServer,
+    redis: aioredis.Redis,
+    tmp_path: Path,
+    asgi_server: str,
 ) -> None:
     env = child_env(redis_server, METRICS_DIR=str(tmp_path / "metrics"), ACCESS_LOG="false")
     async with web(spawn, env, workers=2, server=asgi_server) as (port, _):
