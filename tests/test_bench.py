@@ -7,7 +7,7 @@ import argparse
 import subprocess
 import sys
 
-from loadtest.bench.__main__ import Cores, pipeline_table, table
+from loadtest.bench.__main__ import Cores, pipeline_table, sizing_table, table
 from tests.helpers import RedisServer
 from tests.processes import ROOT
 
@@ -84,3 +84,21 @@ def test_a_service_on_another_server_is_measured_against_the_bare_app_on_that_se
     assert "| 170 | 70 |" in uvicorn
     (hypercorn,) = [line for line in lines if line.startswith("| this service on hypercorn")]
     assert hypercorn.startswith("| this service on hypercorn | 2,000 | 0.67 | 0.80 |")
+
+
+def test_the_sizing_model_comes_from_the_one_one_runs_and_is_checked_on_the_others() -> None:
+    def run(rate: float, web: float, consumer: float) -> dict[str, float]:
+        return {"rate": rate, "web_us": web, "consumer_us": consumer, "redis_us": 60.0}
+
+    sizing = {
+        "1 web, 1 consumer": [run(2000, 300, 200), run(2000, 300, 200)],
+        "2 web, 2 consumer": [run(1800, 330, 220), run(1800, 330, 220)],
+    }
+    lines = sizing_table(_options(), sizing, Cores({1}, {0}))
+    # 1e6 / (300 + 200) = 2,000 signups/s per core, in every configuration.
+    assert "1e6 / 500 = **2,000 signups/s**" in lines[0]
+    assert "| 2 web, 2 consumer | 1,800 | 2,000 | -10% | 330 | 220 | 60.0 |" in lines
+    # At 70% busy: 0.7e6 / 300 per web worker, 0.7e6 / 200 per consumer, 0.7e6 / 60 per Redis.
+    assert "one web worker carries 2,333 signups/s, one consumer process 3,500, and one " in (
+        " ".join(lines)
+    )

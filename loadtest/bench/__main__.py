@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -319,8 +320,63 @@ def bench_pipeline(
     options: argparse.Namespace, redis_url: str, client: redis.Redis, cores: Cores
 ) -> list[dict[str, Any]]:
     """Redis's CPU per signup end to end: the service (2 workers) and one consumer process
-    with the real handlers (console email backend) on the server core, wrk on the other,
+    with the real handlers (console email) on the server core, wrk on the other,
     ``INFO cpu`` and ``INFO commandstats`` from before the load until every job is done."""
+    results = []
+    for index in range(options.rounds):
+        row = _end_to_end(options, redis_url, client, cores, workers=2, consumers=1)
+        results.append(row)
+        print(
+            f"round {index + 1}  pipeline   {row['signups']:>8,} signups  Redis "
+            f"{row['redis_us']:5.1f} us/signup end to end, {row['reads']:.2f} reads/signup",
+            flush=True,
+        )
+    client.flushall()
+    return results
+
+
+#: The (web workers, consumer processes) the sizing model is checked against.
+SIZINGS = ((1, 1), (2, 1), (1, 2), (2, 2))
+
+
+def bench_sizing(
+    options: argparse.Namespace, redis_url: str, client: redis.Redis, cores: Cores
+) -> dict[str, list[dict[str, Any]]]:
+    """The sizing model's inputs and its check: each of :data:`SIZINGS` end to end (web and
+    consumers sharing the server core, wrk and Redis on the other), alternating, measuring
+    the CPU per signup of the web, the consumers and Redis, and the rate at which signups
+    were taken and done (from the load's start until the last job)."""
+    results: dict[str, list[dict[str, Any]]] = {_sizing(*s): [] for s in SIZINGS}
+    for index in range(options.rounds):
+        order = SIZINGS[index % len(SIZINGS) :] + SIZINGS[: index % len(SIZINGS)]
+        for workers, consumers in order:
+            row = _end_to_end(options, redis_url, client, cores, workers, consumers)
+            results[_sizing(workers, consumers)].append(row)
+            print(
+                f"round {index + 1}  sizing {workers}w/{consumers}c {row['rate']:8,.0f} "
+                f"signups/s end to end  web {row['web_us']:5.0f}  consumers "
+                f"{row['consumer_us']:5.0f}  Redis {row['redis_us']:5.1f} us/signup",
+                flush=True,
+            )
+    client.flushall()
+    return results
+
+
+def _sizing(workers: int, consumers: int) -> str:
+    return f"{workers} web, {consumers} consumer"
+
+
+def _end_to_end(
+    options: argparse.Namespace,
+    redis_url: str,
+    client: redis.Redis,
+    cores: Cores,
+    workers: int,
+    consumers: int,
+) -> dict[str, Any]:
+    """One round: the service with ``workers`` workers and ``consumers`` consumer processes
+    (real handlers, console email) on the server core, wrk on the other for the duration,
+    then until every job is done. CPU per signup of each part, Redis's commands per signup."""
     from pipeline.keys import Keys
     from pipeline.registry import load_registry
 
@@ -328,55 +384,62 @@ def bench_pipeline(
     counters = load_registry().effect_counters
     env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
     env["RATE_LIMIT"] = "1000000/1"
-    results = []
-    for index in range(options.rounds):
-        client.flushall()
-        port = free_port()
-        argv = _argv("service", port, 2, options.bench_python)
-        with (
-            _server(argv, env, port, cores.server),
-            _server_process([sys.executable, "-m", "consumers"], env, cores.server),
-        ):
-            client.flushall()  # the probe signup of start-up
-            client.config_resetstat()
-            before, reads_before = redis_cpu(client), _reads(client)
-            figures = _wrk(
-                f"http://127.0.0.1:{port}/signup",
-                options.connections,
-                options.threads,
-                options.duration,
-                cores.load,
-            )
-            deadline = time.monotonic() + 120
-            while True:
-                found = client.hmget(stats_key, ["users", *counters])
-                users, done = int(found[0] or 0), [int(v or 0) for v in found[1:]]
-                if users and all(d >= users for d in done):
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"not drained in 120 s: {users} users, {done}")
-                time.sleep(0.05)
-            cpu = redis_cpu(client) - before
-            reads = _reads(client) - reads_before
-            commands = client.info("commandstats")
-        per_command = {
-            name.removeprefix("cmdstat_"): {
-                "calls": value["calls"] / users,
-                "us": value["usec"] / users,
-            }
-            for name, value in commands.items()
-        }
-        row = {"signups": users, "rps": figures["rps"], "redis_us": cpu / users * 1e6}
-        row["reads"] = reads / users
-        row["commands"] = per_command
-        results.append(row)
-        print(
-            f"round {index + 1}  pipeline   {users:>8,} signups  Redis {row['redis_us']:5.1f} "
-            f"us/signup end to end, {row['reads']:.2f} reads/signup",
-            flush=True,
-        )
     client.flushall()
-    return results
+    port = free_port()
+    argv = _argv("service", port, workers, options.bench_python)
+    with contextlib.ExitStack() as stack:
+        web = stack.enter_context(_server(argv, env, port, cores.server))
+        workers_ = [
+            stack.enter_context(
+                _server_process([sys.executable, "-m", "consumers"], env, cores.server)
+            )
+            for _ in range(consumers)
+        ]
+        client.flushall()  # the probe signup of start-up
+        client.config_resetstat()
+        web_before = _tree_cpu(web)
+        consumer_before = sum(_tree_cpu(w) for w in workers_)
+        before, reads_before = redis_cpu(client), _reads(client)
+        started = time.monotonic()
+        figures = _wrk(
+            f"http://127.0.0.1:{port}/signup",
+            options.connections,
+            options.threads,
+            options.duration,
+            cores.load,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            found = client.hmget(stats_key, ["users", *counters])
+            users, done = int(found[0] or 0), [int(v or 0) for v in found[1:]]
+            if users and all(d >= users for d in done):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not drained in 120 s: {users} users, {done}")
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        cpu = redis_cpu(client) - before
+        reads = _reads(client) - reads_before
+        web_cpu = _tree_cpu(web) - web_before
+        consumer_cpu = sum(_tree_cpu(w) for w in workers_) - consumer_before
+        commands = client.info("commandstats")
+    per_command = {
+        name.removeprefix("cmdstat_"): {
+            "calls": value["calls"] / users,
+            "us": value["usec"] / users,
+        }
+        for name, value in commands.items()
+    }
+    return {
+        "signups": users,
+        "rps": figures["rps"],
+        "rate": users / elapsed,
+        "redis_us": cpu / users * 1e6,
+        "web_us": web_cpu / users * 1e6,
+        "consumer_us": consumer_cpu / users * 1e6,
+        "reads": reads / users,
+        "commands": per_command,
+    }
 
 
 @contextmanager
@@ -492,12 +555,64 @@ def pipeline_table(options: argparse.Namespace, rounds: list[dict[str, Any]]) ->
     return lines
 
 
+#: How busy the model lets each part run, leaving room for bursts and failover.
+SIZING_UTILISATION = 0.7
+
+
+def sizing_table(
+    options: argparse.Namespace, sizing: dict[str, list[dict[str, Any]]], cores: Cores
+) -> list[str]:
+    """The sizing model, from the 1-web 1-consumer runs, and its check against the others:
+    each part's CPU per signup is taken as constant, so the server core, running every web
+    worker and consumer here, should carry 1e6 / (web + consumers) signups/s end to end
+    whatever the process counts."""
+    base = sizing[_sizing(1, 1)]
+    web, consumer = _median(base, "web_us"), _median(base, "consumer_us")
+    redis_us = statistics.median(r["redis_us"] for rows in sizing.values() for r in rows)
+    predicted = 1e6 / (web + consumer)
+    lines = [
+        f"Sizing: {cores.describe()}; every web worker and consumer process on the server "
+        f"core, wrk -t{options.threads} -c{options.connections} -d{options.duration:g}s, real "
+        f"handlers (console email), each round from the load's start until its last job is "
+        f"done; median of {options.rounds} alternating rounds per configuration. The model's "
+        f"inputs come from the 1-web 1-consumer runs: web {web:.0f} µs, consumers "
+        f"{consumer:.0f} µs of CPU per signup (its three jobs), so one core running both "
+        f"should carry 1e6 / {web + consumer:.0f} = **{predicted:,.0f} signups/s** end to end "
+        "in every configuration; Redis (median of all runs) "
+        f"**{redis_us:.0f} µs** per signup.",
+        "",
+        "| web workers, consumers | signups/s end to end | model | error | web µs/signup "
+        "| consumers µs/signup | Redis µs/signup |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, rows in sizing.items():
+        rate = _median(rows, "rate")
+        lines.append(
+            f"| {name} | {rate:,.0f} | {predicted:,.0f} | {rate / predicted - 1:+.0%} "
+            f"| {_median(rows, 'web_us'):.0f} | {_median(rows, 'consumer_us'):.0f} "
+            f"| {_median(rows, 'redis_us'):.1f} |"
+        )
+    per_thousand = (web / 1000, consumer / 1000, redis_us / 1000)
+    lines += [
+        "",
+        f"Per 1,000 signups/s: {per_thousand[0]:.2f} cores of web workers, "
+        f"{per_thousand[1]:.2f} of consumer processes, {per_thousand[2]:.3f} of Redis. At "
+        f"{SIZING_UTILISATION:.0%} busy, one web worker carries "
+        f"{SIZING_UTILISATION * 1e6 / web:,.0f} signups/s, one consumer process "
+        f"{SIZING_UTILISATION * 1e6 / consumer:,.0f}, and one Redis core "
+        f"{SIZING_UTILISATION * 1e6 / redis_us:,.0f}.",
+        "",
+    ]
+    return lines
+
+
 def table(
     options: argparse.Namespace,
     signup: dict[str, Any],
     consumers: dict[str, Any],
     cores: Cores,
     pipeline: list[dict[str, Any]] | None = None,
+    sizing: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     when = time.strftime("%Y-%m-%d %H:%M")
     lines = [f"# make bench: {platform.node()}, {os.cpu_count()} CPUs, {when}", ""]
@@ -557,6 +672,8 @@ def table(
         lines.append("")
     if pipeline:
         lines += pipeline_table(options, pipeline)
+    if sizing:
+        lines += sizing_table(options, sizing, cores)
     if consumers:
         arq, saq = _median(consumers["arq"], "jobs_per_s"), _median(consumers["saq"], "jobs_per_s")
         lines += [
@@ -603,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per drain (20000)")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at a time (8)")
     parser.add_argument(
-        "--only", choices=["signup", "pipeline", "consumers"], help="run one part of the three"
+        "--only",
+        choices=["signup", "pipeline", "sizing", "consumers"],
+        help="run one part of the four",
     )
     parser.add_argument(
         "--servers",
@@ -643,12 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cores: {cores.describe()}", flush=True)
     with scratch_server(cores=cores.load) as redis_url, _replica(redis_url, options.replica):
         client = redis.Redis.from_url(redis_url)
-        wanted = {options.only} if options.only else {"signup", "pipeline", "consumers"}
+        wanted = {options.only} if options.only else {"signup", "pipeline", "sizing", "consumers"}
         signup = bench_signup(options, redis_url, client, cores) if "signup" in wanted else {}
         pipeline = bench_pipeline(options, redis_url, client, cores) if "pipeline" in wanted else []
+        sizing = bench_sizing(options, redis_url, client, cores) if "sizing" in wanted else {}
         consumers = bench_consumers(options, redis_url, client) if "consumers" in wanted else {}
         client.close()
-    report = table(options, signup, consumers, cores, pipeline)
+    report = table(options, signup, consumers, cores, pipeline, sizing)
     print("\n" + report)
     options.results.with_suffix(".md").write_text(report + "\n")
     options.results.with_suffix(".json").write_text(
@@ -656,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "signup": signup,
                 "pipeline": pipeline,
+                "sizing": sizing,
                 "consumers": consumers,
                 "options": vars(options),
             },
