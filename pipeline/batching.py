@@ -62,11 +62,13 @@ class AutoPipeline:
 
     def read(self, *command: Any) -> asyncio.Future[Any]:
         """Queue a read-only command (``"EXISTS", key``); its future resolves to the raw reply."""
-        return self._queue(command, None, writes=False)
+        return self.queue(command, None, writes=False)
 
-    def _queue(
+    def queue(
         self, command: tuple[Any, ...], script: AsyncScript | None, *, writes: bool
     ) -> asyncio.Future[Any]:
+        """Queue ``command`` for this tick's round trip; ``script``: the script an EVALSHA
+        runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
@@ -170,4 +172,4 @@ class ScriptBatcher:
     def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one call; its future resolves to the script's reply (or its error)."""
         command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
-        return self._pipeline._queue(command, self._script, writes=True)
+        return self._pipeline.queue(command, self._script, writes=True)

@@ -1,8 +1,10 @@
-"""What handlers share: effects written once per job, and payload fields checked before use.
+"""What handlers share: the done-marker script, and payload fields checked before use.
 
-Every handler is idempotent by job id: an effect stored in Redis is written in one script
-together with the job's done-marker (:func:`once`), so a job delivered twice (recovered from a
-consumer that died, or retried after a failure) takes effect once.
+Every handler is idempotent: a job delivered twice (recovered from a consumer that died, or
+retried after a failure) takes effect once. An effect in Redis that can say itself whether it
+is done (an address already on a list, a profile already written) checks that in its own
+script, counting only when it wrote. One that cannot, or one outside Redis (an email), keeps a
+done-marker per job: :func:`once` wraps the effect in a script that sets it.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ LINGER: Final = 2.0
 
 _REFUSAL_BODY: Final = (
     b'{"error":"request_header_fields_too_large","message":"the request line and headers '
-    b'are larger than 16384 bytes"}'
+    b"are larger than " + str(MAX_HEAD_BYTES).encode() + b' bytes"}'
 )
 _REFUSAL: Final = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"

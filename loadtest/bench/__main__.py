@@ -6,7 +6,8 @@ Signup, with wrk (same threads, connections, duration and worker count for each)
   - ``service``: this service on hypercorn (consumers not running);
   - ``bare-uvicorn``, ``service-uvicorn``: the same two on uvicorn, the second supported
     server, as README "Serving on uvicorn" runs it (and ``bare-granian``,
-    ``service-granian`` with ``--servers``: measured, not supported);
+    ``service-granian`` with ``--servers`` once granian is installed in ``.venv``: measured,
+    not supported);
   - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer);
   - ``replicated`` (with ``--replica``): this service with ``REDIS_MIN_REPLICAS=1``, its
     Redis then having a replica (which every server of that run writes to).
@@ -51,7 +52,8 @@ LUA = Path(__file__).with_name("signup.lua")
 SERVERS = ("bare", "service", "bare-uvicorn", "service-uvicorn", "flask")
 #: The other ASGI servers a run may add (``--servers``): ``bare-<server>`` and
 #: ``service-<server>``, the ceiling and this service on that server.
-ASGI_SERVERS = ("uvicorn", "granian")  # granian: measured, not supported (README)
+#: granian is measured, not supported: no lock installs it (``.venv/bin/pip install granian``).
+ASGI_SERVERS = ("uvicorn", "granian")
 CONSUMERS = ("at-least-once", "at-most-once", "brpop", "arq", "saq")
 PROBE = b'{"username": "bench_probe", "email": "bench_probe@example.com"}'
 
@@ -389,7 +391,7 @@ def _end_to_end(
     argv = _argv("service", port, workers, options.bench_python)
     with contextlib.ExitStack() as stack:
         web = stack.enter_context(_server(argv, env, port, cores.server))
-        workers_ = [
+        consumer_processes = [
             stack.enter_context(
                 _server_process([sys.executable, "-m", "consumers"], env, cores.server)
             )
@@ -398,7 +400,7 @@ def _end_to_end(
         client.flushall()  # the probe signup of start-up
         client.config_resetstat()
         web_before = _tree_cpu(web)
-        consumer_before = sum(_tree_cpu(w) for w in workers_)
+        consumer_before = sum(_tree_cpu(w) for w in consumer_processes)
         before, reads_before = redis_cpu(client), _reads(client)
         started = time.monotonic()
         figures = _wrk(
@@ -421,7 +423,7 @@ def _end_to_end(
         cpu = redis_cpu(client) - before
         reads = _reads(client) - reads_before
         web_cpu = _tree_cpu(web) - web_before
-        consumer_cpu = sum(_tree_cpu(w) for w in workers_) - consumer_before
+        consumer_cpu = sum(_tree_cpu(w) for w in consumer_processes) - consumer_before
         commands = client.info("commandstats")
     per_command = {
         name.removeprefix("cmdstat_"): {
