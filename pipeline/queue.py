@@ -115,8 +115,10 @@ return 1
 """
 
 # Acknowledge finished jobs and take up to ARGV[1] more without blocking, in one step: under
-# load a consumer makes one round trip per batch, not two per job. Removals first is safe
-# here: an OOM refusal at LMOVE leaves the acks done and nothing taken.
+# load a consumer makes one round trip per batch, not two per job. The batch moves as a whole
+# (three commands, not an LMOVE per job), leaving both lists as that many LMOVEs would: the
+# head of the queue first in the reply and nearest the processing list's pop end. The copy
+# comes before the trim, so an OOM refusal (at LPUSH) leaves the acks done and nothing taken.
 # KEYS: queue, processing list, deliveries hash
 # ARGV: how many to take, how many acks n, then n job bytes, then their n ids
 # Returns {acks that found their job, taken job bytes...}
@@ -129,12 +131,18 @@ end
 if n > 0 then
   redis.call('HDEL', KEYS[3], unpack(ARGV, 3 + n, 2 + 2 * n))
 end
-local taken = {removed}
-for _ = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not raw then break end
-  taken[#taken + 1] = raw
+local count = tonumber(ARGV[1])
+if count < 1 then return {removed} end
+local batch = redis.call('LRANGE', KEYS[1], -count, -1)
+local k = #batch
+if k == 0 then return {removed} end
+local taken = {}
+for i = k, 1, -1 do
+  taken[#taken + 1] = batch[i]
 end
+redis.call('LPUSH', KEYS[2], unpack(taken))
+redis.call('LTRIM', KEYS[1], 0, -k - 1)
+table.insert(taken, 1, removed)
 return taken
 """
 

@@ -672,7 +672,12 @@ async def test_take_acks_finished_jobs_and_takes_a_batch_oldest_first(
     taken, found = await broker.take("email", 3)
     assert ([decode(raw).id for raw in taken], found) == ([j.id for j in jobs[:3]], 0)
     held = keys.processing("email", "c1")
-    assert await redis.llen(held) == 3
+    # Both lists as three LMOVEs would leave them: the oldest taken nearest the pop end of
+    # the processing list (recovery puts jobs back in that order), the rest still queued.
+    ids = [decode(raw).id for raw in await redis.lrange(held, 0, -1)]
+    assert ids == [j.id for j in reversed(jobs[:3])]
+    ids = [decode(raw).id for raw in await redis.lrange(keys.queue("email"), 0, -1)]
+    assert ids == [jobs[4].id, jobs[3].id]
     # Two finished: acked in the same round trip that takes the rest.
     acks = [(raw, decode(raw).id) for raw in taken[:2]]
     await redis.hset(keys.deliveries, jobs[0].id, 1)  # as if it had been recovered once
