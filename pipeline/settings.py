@@ -34,8 +34,11 @@ T = TypeVar("T")
 SmtpSecurity = Literal["none", "starttls", "tls"]
 DeliveryMode = Literal["at-least-once", "at-most-once"]
 DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
-#: Jobs run at once per queue, unless CONSUMER_CONCURRENCY says otherwise.
-DEFAULT_CONCURRENCY = 4
+#: Jobs run at once per queue, unless CONSUMER_CONCURRENCY says otherwise. It is also the
+#: most a fetch loop takes in one round trip, and Redis's cost per job is mostly its share of
+#: the take's and the effects' round trips: from 4 to 16, a backlog drained cost Redis 42%
+#: less per signup and went 55% faster (README, Performance).
+DEFAULT_CONCURRENCY = 16
 #: The key of a per-name setting's value for every name (``JOB_TIMEOUT=12``).
 EVERY = "*"
 

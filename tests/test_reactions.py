@@ -64,13 +64,13 @@ async def test_a_fourth_reaction_runs_end_to_end_from_one_module(
     worker.signal(signal.SIGTERM)
     assert await worker.wait(15) == 0
     assert await redis.get(keys.of("sms", "gateway")) == b"closed"  # the shutdown hook ran
-    assert "smsx4" in worker.output()  # served by default, with the default concurrency
+    assert "smsx16" in worker.output()  # served by default, with the default concurrency
 
 
 def test_settings_follow_the_registry() -> None:
     settings = Settings.from_env({"REACTIONS": SMS, "JOB_TIMEOUT": "welcome_email=5"})
     assert settings.consumer_queues == ("email", "marketing", "profile", "sms")
-    assert settings.consumer_concurrency["sms"] == 4
+    assert settings.consumer_concurrency["sms"] == 16
     # Declared defaults (the SMS says 3 attempts, 10 s), overridden only where a setting says.
     assert settings.job_max_attempts["welcome_sms"] == 3
     assert settings.job_timeout["welcome_sms"] == 10

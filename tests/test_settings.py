@@ -19,7 +19,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.dead_letter_max == 10_000
     assert settings.shutdown_grace_period == 10.0
     assert settings.consumer_queues == ("email", "marketing", "profile")
-    assert dict(settings.consumer_concurrency) == {"email": 4, "marketing": 4, "profile": 4}
+    assert dict(settings.consumer_concurrency) == {"email": 16, "marketing": 16, "profile": 16}
     assert settings.delivery_mode == "at-least-once"
     assert (settings.lease_ttl, settings.max_deliveries) == (5.0, 3)
     assert set(settings.job_max_attempts.values()) == {5}
@@ -71,7 +71,7 @@ def test_values_are_parsed() -> None:
     assert settings.max_body_bytes == 2048
     assert settings.shutdown_grace_period == 2.5
     assert settings.consumer_queues == ("profile", "email")
-    assert dict(settings.consumer_concurrency) == {"email": 8, "marketing": 4, "profile": 2}
+    assert dict(settings.consumer_concurrency) == {"email": 8, "marketing": 16, "profile": 2}
     assert settings.log_level == "DEBUG"
 
 
