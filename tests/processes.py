@@ -62,6 +62,11 @@ class Child:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    async def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, as an operator stops it, and its exit code once it has exited."""
+        self.signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
     async def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while self.process.poll() is None:

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import pytest
@@ -29,6 +30,28 @@ from tests.processes import ROOT, Child, admin, child_env, consumer_argv, http, 
 from tests.servers import Scratch
 
 Spawn = Callable[[list[str], dict[str, str]], Child]
+
+
+class Rig(NamedTuple):
+    """What a chaos test works with: a way to start processes, the suite's Redis (its server
+    and a client), the key names, and the SMTP server the consumers send to."""
+
+    spawn: Spawn
+    redis_server: RedisServer
+    redis: aioredis.Redis
+    keys: Keys
+    smtp_server: SmtpSink
+
+
+@pytest.fixture
+def rig(
+    spawn: Spawn,
+    redis_server: RedisServer,
+    redis: aioredis.Redis,
+    keys: Keys,
+    smtp_server: SmtpSink,
+) -> Rig:
+    return Rig(spawn, redis_server, redis, keys, smtp_server)
 
 
 def consumer_id(child: Child) -> str:
@@ -96,13 +119,8 @@ async def all_processed(port: int, count: int) -> bool:
     ) == (count, count, count)
 
 
-async def test_kill_9_while_holding_jobs_recovers_in_seconds_and_loses_nothing(
-    spawn: Spawn,
-    redis_server: RedisServer,
-    redis: aioredis.Redis,
-    keys: Keys,
-    smtp_server: SmtpSink,
-) -> None:
+async def test_kill_9_while_holding_jobs_recovers_in_seconds_and_loses_nothing(rig: Rig) -> None:
+    spawn, redis_server, redis, keys, smtp_server = rig
     # The SMTP server stalls before it has any message: the killed consumer's jobs are all
     # unsent, so a recovered job that is sent again is not a duplicate - a second email is.
     smtp_server.delay, smtp_server.stall_at = 60, "rcpt"
@@ -137,17 +155,11 @@ async def test_kill_9_while_holding_jobs_recovers_in_seconds_and_loses_nothing(
         assert duplicates == 0
         # Its 4 email jobs, and whatever marketing and profile jobs it held at that instant.
         assert f"recovered consumer {consumer_id(first)} (lease expired): " in second.output()
-        second.signal(signal.SIGTERM)
-        assert await second.wait(15) == 0
+        assert await second.stop() == 0
 
 
-async def test_kill_9_at_most_once_loses_the_jobs_it_held(
-    spawn: Spawn,
-    redis_server: RedisServer,
-    redis: aioredis.Redis,
-    keys: Keys,
-    smtp_server: SmtpSink,
-) -> None:
+async def test_kill_9_at_most_once_loses_the_jobs_it_held(rig: Rig) -> None:
+    spawn, redis_server, redis, keys, smtp_server = rig
     smtp_server.delay, smtp_server.stall_at = 60, "rcpt"
     env = child_env(
         redis_server,
@@ -171,8 +183,7 @@ async def test_kill_9_at_most_once_loses_the_jobs_it_held(
     assert await redis.zcard(keys.delayed("email")) == 0
     assert await redis.llen(keys.dead) == 0
     assert sorted(smtp_server.recipients()) == sorted(emails[2:])
-    second.signal(signal.SIGTERM)
-    assert await second.wait(15) == 0
+    assert await second.stop() == 0
 
 
 async def test_sigterm_under_a_stream_of_signups_exits_0_loses_and_doubles_nothing(
@@ -184,8 +195,7 @@ async def test_sigterm_under_a_stream_of_signups_exits_0_loses_and_doubles_nothi
         worker = spawn(consumer_argv(), env)
         async with signups(port, "stream") as accepted:
             await eventually(lambda: smtp_server.started >= 20, what="the worker to be busy")
-            worker.signal(signal.SIGTERM)
-            assert await worker.wait(5 + 3) == 0  # the grace period, and start-up margin
+            assert await worker.stop(5 + 3) == 0  # the grace period, and start-up margin
             await eventually(lambda: len(accepted) >= 60, timeout=30, what="more signups")
         assert "SIGTERM" in worker.output()
         smtp_server.delay = 0
@@ -228,20 +238,16 @@ async def test_redis_restart_with_aof_mid_stream_loses_no_accepted_signup(
             assert set(smtp_server.recipients()) == set(accepted)
             # The client's own retries may bridge a quick restart; a longer one is logged once.
             assert worker.output().count("); retrying with backoff") <= 1
-            worker.signal(signal.SIGTERM)
-            assert await worker.wait(15) == 0
+            assert await worker.stop() == 0
     finally:
         server.process.terminate()
         server.process.wait(15)
 
 
 async def test_an_always_failing_job_is_dead_lettered_then_requeued_by_the_operator(
-    spawn: Spawn,
-    redis_server: RedisServer,
-    redis: aioredis.Redis,
-    keys: Keys,
-    smtp_server: SmtpSink,
+    rig: Rig,
 ) -> None:
+    spawn, redis_server, redis, keys, smtp_server = rig
     smtp_server.reject = "550 5.1.1 mailbox unavailable"
     env = child_env(
         redis_server,
@@ -286,17 +292,11 @@ async def test_an_always_failing_job_is_dead_lettered_then_requeued_by_the_opera
     await redis.lpush(keys.dead, b'{"queue": "email", "reason": "made up", "job": "?"}')
     assert admin(redis_server, "dead", "purge").stdout.strip() == "purged 1 dead letters"
     assert await redis.llen(keys.dead) == 0
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(15) == 0
+    assert await worker.stop() == 0
 
 
-async def test_a_job_longer_than_the_lease_on_a_live_consumer_is_not_stolen(
-    spawn: Spawn,
-    redis_server: RedisServer,
-    redis: aioredis.Redis,
-    keys: Keys,
-    smtp_server: SmtpSink,
-) -> None:
+async def test_a_job_longer_than_the_lease_on_a_live_consumer_is_not_stolen(rig: Rig) -> None:
+    spawn, redis_server, redis, keys, smtp_server = rig
     smtp_server.delay = 4.5  # three lease periods
     env = child_env(redis_server, SMTP_URL=smtp_server.url, LEASE_TTL="1.5")
     first = spawn(consumer_argv(), env)
@@ -312,8 +312,7 @@ async def test_a_job_longer_than_the_lease_on_a_live_consumer_is_not_stolen(
     assert "recovered consumer" not in second.output()
     assert "lapsed" not in first.output()
     for child in (first, second):
-        child.signal(signal.SIGTERM)
-        assert await child.wait(15) == 0
+        assert await child.stop() == 0
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ backs off as in an outage, each saying once that the URL points at a Redis Clust
 
 from __future__ import annotations
 
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,6 @@ async def test_a_cluster_node_is_a_503_and_a_retried_outage_saying_why(
     # Nothing was written anywhere: each node refused before running a command.
     assert [_client(n).dbsize() for n in cluster] == [0, 0, 0]
     assert worker.process.poll() is None  # backing off, not crashed
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(15) == 0
+    assert await worker.stop() == 0
     outage = [line for line in worker.output().splitlines() if "Redis unavailable (" in line]
     assert len(outage) == 1 and NOT_SUPPORTED in outage[0]  # once, not per loop or retry

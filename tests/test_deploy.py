@@ -172,8 +172,7 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
         check=True,
     )
     assert str(ROOT) not in found.stdout and str(production_venv) in found.stdout
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(20) == 0, worker.output()
+    assert await worker.stop(20) == 0, worker.output()
 
 
 @pytest.mark.timeout(120)

@@ -159,8 +159,7 @@ async def test_a_primary_killed_under_a_stream_loses_no_201_and_both_processes_f
             lost=0,
             emails_repeated=len(emails) - len(set(emails)),
         )
-        worker.signal(signal.SIGTERM)
-        assert await worker.wait(20) == 0
+        assert await worker.stop(20) == 0
 
 
 @pytest.mark.timeout(120)
@@ -261,8 +260,7 @@ async def test_a_demoted_primary_answering_readonly_is_dropped_for_the_new_one(
             answers_503=statuses.count(503),
             emails_repeated=len(smtp_server.recipients()) - len(set(smtp_server.recipients())),
         )
-        worker.signal(signal.SIGTERM)
-        assert await worker.wait(20) == 0
+        assert await worker.stop(20) == 0
 
 
 def kill(server: Scratch) -> None:

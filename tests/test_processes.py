@@ -80,8 +80,7 @@ async def test_sigterm_mid_stream_exits_0_and_loses_nothing(
         push_emails(redis, keys, 100, start=100)
     )  # a stream still arriving
     await eventually(lambda: smtp_server.started >= 20, what="the worker to be busy")
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(15) == 0
+    assert await worker.stop() == 0
     pushed += await feeding
     sent = smtp_server.recipients()
     assert len(sent) == len(set(sent)), "an email was sent twice"
@@ -125,8 +124,7 @@ async def test_jobs_outliving_the_grace_period_are_returned(
     worker = await busy_worker(
         spawn, redis_server, redis, keys, smtp_server, jobs=10, concurrency=3, grace="0.5"
     )
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(10) == 0
+    assert await worker.stop(10) == 0
     assert await redis.llen(keys.queue("email")) == 10
     assert "cancelling 3 jobs" in worker.output()
 
@@ -328,8 +326,7 @@ async def test_queues_flag_limits_what_a_consumer_serves(
         consumer_argv("--queues", "profile", "--concurrency", "2"), child_env(redis_server)
     )
     await eventually(lambda: redis.exists(keys.profile("a" * 32)), what="the profile job")
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(10) == 0
+    assert await worker.stop(10) == 0
     assert await redis.llen(keys.queue("email")) == 1  # not served by this consumer
     assert "profilex2" in worker.output()
 

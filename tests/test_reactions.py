@@ -3,7 +3,6 @@ and checked at start-up."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from typing import Any
@@ -61,8 +60,7 @@ async def test_a_fourth_reaction_runs_end_to_end_from_one_module(
     metrics = parse_metrics(text.decode())
     assert metrics[("signup_jobs_total", (("outcome", "succeeded"), ("type", "welcome_sms")))] == 1
     assert ("signup_job_queue_wait_seconds_count", (("queue", "sms"),)) in metrics
-    worker.signal(signal.SIGTERM)
-    assert await worker.wait(15) == 0
+    assert await worker.stop() == 0
     assert await redis.get(keys.of("sms", "gateway")) == b"closed"  # the shutdown hook ran
     assert "smsx16" in worker.output()  # served by default, with the default concurrency
 

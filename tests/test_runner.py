@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ class Gate:
     started: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    #: The most jobs that were running at once.
+    peak: int = 0
 
 
 GATE = Gate()
@@ -43,6 +46,8 @@ GATE = Gate()
 async def held_email(ctx: Context, job: Job) -> None:
     """Stands in for welcome_email: runs until the test releases it (or it is cancelled)."""
     GATE.started.append(job.payload["email"])
+    running = len(GATE.started) - len(GATE.finished) - len(GATE.cancelled)
+    GATE.peak = max(GATE.peak, running)
     try:
         if job.payload.get("slow"):
             await GATE.release.wait()
@@ -436,24 +441,29 @@ async def test_concurrency_bounds_jobs_in_flight(
     queue = DirectQueue(redis, keys)
     for i in range(5):
         await queue.push("welcome_email", {"email": f"slow{i}@example.com", "slow": True})
-    await start_consumer({"welcome_email": held_email}, {"email": 3})  # type: ignore[operator]
+    running = await start_consumer({"welcome_email": held_email}, {"email": 3})  # type: ignore[operator]
     await eventually(lambda: len(GATE.started) == 3, what="three jobs started")
-    # The other two stay queued, not popped and held: give the fetch loop a few block times.
-    await asyncio.sleep(0.6)
-    assert len(GATE.started) == 3
-    assert await redis.llen(keys.queue("email")) == 2
+    # The other two stay queued, not popped and held: its slots are full.
+    held = keys.processing("email", running.consumer.consumer_id)
+    assert (await redis.llen(keys.queue("email")), await redis.llen(held)) == (2, 3)
+    GATE.release.set()
+    await eventually(lambda: len(GATE.finished) == 5, what="every job")
+    assert GATE.peak == 3  # never more than three at once, from start to end
 
 
 async def test_stop_lets_in_flight_jobs_finish_within_the_grace_period(
-    start_consumer: object, redis: aioredis.Redis, keys: Keys
+    start_consumer: object, redis: aioredis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     await DirectQueue(redis, keys).push(
         "welcome_email", {"email": "slow@example.com", "slow": True}
     )
     running = await start_consumer({"welcome_email": held_email}, {"email": 2}, grace=10)  # type: ignore[operator]
     await eventually(lambda: GATE.started == ["slow@example.com"], what="the job to start")
-    running.stop.set()
-    await asyncio.sleep(0.5)  # the stop is under way; the job is still held
+    with caplog.at_level(logging.INFO, logger="consumers.runner"):
+        running.stop.set()
+        await eventually(
+            lambda: "waiting up to" in caplog.text, what="the drain to wait for the job"
+        )
     assert not running.task.done()
     GATE.release.set()
     await asyncio.wait_for(running.task, 5)
@@ -802,13 +812,27 @@ async def test_after_an_outage_the_sweeper_first_lets_live_consumers_renew(
         consumer_queues=("email",),
     )
     # As if this consumer had just seen Redis come back from an outage.
-    consumer._outage.failed(RedisConnectionError("down"))
-    consumer._outage.ok()
+    outage = consumer._outage
+    outage.failed(RedisConnectionError("down"))
+    outage.ok()
+    held_back: list[float] = []  # each time the sweeper found the quiet period still running
+    quiet_for = outage.quiet_for
+
+    def noted(seconds: float) -> bool:
+        quiet = quiet_for(seconds)
+        if not quiet:
+            held_back.append(seconds)
+        return quiet
+
+    outage.quiet_for = noted  # type: ignore[method-assign]
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
-        await asyncio.sleep(1.0)  # the behaviour under test is a wait: half the quiet period
+        # The sweeper's first rounds (one at start-up) hold back for a lease period...
+        await eventually(lambda: len(held_back) >= 2, what="two sweeps held back")
+        assert held_back == [2.0] * len(held_back)
         assert await redis.llen(keys.processing("email", "dead-1")) == 1
+        # ... and once it has passed, the dead consumer's job is recovered.
         await eventually(lambda: _llen(redis, keys.processing("email", "dead-1"), 0))
     finally:
         stop.set()
