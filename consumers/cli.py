@@ -164,9 +164,9 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
         settings = dataclasses.replace(settings, **overrides)
     except SettingsError as exc:
         # A queue the flags name that no reaction declares: say it of the flag.
-        variable, _, rest = str(exc).partition("=")
         flags = {s.env: s.flag for s in declared_settings().values() if s.flag}
-        parser.error(f"argument {flags.get(variable, variable)}: {rest}")
+        flag = flags.get(exc.variable, exc.variable)
+        parser.error(f"argument {flag}: {exc.value!r}: {exc.problem}")
     if options.command is not None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(settings, options))

@@ -6,7 +6,15 @@ class PipelineError(Exception):
 
 
 class SettingsError(PipelineError):
-    """A setting is missing or malformed; the message is one line naming it."""
+    """A setting is malformed, or does not fit the others. ``variable`` names it, ``value`` is
+    its value as shown (secrets masked), ``problem`` says what is wrong; the message is one
+    line of the three: ``VARIABLE='value': problem``."""
+
+    def __init__(self, variable: str, value: str, problem: str) -> None:
+        super().__init__(f"{variable}={value!r}: {problem}")
+        self.variable = variable
+        self.value = value
+        self.problem = problem
 
 
 class JobDecodeError(PipelineError):

@@ -258,9 +258,7 @@ def _fill(setting: str, given: Mapping[str, T], defaults: Mapping[str, T]) -> di
     unknown = [name for name in given if name != EVERY and name not in defaults]
     if unknown:
         shown = ",".join(str(v) if k == EVERY else f"{k}={v}" for k, v in given.items())
-        raise SettingsError(
-            f"{setting}={shown!r}: {unknown[0]!r} is not one of {', '.join(defaults)}"
-        )
+        raise SettingsError(setting, shown, f"{unknown[0]!r} is not one of {', '.join(defaults)}")
     every = given.get(EVERY)
     return {
         name: given.get(name, every if every is not None else default)
@@ -268,7 +266,7 @@ def _fill(setting: str, given: Mapping[str, T], defaults: Mapping[str, T]) -> di
     }
 
 
-#: ``8`` (every queue) or ``email=8,profile=2`` (the rest keep the default 4).
+#: ``8`` (every queue) or ``email=8,profile=2`` (the rest keep DEFAULT_CONCURRENCY).
 parse_concurrency = _per_name("QUEUE", _integer(1, 1000))
 #: ``5`` (every job type) or ``TYPE=8,...`` (the rest keep their declared attempts).
 parse_max_attempts = _per_name("TYPE", _integer(1, 100))
@@ -786,16 +784,18 @@ class Settings:
     def __post_init__(self) -> None:
         if self.redis_min_replicas and self.redis_replica_timeout >= self.redis_socket_timeout:
             raise SettingsError(
-                f"REDIS_REPLICA_TIMEOUT={self.redis_replica_timeout:g}: must be below "
-                f"REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout:g}), which bounds the "
-                "wait for the replicas' answer"
+                "REDIS_REPLICA_TIMEOUT",
+                f"{self.redis_replica_timeout:g}",
+                f"must be below REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout:g}), which "
+                "bounds the wait for the replicas' answer",
             )
         registry = self.registry
         queues = self.consumer_queues or registry.queues
         if not set(queues) <= set(registry.queues):
             raise SettingsError(
-                f"CONSUMER_QUEUES={','.join(queues)!r}: expected a comma-separated list of "
-                f"{', '.join(registry.queues)}"
+                "CONSUMER_QUEUES",
+                ",".join(queues),
+                f"expected a comma-separated list of {', '.join(registry.queues)}",
             )
         types = registry.job_types.values()
         filled = {
@@ -821,7 +821,7 @@ class Settings:
         try:
             return load_registry(self.reactions)
         except ReactionError as exc:
-            raise SettingsError(f"REACTIONS={','.join(self.reactions)!r}: {exc}") from None
+            raise SettingsError("REACTIONS", ",".join(self.reactions), str(exc)) from None
 
     @property
     def sentinel(self) -> SentinelUrl | None:
@@ -856,7 +856,7 @@ class Settings:
                 values[name] = declared.parse(raw.strip())
             except ValueError as exc:
                 shown = declared.show(raw) if declared.show else raw
-                raise SettingsError(f"{declared.env}={shown!r}: {exc}") from None
+                raise SettingsError(declared.env, shown, str(exc)) from None
         return cls(**values)
 
 

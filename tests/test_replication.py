@@ -139,7 +139,7 @@ async def test_too_few_replicas_is_a_503_and_the_retry_gets_the_original_201_onc
 async def test_a_replica_timeout_not_below_the_socket_timeout_is_refused_at_start() -> None:
     from pipeline.errors import SettingsError
 
-    with pytest.raises(SettingsError, match="REDIS_REPLICA_TIMEOUT=1: must be below"):
+    with pytest.raises(SettingsError, match="REDIS_REPLICA_TIMEOUT='1': must be below"):
         Settings.from_env({"REDIS_MIN_REPLICAS": "1", "REDIS_REPLICA_TIMEOUT": "1"})
     # Without replicas to wait for, it does not matter.
     Settings.from_env({"REDIS_REPLICA_TIMEOUT": "1"})

@@ -151,6 +151,25 @@ def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> Non
     message = str(caught.value)
     assert message.startswith(f"{name}=")
     assert "\n" not in message
+    assert caught.value.variable == name  # as data, for the CLI to name its flag
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"CONSUMER_QUEUES": "email,sms"}, "CONSUMER_QUEUES"),
+        ({"CONSUMER_CONCURRENCY": "sms=2"}, "CONSUMER_CONCURRENCY"),
+        ({"REACTIONS": "reactions.nowhere"}, "REACTIONS"),
+        ({"REDIS_MIN_REPLICAS": "1", "REDIS_REPLICA_TIMEOUT": "9"}, "REDIS_REPLICA_TIMEOUT"),
+    ],
+)
+def test_settings_that_do_not_fit_together_name_their_variable(
+    environ: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(environ)
+    assert caught.value.variable == variable
+    assert str(caught.value) == f"{variable}={caught.value.value!r}: {caught.value.problem}"
 
 
 @pytest.mark.parametrize(
