@@ -16,10 +16,13 @@ NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 #: Counters of the stats hash that the pipeline itself keeps, and what each counts; each
 #: reaction's job types add their own (see ``pipeline.registry``). ``users`` comes first in
 #: ``/stats``, the reactions' counters next, then the rest.
+USERS: Final = "users"
+RECEIVER_ERRORS: Final = "receiver_errors"
+DEAD_LETTERS_DROPPED: Final = "dead_letters_dropped"
 CORE_COUNTERS: Final = {
-    "users": "Users signed up.",
-    "receiver_errors": "Receivers that raised during a signup (the signup still succeeded).",
-    "dead_letters_dropped": "The oldest dead letters dropped past DEAD_LETTER_MAX.",
+    USERS: "Users signed up.",
+    RECEIVER_ERRORS: "Receivers that raised during a signup (the signup still succeeded).",
+    DEAD_LETTERS_DROPPED: "The oldest dead letters dropped past DEAD_LETTER_MAX.",
 }
 
 

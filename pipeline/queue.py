@@ -30,8 +30,9 @@ import redis.asyncio as aioredis
 
 from pipeline.dead import lua_entry
 from pipeline.jobs import Job, new_job
-from pipeline.keys import Keys
+from pipeline.keys import DEAD_LETTERS_DROPPED, Keys
 from pipeline.registry import JobType, Registry, load_registry
+from pipeline.scripts import Signature
 from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
 
 #: Latency samples kept per queue (the newest), for the percentiles in /stats.
@@ -84,35 +85,43 @@ def new_consumer_id() -> str:
 # removals last: before Redis 7 an OOM refusal hits a script at its first memory-growing write,
 # so no job is ever removed from one place without being added to the other.
 # A dead letter beyond the newest DEAD_LETTER_MAX drops the oldest, counted in the stats hash.
-# KEYS: processing list, destination (queue / delayed set / dead list), deliveries hash, stats
-# ARGV: held ('1' at-least-once), job bytes as fetched, action, bytes to put, retry delay s, id,
-#       most dead letters kept
-_SETTLE = """
-local held = ARGV[1] == '1'
-if held and not redis.call('LPOS', KEYS[1], ARGV[2], 'RANK', -1) then
+# "held": '1' at-least-once; "raw": the job's bytes as fetched; "put": the bytes to put at
+# "destination" (its queue, the delayed set or the dead list); "delay": a retry's, in s; "id":
+# the job id whose deliveries are forgotten ('' for none); "dead_max": most dead letters kept.
+_SETTLE_SIGNATURE = Signature(
+    keys=("processing", "destination", "deliveries", "stats"),
+    args=("held", "raw", "action", "put", "delay", "id", "dead_max"),
+)
+_SETTLE = _SETTLE_SIGNATURE.source(
+    """
+local held = $held == '1'
+if held and not redis.call('LPOS', $processing, $raw, 'RANK', -1) then
   return 0
 end
-local action = ARGV[3]
+local action = $action
 if action == 'return' then
-  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('RPUSH', $destination, $put)
 elseif action == 'dead' then
-  local over = redis.call('LPUSH', KEYS[2], ARGV[4]) - tonumber(ARGV[7])
+  local over = redis.call('LPUSH', $destination, $put) - tonumber($dead_max)
   if over > 0 then
-    redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[7]) - 1)
-    redis.call('HINCRBY', KEYS[4], 'dead_letters_dropped', over)
+    redis.call('LTRIM', $destination, 0, tonumber($dead_max) - 1)
+    redis.call('HINCRBY', $stats, $DEAD_LETTERS_DROPPED, over)
   end
 elseif action == 'retry' then
   local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[5]), ARGV[4])
+  local due = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber($delay)
+  redis.call('ZADD', $destination, due, $put)
 end
 if held then
-  redis.call('LREM', KEYS[1], -1, ARGV[2])
+  redis.call('LREM', $processing, -1, $raw)
 end
-if ARGV[6] ~= '' then
-  redis.call('HDEL', KEYS[3], ARGV[6])
+if $id ~= '' then
+  redis.call('HDEL', $deliveries, $id)
 end
 return 1
-"""
+""",
+    DEAD_LETTERS_DROPPED=DEAD_LETTERS_DROPPED,
+)
 
 # Acknowledge finished jobs and take up to ARGV[1] more without blocking, in one step: under
 # load a consumer makes one round trip per batch, not two per job. The batch moves as a whole
@@ -162,21 +171,25 @@ return 0
 # that died holding it max-deliveries times: then it is dead-lettered. Forgets the consumer
 # once it has not been seen for forget-after seconds (0: at once). Reads, then additions, then
 # removals (see _SETTLE).
-# KEYS: consumers, lease, deliveries, dead, stats, then (processing list, queue) per queue
-# ARGV: consumer id, max deliveries (0: do not count), forget after s, most dead letters kept,
-#       then queue names
+# "max_deliveries": 0 does not count; "forget_after": in s. Then a (processing list, queue)
+# pair of keys and the queue's name per queue.
 # Returns {returned, dead-lettered}, or {-1, 0} if the lease is held.
-_RECOVER = (
+_RECOVER_SIGNATURE = Signature(
+    keys=("consumers", "lease", "deliveries", "dead", "stats"),
+    args=("consumer_id", "max_deliveries", "forget_after", "dead_max"),
+)
+_RECOVER = _RECOVER_SIGNATURE.source(
     """
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', $lease) == 1 then
   return {-1, 0}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local max = tonumber(ARGV[2])
+local max = tonumber($max_deliveries)
 local returned, dead = 0, 0
-for i = 1, (#KEYS - 5) / 2 do
-  local processing, queue, name = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[4 + i]
+for i = 1, (#KEYS - $named_keys) / 2 do
+  local processing = KEYS[$named_keys + 2 * i - 1]
+  local queue, name = KEYS[$named_keys + 2 * i], ARGV[$named_args + i]
   -- Newest first: each RPUSH puts the job nearer the pop end, so the oldest ends up next.
   local jobs = redis.call('LRANGE', processing, 0, -1)
   for _, raw in ipairs(jobs) do
@@ -188,10 +201,10 @@ for i = 1, (#KEYS - 5) / 2 do
       else
         id = redis.sha1hex(raw)
       end
-      count = redis.call('HINCRBY', KEYS[3], id, 1)
+      count = redis.call('HINCRBY', $deliveries, id, 1)
     end
     if max > 0 and count >= max then
-      redis.call('LPUSH', KEYS[4], """
+      redis.call('LPUSH', $dead, """
     + lua_entry(
         queue="name",
         id="id",
@@ -201,7 +214,7 @@ for i = 1, (#KEYS - 5) / 2 do
         reason="'delivered ' .. count .. ' times, each to a consumer that died holding it'",
     )
     + """)
-      redis.call('HDEL', KEYS[3], id)
+      redis.call('HDEL', $deliveries, id)
       dead = dead + 1
     else
       redis.call('RPUSH', queue, raw)
@@ -213,19 +226,20 @@ for i = 1, (#KEYS - 5) / 2 do
   end
 end
 if dead > 0 then
-  local over = redis.call('LLEN', KEYS[4]) - tonumber(ARGV[4])
+  local over = redis.call('LLEN', $dead) - tonumber($dead_max)
   if over > 0 then
-    redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
-    redis.call('HINCRBY', KEYS[5], 'dead_letters_dropped', over)
+    redis.call('LTRIM', $dead, 0, tonumber($dead_max) - 1)
+    redis.call('HINCRBY', $stats, $DEAD_LETTERS_DROPPED, over)
   end
 end
-local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local forget = tonumber(ARGV[3])
+local seen = redis.call('ZSCORE', $consumers, $consumer_id)
+local forget = tonumber($forget_after)
 if forget == 0 or (seen and now - tonumber(seen) > forget) then
-  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', $consumers, $consumer_id)
 end
 return {returned, dead}
-"""
+""",
+    DEAD_LETTERS_DROPPED=DEAD_LETTERS_DROPPED,
 )
 
 # Move due retries to the head of their queue, the earliest due first in line.
@@ -360,14 +374,23 @@ class Broker:
         delay: float = 0.0,
         job_id: str = "",
     ) -> bool:
-        keys = [
-            self.keys.processing(queue, self.consumer_id),
-            destination,
-            self.keys.deliveries,
-            self.keys.stats,
-        ]
-        args = ["1" if self._held else "0", raw, action, put, repr(delay), job_id]
-        args.append(str(self.dead_letter_max))
+        keys, args = _SETTLE_SIGNATURE.call(
+            {
+                "processing": self.keys.processing(queue, self.consumer_id),
+                "destination": destination,
+                "deliveries": self.keys.deliveries,
+                "stats": self.keys.stats,
+            },
+            {
+                "held": "1" if self._held else "0",
+                "raw": raw,
+                "action": action,
+                "put": put,
+                "delay": repr(delay),
+                "id": job_id,
+                "dead_max": self.dead_letter_max,
+            },
+        )
         return bool(await self._settle(keys=keys, args=args))
 
     # --- leases and recovery ------------------------------------------------------------
@@ -392,17 +415,26 @@ class Broker:
     ) -> tuple[int, int]:
         """Return the jobs of ``consumer_id`` if its lease has expired: (returned, dead-lettered),
         or (-1, 0) if it is alive."""
-        keys = [
-            self.keys.consumers,
-            self.keys.lease(consumer_id),
-            self.keys.deliveries,
-            self.keys.dead,
-            self.keys.stats,
-        ]
+        tail_keys: list[str] = []
         for queue in self.queues:
-            keys += [self.keys.processing(queue, consumer_id), self.keys.queue(queue)]
-        args: list[str | int | float] = [consumer_id, max_deliveries, forget_after]
-        args += [self.dead_letter_max, *self.queues]
+            tail_keys += [self.keys.processing(queue, consumer_id), self.keys.queue(queue)]
+        keys, args = _RECOVER_SIGNATURE.call(
+            {
+                "consumers": self.keys.consumers,
+                "lease": self.keys.lease(consumer_id),
+                "deliveries": self.keys.deliveries,
+                "dead": self.keys.dead,
+                "stats": self.keys.stats,
+            },
+            {
+                "consumer_id": consumer_id,
+                "max_deliveries": max_deliveries,
+                "forget_after": forget_after,
+                "dead_max": self.dead_letter_max,
+            },
+            tail_keys=tail_keys,
+            tail_args=self.queues,
+        )
         returned, dead = await self._recover(keys=keys, args=args)
         return int(returned), int(dead)
 

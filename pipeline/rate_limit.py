@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
+
+from pipeline.scripts import Signature
 
 RateLimitFailure = Literal["open", "closed"]
 
@@ -51,32 +53,41 @@ def parse_rate_limit_failure(raw: str) -> RateLimitFailure:
     return "open" if raw.lower() == "open" else "closed"
 
 
-def script_args(limit: RateLimit | None, failure: RateLimitFailure) -> list[int | str]:
-    """The three arguments :func:`script_part` reads: count (0: no limit), period in ms, failure."""
+#: The rate limit's part of a script's signature: the client's state, and the limit.
+SIGNATURE: Final = Signature(
+    keys=("rate_state",), args=("rate_count", "rate_period", "rate_failure")
+)
+
+
+def script_args(limit: RateLimit | None, failure: RateLimitFailure) -> dict[str, int | str]:
+    """The arguments :data:`SCRIPT_PART` reads: count (0: no limit), period in ms, failure."""
     if limit is None:
-        return [0, 0, failure]
-    return [limit.count, round(limit.period * 1000), failure]
+        return {"rate_count": 0, "rate_period": 0, "rate_failure": failure}
+    return {
+        "rate_count": limit.count,
+        "rate_period": round(limit.period * 1000),
+        "rate_failure": failure,
+    }
 
 
-def script_part(key: str, args: int) -> str:
-    """The limit's part of a script: the client's state is at ``key`` (``KEYS[n]``) and
-    :func:`script_args` at ``ARGV[args]`` to ``ARGV[args + 2]``. It returns ``'retry <ms>'``
-    when the client is over its limit, ``'limiter'`` when the state cannot be read and the
-    limit fails closed, and falls through (having counted the signup) otherwise."""
-    count, period, failure = (f"ARGV[{args + i}]" for i in range(3))
-    return f"""\
-local count = tonumber({count})
+#: The limit's part of a script whose signature includes :data:`SIGNATURE` (a template for
+#: :meth:`Signature.source`). It returns ``'retry <ms>'`` when the client is over its limit,
+#: ``'limiter'`` when the state cannot be read and the limit fails closed, and falls through
+#: (having counted the signup) otherwise.
+SCRIPT_PART: Final = """\
+local count = tonumber($rate_count)
 if count > 0 then
-  local stored = redis.pcall('GET', {key})
+  local stored = redis.pcall('GET', $rate_state)
   if type(stored) == 'table' and stored.err then
-    if {failure} ~= 'open' then return 'limiter' end
+    if $rate_failure ~= 'open' then return 'limiter' end
   else
-    local period = tonumber({period})
+    local period = tonumber($rate_period)
     local time = redis.call('TIME')
     local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     local due = math.max(tonumber(stored) or now, now) + period / count
     if due - now > period then return 'retry ' .. math.ceil(due - now - period) end
-    redis.call('SET', {key}, string.format('%.0f', due), 'PX', math.max(1, math.ceil(due - now)))
+    local ttl = math.max(1, math.ceil(due - now))
+    redis.call('SET', $rate_state, string.format('%.0f', due), 'PX', ttl)
   end
 end
 """

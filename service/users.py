@@ -19,16 +19,14 @@ import redis.asyncio as aioredis
 from pipeline.batching import ScriptBatcher
 from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
-from pipeline.keys import Keys
+from pipeline.keys import RECEIVER_ERRORS, USERS, Keys
 from pipeline.outage import Outage
-from pipeline.rate_limit import (
-    RateLimit,
-    RateLimitFailure,
-    RefusedClients,
-    script_args,
-    script_part,
-)
+from pipeline.rate_limit import SCRIPT_PART as RATE_LIMIT_PART
+from pipeline.rate_limit import SIGNATURE as RATE_LIMIT_SIGNATURE
+from pipeline.rate_limit import RateLimit, RateLimitFailure, RefusedClients
+from pipeline.rate_limit import script_args as rate_limit_args
 from pipeline.registry import JobType, Registry
+from pipeline.scripts import Signature
 from service.errors import (
     ConflictError,
     IdempotencyKeyReusedError,
@@ -39,42 +37,66 @@ from service.errors import (
 
 logger = logging.getLogger(__name__)
 
-# KEYS: username claims, email claims, user hash, stats hash, the client's rate-limit key, the
-#       idempotency key's record, then one queue key per job.
-# ARGV: username claim, email claim, user id, username, email, created_at, receiver errors,
-#       the rate limit's three (pipeline.rate_limit.script_args), the request's fingerprint
-#       ("": no idempotency key), the record's lifetime (ms), the 201's body, then one encoded
-#       job per queue key.
+# The signup: its keys and arguments by name (the rate limit brings its own), then one queue
+# key and one encoded job per job. "fingerprint" is "" without an Idempotency-Key (whose key
+# is then named but never read or written); "record_ttl" is the record's lifetime in ms and
+# "created" the 201's body.
+_SIGNATURE = (
+    Signature(
+        keys=("username_claims", "email_claims", "user", "stats", "idempotency"),
+        args=(
+            "username_claim",
+            "email_claim",
+            "user_id",
+            "username",
+            "email",
+            "created_at",
+            "receiver_errors",
+            "fingerprint",
+            "record_ttl",
+            "created",
+        ),
+    )
+    + RATE_LIMIT_SIGNATURE
+)
 # Returns "ok"; "replay <body>" when the idempotency key's record is there for this same
 # request (nothing is written); "reused" when it is there for another request; "retry <ms>"
 # when the client is over its limit; "limiter" when the limit's state cannot be read and the
 # limit fails closed; or the name of the field whose claim is taken. Only "ok" writes the
 # signup, and with it the idempotency key's record (its fingerprint, then the 201's body).
 # A replay does not count against the rate limit.
-_CREATE_USER = (
+_CREATE_USER = _SIGNATURE.source(
     """
-if ARGV[11] ~= '' then
-  local record = redis.call('GET', KEYS[6])
+if $fingerprint ~= '' then
+  local record = redis.call('GET', $idempotency)
   if record then
-    if string.sub(record, 1, 64) == ARGV[11] then return 'replay ' .. string.sub(record, 65) end
+    if string.sub(record, 1, 64) == $fingerprint then return 'replay ' .. string.sub(record, 65) end
     return 'reused'
   end
 end
 """
-    + script_part(key="KEYS[5]", args=8)
+    + RATE_LIMIT_PART
     + """\
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'username' end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'email' end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[3], 'id', ARGV[3], 'username', ARGV[4], 'email', ARGV[5],
-           'created_at', ARGV[6])
-redis.call('HINCRBY', KEYS[4], 'users', 1)
-if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[4], 'receiver_errors', ARGV[7]) end
-for i = 7, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 7]) end
-if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11] .. ARGV[13], 'PX', ARGV[12]) end
+if redis.call('HEXISTS', $username_claims, $username_claim) == 1 then return 'username' end
+if redis.call('HEXISTS', $email_claims, $email_claim) == 1 then return 'email' end
+redis.call('HSET', $username_claims, $username_claim, $user_id)
+redis.call('HSET', $email_claims, $email_claim, $user_id)
+redis.call('HSET', $user, 'id', $user_id, 'username', $username, 'email', $email,
+           'created_at', $created_at)
+redis.call('HINCRBY', $stats, $USERS, 1)
+if tonumber($receiver_errors) > 0 then
+  redis.call('HINCRBY', $stats, $RECEIVER_ERRORS, $receiver_errors)
+end
+for i = 1, #KEYS - $named_keys do
+  redis.call('LPUSH', KEYS[$named_keys + i], ARGV[$named_args + i])
+end
+if $fingerprint ~= '' then
+  redis.call('SET', $idempotency, $fingerprint .. $created, 'PX', $record_ttl)
+end
 return 'ok'
-"""
+""",
+    USERS=USERS,
+    RECEIVER_ERRORS=RECEIVER_ERRORS,
 )
 
 
@@ -142,7 +164,7 @@ class UserStore:
         self._idempotency_ttl_ms = round(idempotency_key_ttl * 1000)
         # A signup without an Idempotency-Key still names a key there (never read or written).
         self._unkeyed = keys.idempotency("")
-        self._limit = script_args(rate_limit, rate_limit_failure)
+        self._limit = rate_limit_args(rate_limit, rate_limit_failure)
         # Clients refused for their rate limit, and until when (see RefusedClients).
         self._refused = RefusedClients()
 
@@ -178,30 +200,34 @@ class UserStore:
         all.
         """
         keys = self._keys
-        script_keys = [
-            keys.username_claims,
-            keys.email_claims,
-            keys.user(user.user_id),
-            keys.stats,
-            keys.rate(client),
-            keys.idempotency(idempotency_key) if idempotency_key is not None else self._unkeyed,
-        ]
-        script_keys += [keys.queue(queue) for queue, _ in jobs.queued]
         created = user.created()
-        args: list[Any] = [
-            user.username_claim,
-            user.email_claim,
-            user.user_id,
-            user.username,
-            user.email,
-            repr(user.created_at),
-            receiver_errors,
-            *self._limit,
-            user.fingerprint() if idempotency_key is not None else "",
-            self._idempotency_ttl_ms,
-            created,
-        ]
-        args += [job.encode() for _, job in jobs.queued]
+        script_keys, args = _SIGNATURE.call(
+            {
+                "username_claims": keys.username_claims,
+                "email_claims": keys.email_claims,
+                "user": keys.user(user.user_id),
+                "stats": keys.stats,
+                "rate_state": keys.rate(client),
+                "idempotency": keys.idempotency(idempotency_key)
+                if idempotency_key is not None
+                else self._unkeyed,
+            },
+            {
+                "username_claim": user.username_claim,
+                "email_claim": user.email_claim,
+                "user_id": user.user_id,
+                "username": user.username,
+                "email": user.email,
+                "created_at": repr(user.created_at),
+                "receiver_errors": receiver_errors,
+                "fingerprint": user.fingerprint() if idempotency_key is not None else "",
+                "record_ttl": self._idempotency_ttl_ms,
+                "created": created,
+                **self._limit,
+            },
+            tail_keys=[keys.queue(queue) for queue, _ in jobs.queued],
+            tail_args=[job.encode() for _, job in jobs.queued],
+        )
         try:
             result = bytes(await self._create(script_keys, args))
         except NotReplicatedError as exc:
