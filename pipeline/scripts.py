@@ -15,8 +15,9 @@ named ones come before it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
 from string import Template
 from typing import Any, Final
 
@@ -30,11 +31,17 @@ class Signature:
 
     keys: tuple[str, ...]
     args: tuple[str, ...]
+    # What pick the named values out of a call's mappings, in order (a call is on the path
+    # of every signup: this is a C loop, not a Python one).
+    _pick_keys: Callable[[Mapping[str, Any]], Any] = field(init=False, repr=False, compare=False)
+    _pick_args: Callable[[Mapping[str, Any]], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [*self.keys, *self.args]
         if len(set(names)) != len(names):
             raise ValueError(f"a name is used twice in {names}")
+        object.__setattr__(self, "_pick_keys", _picker(self.keys))
+        object.__setattr__(self, "_pick_args", _picker(self.args))
 
     def __add__(self, other: Signature) -> Signature:
         """This signature's keys and arguments, then ``other``'s: a script made of parts."""
@@ -68,7 +75,14 @@ class Signature:
     ) -> tuple[list[Any], list[Any]]:
         """KEYS and ARGV of one call: the named ones in the signature's order (a name missing
         from ``keys`` or ``args`` raises KeyError), then the tails."""
-        return (
-            [keys[name] for name in self.keys] + list(tail_keys),
-            [args[name] for name in self.args] + list(tail_args),
-        )
+        return [*self._pick_keys(keys), *tail_keys], [*self._pick_args(args), *tail_args]
+
+
+def _picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """The values of ``names`` in a mapping, as a tuple (itemgetter's, whatever the count)."""
+    if not names:
+        return lambda _: ()
+    if len(names) == 1:
+        get = itemgetter(names[0])
+        return lambda mapping: (get(mapping),)
+    return itemgetter(*names)
