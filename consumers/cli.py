@@ -47,6 +47,7 @@ from pipeline.settings import (
     parse_queues,
     redact_url,
 )
+from pipeline.version import __version__
 
 logger = logging.getLogger("consumers")
 PROG = "python -m consumers"
@@ -77,6 +78,7 @@ def _help(field: str, text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run the signup pipeline's consumers.")
+    parser.add_argument("--version", action="version", version=f"signup-pipeline {__version__}")
     parser.add_argument(
         "--queues",
         type=_flag(parse_queues),

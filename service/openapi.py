@@ -20,6 +20,7 @@ from werkzeug.routing import Rule
 
 from pipeline.keys import CORE_COUNTERS
 from pipeline.registry import Registry
+from pipeline.version import __version__
 from service.docs import docs
 from service.validation import EMAIL_MAX, FORM_TYPE, JSON_TYPE, USERNAME_MAX, USERNAME_MIN
 
@@ -375,7 +376,7 @@ def document_api(app: Quart, registry: Registry) -> None:
         scalar_ui_path=None,
         info=Info(
             title="Signup service",
-            version="0.1.0",
+            version=__version__,
             description="Sign a user up; a welcome email, a marketing-list update and a "
             "profile follow through Redis queues. Every error is JSON: "
             '`{"error": code, "message": text, ...details}`.',

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.embedded_redis import free_port
+from pipeline.version import __version__
 from tests.helpers import RedisServer, SmtpSink, eventually
 from tests.processes import ROOT, Child, child_env, http, server_argv
 
@@ -172,6 +173,29 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
         check=True,
     )
     assert str(ROOT) not in found.stdout and str(production_venv) in found.stdout
+    # The installed package says its version, written once (pipeline/version.py), and its
+    # licence.
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [python, "-m", "consumers", "--version"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.strip() == f"signup-pipeline {__version__}"
+    metadata = await asyncio.to_thread(
+        subprocess.run,
+        [python, "-c", "from importlib.metadata import metadata as m; "
+         "d = m('signup-pipeline'); print(d['Version'], d['License-Expression'])"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    assert metadata.stdout.split() == [__version__, "MIT"]
     assert await worker.stop(20) == 0, worker.output()
 
 

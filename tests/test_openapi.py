@@ -14,6 +14,7 @@ from quart.typing import TestClientProtocol as QuartClient
 from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 
 from pipeline.embedded_redis import free_port
+from pipeline.version import __version__
 from service.app import create_app
 from service.openapi import resolve
 from tests.helpers import RedisServer
@@ -48,6 +49,7 @@ async def test_openapi_document_describes_the_api(client: QuartClient) -> None:
     assert response.mimetype == "application/json"
     document = await response.get_json()
     assert document["openapi"].startswith("3.1")
+    assert document["info"]["version"] == __version__
     assert {path: set(ops) for path, ops in document["paths"].items()} == OPERATIONS
 
     components = document["components"]["schemas"]
