@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.exposition import generate_latest
 
 from pipeline.metrics import JOB_BUCKETS
-from pipeline.registry import Registry, load_registry
+from pipeline.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,9 @@ REQUEST_TIMEOUT = 5.0
 
 class ConsumerMetrics:
     """The metrics of one consumer process, in their own registry; the job types and queues
-    labelled are those of ``reactions`` (the default reactions when None)."""
+    labelled are those of ``reactions``."""
 
-    def __init__(self, reactions: Registry | None = None) -> None:
-        reactions = reactions or load_registry()
+    def __init__(self, reactions: Registry) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter(
             "signup_jobs",

@@ -124,7 +124,7 @@ class Consumer:
         metrics: ConsumerMetrics | None = None,
     ) -> None:
         self._broker = broker
-        self._metrics = metrics if metrics is not None else ConsumerMetrics()
+        self._metrics = metrics if metrics is not None else ConsumerMetrics(settings.registry)
         self._handlers = handlers
         self._context = context
         self._settings = settings

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from pipeline.errors import JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.keys import Keys
-from pipeline.registry import Registry, load_registry
+from pipeline.registry import Registry
 
 # Move one entry back to its queue, only if it is still on the dead-letter list. The push
 # comes before the removal, so a Redis out of memory refuses the script before it changes
@@ -153,10 +153,10 @@ def lua_entry(**fields: str) -> str:
 class DeadLetters:
     """The dead-letter list of one prefix."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, registry: Registry | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, registry: Registry) -> None:
         self._redis = redis
         self._keys = keys
-        self._routes = (registry or load_registry()).routes
+        self._routes = registry.routes
         self._requeue = redis.register_script(_REQUEUE)
 
     async def count(self) -> int:

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from pipeline.dead import lua_entry
 from pipeline.jobs import Job, new_job
 from pipeline.keys import DEAD_LETTERS_DROPPED, Keys
-from pipeline.registry import JobType, Registry, load_registry
+from pipeline.registry import JobType, Registry
 from pipeline.scripts import Signature
 from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
 
@@ -58,10 +58,10 @@ class DirectQueue:
     """A :class:`JobSink` that LPUSHes each job at once: for scripts and tests, outside a
     request. Inside a request the signup's unit of work collects the jobs instead."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, registry: Registry | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, registry: Registry) -> None:
         self._redis = redis
         self._keys = keys
-        self._registry = registry or load_registry()
+        self._registry = registry
 
     async def push(self, job_type: JobType | str, payload: dict[str, Any]) -> Job:
         queue = self._registry.queue_for(job_type)
@@ -280,11 +280,11 @@ class Broker:
         mode: DeliveryMode = "at-least-once",
         consumer_id: str | None = None,
         dead_letter_max: int = DEAD_LETTER_MAX,
-        queues: Sequence[str] | None = None,
+        queues: Sequence[str],
     ) -> None:
         self.redis = redis
         #: Every queue of the registry: what recovery looks for in a dead consumer's lists.
-        self.queues = tuple(queues if queues is not None else load_registry().queues)
+        self.queues = tuple(queues)
         self.keys = keys
         self.mode = mode
         self.dead_letter_max = dead_letter_max

@@ -12,7 +12,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
-from pipeline.registry import Registry, load_registry
+from pipeline.registry import Registry
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
@@ -112,12 +112,8 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def read_stats(
-    redis: aioredis.Redis, keys: Keys, registry: Registry | None = None
-) -> PipelineStats:
-    """Everything in two round trips, for the queues and counters of ``registry`` (the
-    default reactions when None)."""
-    registry = registry or load_registry()
+async def read_stats(redis: aioredis.Redis, keys: Keys, registry: Registry) -> PipelineStats:
+    """Everything in two round trips, for the queues and counters of ``registry``."""
     queues, counters = registry.queues, registry.counters
     pipe = redis.pipeline(transaction=False)
     pipe.hmget(keys.stats, list(counters))

@@ -19,6 +19,7 @@ import pytest
 from quart.typing import TestClientProtocol
 
 from pipeline.embedded_redis import find_redis_server, server_args, server_version
+from pipeline.registry import load_registry
 
 #: The suite's rate limit, unless a test sets its own: every signup from 127.0.0.1 is
 #: counted by it, and none reaches it.
@@ -28,6 +29,10 @@ TEST_RATE_LIMIT = "1000000/1"
 #: embedded one; never whatever PATH holds, so a run always says what it tested.
 REDIS_BINARY = find_redis_server(system_first=False)
 REDIS_VERSION = server_version(REDIS_BINARY)
+
+#: The default reactions, which the suite runs with unless a test loads others. Product code
+#: is always handed its registry (from REACTIONS); tests pass this one.
+REGISTRY = load_registry()
 
 
 def debian_redis() -> str:

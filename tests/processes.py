@@ -21,7 +21,7 @@ from pipeline.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
 from service.uvicorn_http import UVICORN_OPTIONS
-from tests.helpers import TEST_RATE_LIMIT, RedisServer, eventually
+from tests.helpers import REGISTRY, TEST_RATE_LIMIT, RedisServer, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,7 +196,7 @@ async def web(
 
 
 async def push_emails(redis: aioredis.Redis, keys: Keys, count: int, start: int = 0) -> list[str]:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     addresses = [f"user{i}@example.com" for i in range(start, start + count)]
     for address in addresses:
         await queue.push(

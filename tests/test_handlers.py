@@ -25,7 +25,7 @@ from pipeline.stats import read_stats
 from reactions.marketing import LIST, add_to_marketing_list
 from reactions.profile import build_profile, generate_profile
 from reactions.welcome_email import EMAIL, send_welcome_email
-from tests.helpers import SmtpSink, eventually
+from tests.helpers import REGISTRY, SmtpSink, eventually
 
 
 def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> Context:
@@ -54,7 +54,7 @@ async def test_welcome_email_over_smtp(
     html = message.get_body(("html",))
     assert text is not None and "zoë_42" in text.get_content()
     assert html is not None and "<strong>zoë_42</strong>" in html.get_content()
-    assert (await read_stats(redis, keys)).counters["emails_sent"] == 1
+    assert (await read_stats(redis, keys, REGISTRY)).counters["emails_sent"] == 1
 
 
 async def test_welcome_email_to_the_console_without_smtp(
@@ -70,7 +70,7 @@ async def test_welcome_email_to_the_console_without_smtp(
     assert "welcome email for user u1 sent to a***@example.com" in caplog.text
     assert "a@example.com" not in caplog.text
     assert "Hello alice" not in caplog.text
-    assert (await read_stats(redis, keys)).counters["emails_sent"] == 1
+    assert (await read_stats(redis, keys, REGISTRY)).counters["emails_sent"] == 1
 
     caplog.clear()
     again = new_job("welcome_email", {"user_id": "u2", "username": "bo", "email": "b@example.com"})
@@ -89,7 +89,7 @@ async def test_smtp_failure_raises_and_counts_nothing(
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
     with pytest.raises(Exception, match=r"(?i)connect"):
         await send_welcome_email(context_for(redis, keys, settings), job)
-    assert (await read_stats(redis, keys)).counters["emails_sent"] == 0
+    assert (await read_stats(redis, keys, REGISTRY)).counters["emails_sent"] == 0
 
 
 async def test_marketing_list(redis: aioredis.Redis, keys: Keys, settings: Settings) -> None:
@@ -101,7 +101,7 @@ async def test_marketing_list(redis: aioredis.Redis, keys: Keys, settings: Setti
     assert await redis.zrange(keys.of(LIST), 0, -1, withscores=True) == [
         (b"a@example.com", 1700000000.5)
     ]
-    assert (await read_stats(redis, keys)).counters["marketing_list_updates"] == 1
+    assert (await read_stats(redis, keys, REGISTRY)).counters["marketing_list_updates"] == 1
 
 
 async def test_profile_is_written_and_served(
@@ -121,7 +121,7 @@ async def test_profile_is_written_and_served(
     assert profile["initials"] == "JV"
     assert profile["avatar_url"].startswith("https://www.gravatar.com/avatar/")
     datetime.fromisoformat(profile["created_at"])
-    assert (await read_stats(redis, keys)).counters["profiles_generated"] == 1
+    assert (await read_stats(redis, keys, REGISTRY)).counters["profiles_generated"] == 1
     assert orjson.loads(await redis.get(keys.profile(user_id))) == profile
 
 
@@ -140,7 +140,7 @@ def test_build_profile() -> None:
 
 
 async def test_receivers_push_directly_outside_a_request(redis: aioredis.Redis, keys: Keys) -> None:
-    sink = DirectQueue(redis, keys)
+    sink = DirectQueue(redis, keys, REGISTRY)
     for receiver in load_registry().receivers(user_signed_up):
         await receiver(
             None,
@@ -230,7 +230,7 @@ async def test_each_effect_happens_once_per_job_id(
             await handler(ctx, job)
         if delivery == 0:
             first_profile = await redis.get(keys.profile(payload["user_id"]))
-    counters = (await read_stats(redis, keys)).counters
+    counters = (await read_stats(redis, keys, REGISTRY)).counters
     assert (
         counters["emails_sent"],
         counters["marketing_list_updates"],
@@ -315,7 +315,7 @@ async def test_a_lost_done_marker_write_is_retried_not_sent_again(
     assert ctx.failures == 0
     assert smtp_server.recipients() == ["a@example.com"]
     assert await redis.exists(keys.done(job.id)) == 1
-    assert (await read_stats(redis, keys)).counters["emails_sent"] == 1
+    assert (await read_stats(redis, keys, REGISTRY)).counters["emails_sent"] == 1
 
 
 @pytest.mark.parametrize(
@@ -355,7 +355,7 @@ async def test_a_job_with_an_unsafe_payload_is_dead_lettered_at_once_and_nothing
 
     settings = make_settings({"SMTP_URL": smtp_server.url, "FETCH_TIMEOUT": "0.2"})
     consumer, client = build_consumer(settings)
-    await DirectQueue(redis, keys).push(job_type, payload)
+    await DirectQueue(redis, keys, REGISTRY).push(job_type, payload)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:

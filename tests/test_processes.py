@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from pipeline.embedded_redis import embedded_redis_server, free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.helpers import RedisServer, SmtpSink, debian_redis, eventually
+from tests.helpers import REGISTRY, RedisServer, SmtpSink, debian_redis, eventually
 from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
 
 #: What a server process started by `make run` is called (Redis, or the embedded Valkey).
@@ -318,7 +318,7 @@ async def test_make_run_starts_its_own_redis_and_a_second_ctrl_c_stops_at_once(
 async def test_queues_flag_limits_what_a_consumer_serves(
     spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     payload = {"user_id": "a" * 32, "username": "alice", "email": "a@example.com", "created_at": 1}
     await queue.push("welcome_email", payload)
     await queue.push("generate_profile", payload)

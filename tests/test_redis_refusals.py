@@ -34,7 +34,7 @@ from pipeline.queue import DirectQueue
 from pipeline.registry import Context
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.helpers import eventually
+from tests.helpers import REGISTRY, eventually
 from tests.servers import Scratch, answers, raw
 from tests.test_runner import _count, build_consumer
 
@@ -229,7 +229,7 @@ async def test_a_refusal_inside_a_job_returns_it_untried_and_it_runs_once_redis_
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
-        await DirectQueue(admin, keys).push(
+        await DirectQueue(admin, keys, REGISTRY).push(
             "welcome_email", {"user_id": "0" * 32, "email": "a@example.com"}
         )
         await eventually(lambda: HELD.attempts == [0], what="the job to start")

@@ -17,7 +17,7 @@ from werkzeug.datastructures import Headers
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.app import create_app
-from tests.helpers import eventually
+from tests.helpers import REGISTRY, eventually
 from tests.servers import Scratch
 
 ALICE = {"username": "alice", "email": "alice@example.com"}
@@ -163,7 +163,7 @@ async def test_a_consumer_acknowledges_an_effect_only_once_a_replica_has_it(
         settings, consumer_queues=("profile",), consumer_concurrency={"profile": 1}
     )
     user_id = "ab" * 16
-    await DirectQueue(client, keys).push(
+    await DirectQueue(client, keys, REGISTRY).push(
         "generate_profile", {"user_id": user_id, "username": "alice", "email": "a@example.com"}
     )
     stop = asyncio.Event()

@@ -25,7 +25,7 @@ from pipeline.settings import Settings
 from pipeline.stats import read_stats
 from reactions.marketing import LIST
 from reactions.welcome_email import EMAIL
-from tests.helpers import eventually, parse_metrics
+from tests.helpers import REGISTRY, eventually, parse_metrics
 
 
 @dataclass
@@ -92,7 +92,7 @@ def build_consumer(
     keys = Keys(settings.key_prefix)
     ctx = Context(client, settings)
     ctx[EMAIL] = ConsoleEmailBackend()
-    broker = Broker(client, keys, mode=settings.delivery_mode)
+    broker = Broker(client, keys, queues=REGISTRY.queues, mode=settings.delivery_mode)
     return Consumer(broker, handlers or settings.registry.handlers(), ctx, settings), client
 
 
@@ -139,7 +139,7 @@ async def start_consumer(
 async def test_processes_every_job_type(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     for i in range(5):
         await queue.push(
             "welcome_email",
@@ -161,7 +161,7 @@ async def test_processes_every_job_type(
     running = await start_consumer()  # type: ignore[operator]
 
     async def all_done() -> bool:
-        stats = await read_stats(redis, keys)
+        stats = await read_stats(redis, keys, REGISTRY)
         return (
             stats.counters["emails_sent"],
             stats.counters["marketing_list_updates"],
@@ -195,7 +195,7 @@ async def test_poison_jobs_go_to_dead_letters_and_the_consumer_keeps_going(
     start_consumer: object, redis: aioredis.Redis, keys: Keys, raw: bytes, reason: str
 ) -> None:
     await redis.lpush(keys.queue("email"), raw)
-    await DirectQueue(redis, keys).push(
+    await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"}
     )
     await start_consumer()  # type: ignore[operator]
@@ -205,14 +205,14 @@ async def test_poison_jobs_go_to_dead_letters_and_the_consumer_keeps_going(
     assert entries[0]["queue"] == "email"
     assert reason in entries[0]["reason"]
     assert entries[0]["job"] == raw.decode("utf-8", "backslashreplace")
-    assert (await read_stats(redis, keys)).dead_letter == 1
+    assert (await read_stats(redis, keys, REGISTRY)).dead_letter == 1
 
 
 async def test_a_failing_job_is_retried_then_dead_lettered_with_its_error_and_attempts(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
     _calls.clear()
-    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     await start_consumer({"welcome_email": failing}, env={"JOB_MAX_ATTEMPTS": "3"})  # type: ignore[operator]
     await eventually(lambda: _llen(redis, keys.dead, 1), what="a dead letter")
     entry = orjson.loads(await redis.lindex(keys.dead, 0))
@@ -229,7 +229,7 @@ async def test_a_retry_waits_in_the_delayed_set_then_runs(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
     _calls.clear()
-    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     await start_consumer({"welcome_email": fails_once}, env={"RETRY_BASE_DELAY": "2"})  # type: ignore[operator]
     await eventually(lambda: _zcard(redis, keys.delayed("email"), 1), what="the retry scheduled")
     waiting = decode((await redis.zrange(keys.delayed("email"), 0, 0))[0])
@@ -251,7 +251,7 @@ def test_retry_delay_is_exponential_with_jitter_and_capped(attempts: int) -> Non
 async def test_a_job_over_its_timeout_counts_as_a_failed_attempt(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    await DirectQueue(redis, keys).push(
+    await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"email": "hang@example.com", "slow": True}
     )
     await start_consumer(  # type: ignore[operator]
@@ -268,7 +268,7 @@ async def test_a_job_over_its_timeout_counts_as_a_failed_attempt(
 async def test_a_running_job_is_held_in_the_consumers_processing_list(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    job = await DirectQueue(redis, keys).push(
+    job = await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"email": "slow@example.com", "slow": True}
     )
     running = await start_consumer({"welcome_email": held_email})  # type: ignore[operator]
@@ -288,7 +288,7 @@ async def test_a_running_job_is_held_in_the_consumers_processing_list(
 async def test_at_most_once_holds_nothing_in_redis_while_a_job_runs(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    await DirectQueue(redis, keys).push(
+    await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"email": "slow@example.com", "slow": True}
     )
     running = await start_consumer(  # type: ignore[operator]
@@ -308,9 +308,9 @@ async def test_jobs_of_a_consumer_whose_lease_expired_are_recovered_and_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A consumer that took two jobs and died: its lease is left to expire.
-    dead = Broker(redis, keys, consumer_id="dead-1")
+    dead = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="dead-1")
     await dead.heartbeat(0.05, {})
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     first = await queue.push("welcome_email", {"email": "first@example.com"})
     second = await queue.push("welcome_email", {"email": "second@example.com"})
     assert await dead.fetch("email", 1) is not None
@@ -338,11 +338,11 @@ async def test_a_held_job_whose_fetch_reply_was_lost_is_returned_and_run(
 
 
 async def test_a_live_consumers_jobs_are_never_recovered(redis: aioredis.Redis, keys: Keys) -> None:
-    alive = Broker(redis, keys, consumer_id="alive-1")
+    alive = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="alive-1")
     await alive.heartbeat(30, {})
-    await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     assert await alive.fetch("email", 1) is not None
-    sweeper = Broker(redis, keys)
+    sweeper = Broker(redis, keys, queues=REGISTRY.queues)
     assert await sweeper.expired_consumers() == []
     assert await sweeper.recover("alive-1", max_deliveries=3, forget_after=60) == (-1, 0)
     assert await redis.llen(keys.processing("email", "alive-1")) == 1
@@ -351,10 +351,10 @@ async def test_a_live_consumers_jobs_are_never_recovered(redis: aioredis.Redis, 
 async def test_a_job_that_keeps_killing_its_consumer_is_dead_lettered_after_max_deliveries(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    job = await DirectQueue(redis, keys).push("generate_profile", {"user_id": "u"})
-    sweeper = Broker(redis, keys)
+    job = await DirectQueue(redis, keys, REGISTRY).push("generate_profile", {"user_id": "u"})
+    sweeper = Broker(redis, keys, queues=REGISTRY.queues)
     for delivery in range(1, 4):
-        victim = Broker(redis, keys, consumer_id=f"victim-{delivery}")
+        victim = Broker(redis, keys, queues=REGISTRY.queues, consumer_id=f"victim-{delivery}")
         await victim.heartbeat(0.05, {})
         assert decode(await victim.fetch("profile", 1) or b"").id == job.id
         await eventually(lambda v=victim: _exists(redis, keys.lease(v.consumer_id), 0))
@@ -374,8 +374,8 @@ async def test_a_job_that_keeps_killing_its_consumer_is_dead_lettered_after_max_
 async def test_settling_a_job_no_longer_held_does_nothing(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    broker = Broker(redis, keys, consumer_id="c1")
-    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1")
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     raw = await broker.fetch("email", 1)
     assert raw is not None
     await redis.delete(keys.processing("email", "c1"))  # as a recovery would
@@ -389,8 +389,10 @@ async def test_settling_a_job_no_longer_held_does_nothing(
 async def test_due_retries_are_promoted_to_the_head_earliest_first(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    broker = Broker(redis, keys, mode="at-most-once")
-    waiting = await DirectQueue(redis, keys).push("welcome_email", {"email": "w@example.com"})
+    broker = Broker(redis, keys, queues=REGISTRY.queues, mode="at-most-once")
+    waiting = await DirectQueue(redis, keys, REGISTRY).push(
+        "welcome_email", {"email": "w@example.com"}
+    )
     jobs = [new_job("welcome_email", {"email": f"retry{i}@example.com"}) for i in range(3)]
     # Three jobs to retry: due in 20 ms, 10 ms and a minute.
     for job, delay in zip(jobs, [0.02, 0.01, 60], strict=True):
@@ -404,26 +406,26 @@ async def test_due_retries_are_promoted_to_the_head_earliest_first(
 async def test_latency_samples_reach_the_stats(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     for i in range(4):
         await queue.push("welcome_email", {"email": f"u{i}@example.com"})
     running = await start_consumer({"welcome_email": held_email})  # type: ignore[operator]
     await eventually(lambda: len(GATE.finished) == 4, what="four jobs")
     running.stop.set()
     await asyncio.wait_for(running.task, 5)  # the last samples are written on the way out
-    latency = (await read_stats(redis, keys)).latency["email"]
+    latency = (await read_stats(redis, keys, REGISTRY)).latency["email"]
     assert latency.samples == 4
     assert latency.wait_ms.p50 is not None and latency.wait_ms.p99 is not None
     assert 0 <= latency.wait_ms.p50 <= latency.wait_ms.p99
     assert latency.run_ms.p50 is not None and latency.run_ms.p99 is not None
     assert 0 <= latency.run_ms.p50 <= latency.run_ms.p99
-    assert (await read_stats(redis, keys)).latency["profile"].samples == 0
+    assert (await read_stats(redis, keys, REGISTRY)).latency["profile"].samples == 0
 
 
 async def test_a_slow_job_does_not_block_fetching(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     await queue.push("welcome_email", {"email": "slow@example.com", "slow": True})
     for i in range(10):
         await queue.push("welcome_email", {"email": f"fast{i}@example.com"})
@@ -438,7 +440,7 @@ async def test_a_slow_job_does_not_block_fetching(
 async def test_concurrency_bounds_jobs_in_flight(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     for i in range(5):
         await queue.push("welcome_email", {"email": f"slow{i}@example.com", "slow": True})
     running = await start_consumer({"welcome_email": held_email}, {"email": 3})  # type: ignore[operator]
@@ -454,7 +456,7 @@ async def test_concurrency_bounds_jobs_in_flight(
 async def test_stop_lets_in_flight_jobs_finish_within_the_grace_period(
     start_consumer: object, redis: aioredis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await DirectQueue(redis, keys).push(
+    await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"email": "slow@example.com", "slow": True}
     )
     running = await start_consumer({"welcome_email": held_email}, {"email": 2}, grace=10)  # type: ignore[operator]
@@ -475,7 +477,7 @@ async def test_stop_lets_in_flight_jobs_finish_within_the_grace_period(
 async def test_jobs_still_running_after_the_grace_period_are_returned_first_in_line(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     slow = await queue.push("welcome_email", {"email": "slow@example.com", "slow": True})
     running = await start_consumer({"welcome_email": held_email}, {"email": 1}, grace=0.3)  # type: ignore[operator]
     await eventually(lambda: GATE.started == ["slow@example.com"], what="the job to start")
@@ -491,7 +493,7 @@ async def test_jobs_still_running_after_the_grace_period_are_returned_first_in_l
 async def test_force_cancels_at_once_and_returns_the_jobs(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    job = await DirectQueue(redis, keys).push(
+    job = await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"email": "slow@example.com", "slow": True}
     )
     running = await start_consumer({"welcome_email": held_email}, {"email": 1}, grace=60)  # type: ignore[operator]
@@ -557,7 +559,7 @@ async def test_consumer_survives_a_redis_restart(
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
-        queue = DirectQueue(admin, keys)
+        queue = DirectQueue(admin, keys, REGISTRY)
         payload = {"user_id": "u", "username": "alice", "email": "a@example.com"}
         await queue.push("welcome_email", payload)
         await eventually(lambda: _emails_sent(admin, keys, 1), what="the first job")
@@ -567,7 +569,7 @@ async def test_consumer_survives_a_redis_restart(
         server = start_redis()
         await admin.aclose()
         admin = aioredis.Redis.from_url(own.redis_url)
-        await DirectQueue(admin, keys).push("welcome_email", payload)
+        await DirectQueue(admin, keys, REGISTRY).push("welcome_email", payload)
         # The restarted Redis kept nothing (no persistence here): one job, processed.
         await eventually(lambda: _emails_sent(admin, keys, 1), what="a job after the restart")
         assert "Redis available again" in caplog.text
@@ -595,7 +597,7 @@ async def test_a_job_failed_by_redis_is_returned_not_dead_lettered(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
     _flaky_calls.clear()
-    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     await start_consumer({"welcome_email": redis_down_once})  # type: ignore[operator]
     await eventually(lambda: len(_flaky_calls) == 2, what="the job to run again")
     assert _flaky_calls == [job.id, job.id]
@@ -619,7 +621,7 @@ async def test_dead_letters_requeue_all_skips_what_cannot_be_decoded_and_purge_e
     await redis.lpush(
         keys.dead, DeadLetter.for_job("email", b"not json", "undecodable job").encode()
     )
-    dead = DeadLetters(redis, keys)
+    dead = DeadLetters(redis, keys, REGISTRY)
     assert [entry.job_id for entry in await dead.list(limit=2)] == [None, jobs[1].id]
     assert await dead.requeue() == (2, 1)
     back = [decode(raw) for raw in await redis.lrange(keys.queue("email"), 0, -1)]
@@ -643,7 +645,7 @@ async def test_jobs_finishing_apart_are_acked_by_one_take_and_an_idle_loop_takes
     async def gated(ctx: Context, job: Job) -> None:
         await gates[job.payload["email"]].wait()
 
-    queue = DirectQueue(redis, keys)
+    queue = DirectQueue(redis, keys, REGISTRY)
     for email in gates:
         await queue.push("welcome_email", {"user_id": "u", "username": "u", "email": email})
     running = await start_consumer(  # type: ignore[operator]
@@ -676,8 +678,8 @@ async def test_jobs_finishing_apart_are_acked_by_one_take_and_an_idle_loop_takes
 async def test_take_acks_finished_jobs_and_takes_a_batch_oldest_first(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    broker = Broker(redis, keys, consumer_id="c1")
-    queue = DirectQueue(redis, keys)
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1")
+    queue = DirectQueue(redis, keys, REGISTRY)
     jobs = [await queue.push("welcome_email", {"email": f"u{i}@example.com"}) for i in range(5)]
     taken, found = await broker.take("email", 3)
     assert ([decode(raw).id for raw in taken], found) == ([j.id for j in jobs[:3]], 0)
@@ -701,8 +703,8 @@ async def test_take_acks_finished_jobs_and_takes_a_batch_oldest_first(
 async def test_take_at_most_once_pops_a_batch_and_holds_nothing(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    broker = Broker(redis, keys, consumer_id="c1", mode="at-most-once")
-    queue = DirectQueue(redis, keys)
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1", mode="at-most-once")
+    queue = DirectQueue(redis, keys, REGISTRY)
     jobs = [await queue.push("welcome_email", {"email": f"u{i}@example.com"}) for i in range(3)]
     taken, _ = await broker.take("email", 2)
     assert [decode(raw).id for raw in taken] == [jobs[0].id, jobs[1].id]
@@ -759,8 +761,13 @@ async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
     )
     client = consumer_client(settings, max_connections=16)
     ctx = Context(client, settings)
-    consumer = Consumer(SlowSettlingBroker(client, keys), {"welcome_email": failing}, ctx, settings)
-    job = await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    consumer = Consumer(
+        SlowSettlingBroker(client, keys, queues=REGISTRY.queues),
+        {"welcome_email": failing},
+        ctx,
+        settings,
+    )
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
@@ -777,7 +784,7 @@ async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
 async def test_the_heartbeat_says_when_the_lease_had_lapsed(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    broker = Broker(redis, keys, consumer_id="c1")
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1")
     assert await broker.heartbeat(30, {"pid": 1}) is False  # nothing held before
     assert await broker.heartbeat(30, {"pid": 1}) is True
     await redis.delete(keys.lease("c1"))  # expired meanwhile
@@ -788,10 +795,10 @@ async def test_the_heartbeat_says_when_the_lease_had_lapsed(
 async def test_a_dead_consumer_is_forgotten_only_after_forget_after(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    dead = Broker(redis, keys, consumer_id="gone")
+    dead = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="gone")
     await dead.heartbeat(0.05, {})
     await eventually(lambda: _exists(redis, keys.lease("gone"), 0), what="the lease to expire")
-    sweeper = Broker(redis, keys)
+    sweeper = Broker(redis, keys, queues=REGISTRY.queues)
     assert await sweeper.recover("gone", max_deliveries=3, forget_after=60) == (0, 0)
     assert await redis.zscore(keys.consumers, "gone") is not None  # still looked at
     assert await sweeper.recover("gone", max_deliveries=3, forget_after=0) == (0, 0)
@@ -801,9 +808,9 @@ async def test_a_dead_consumer_is_forgotten_only_after_forget_after(
 async def test_after_an_outage_the_sweeper_first_lets_live_consumers_renew(
     make_settings: Callable[..., Settings], redis: aioredis.Redis, keys: Keys
 ) -> None:
-    dead = Broker(redis, keys, consumer_id="dead-1")
+    dead = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="dead-1")
     await dead.heartbeat(0.05, {})
-    await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     assert await dead.fetch("email", 1) is not None
     await eventually(lambda: _exists(redis, keys.lease("dead-1"), 0), what="the lease to expire")
     consumer, client = build_consumer(
@@ -849,7 +856,7 @@ async def test_retries_and_dead_letters_are_counted_by_outcome(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
     _calls.clear()
-    await DirectQueue(redis, keys).push("welcome_email", {"email": "a@example.com"})
+    await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     running = await start_consumer({"welcome_email": failing}, env={"JOB_MAX_ATTEMPTS": "3"})  # type: ignore[operator]
     await eventually(lambda: _llen(redis, keys.dead, 1), what="a dead letter")
     consumer = running.consumer
@@ -870,9 +877,9 @@ async def test_retries_and_dead_letters_are_counted_by_outcome(
 async def test_jobs_recovered_from_a_dead_consumer_are_counted(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    dead = Broker(redis, keys, consumer_id="dead-2")
+    dead = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="dead-2")
     await dead.heartbeat(0.05, {})
-    await DirectQueue(redis, keys).push("welcome_email", {"email": "first@example.com"})
+    await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "first@example.com"})
     assert await dead.fetch("email", 1) is not None
     await eventually(lambda: _exists(redis, keys.lease("dead-2"), 0), what="the lease to expire")
     running = await start_consumer({"welcome_email": held_email}, {"email": 1})  # type: ignore[operator]
