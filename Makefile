@@ -21,7 +21,7 @@ $(STAMP): requirements-dev.lock pyproject.toml
 ## run: Redis (unless REDIS_URL is set), the web service on $$WEB_HOST:$$PORT (127.0.0.1:8000)
 ## and the consumers.
 run: $(STAMP)
-	$(BIN)/python -m pipeline.devserver
+	$(BIN)/python -m devtools.devserver
 
 ## test: lint, type-check, then the whole suite against the embedded server (Valkey 9), which
 ## the suite starts itself; the Redis TLS tests run on Debian's redis-server.
@@ -41,13 +41,13 @@ audit: $(STAMP)
 	$(BIN)/python .ci/audit.py requirements.lock requirements-uvicorn.lock requirements-dev.lock
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline service consumers reactions loadtest tests
-	$(BIN)/ruff format --check pipeline service consumers reactions loadtest tests
+	$(BIN)/ruff check pipeline service consumers reactions loadtest devtools tests
+	$(BIN)/ruff format --check pipeline service consumers reactions loadtest devtools tests
 
 ## docs: regenerate the README's settings and reactions tables and .env.example from the
 ## declarations (pipeline/settings.py, the reactions); a test fails when they are stale.
 docs: $(STAMP)
-	$(BIN)/python -m pipeline.readme
+	$(BIN)/python -m devtools.readme
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -27,7 +27,7 @@ import orjson
 import psutil
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import scratch_server
+from devtools.embedded_redis import scratch_server
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
 from pipeline.settings import DELIVERY_MODES

@@ -348,7 +348,7 @@ _SETTING = "setting"
 class Setting:
     """The declaration of one environment variable: its name, how it is parsed, what it
     means, who reads it and how its default is shown. :meth:`Settings.from_env`, the README's
-    table and ``.env.example`` all follow from these (see ``pipeline.readme``)."""
+    table and ``.env.example`` all follow from these (see ``devtools.readme``)."""
 
     env: str
     kind: str

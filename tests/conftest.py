@@ -17,7 +17,7 @@ from quart.typing import TestAppProtocol, TestClientProtocol
 if TYPE_CHECKING:
     from tests.processes import Child
 
-from pipeline.embedded_redis import free_port, wait_until_ready
+from devtools.embedded_redis import free_port, wait_until_ready
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from service.app import create_app

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from quart.typing import TestClientProtocol
 
-from pipeline.embedded_redis import find_redis_server, server_args, server_version
+from devtools.embedded_redis import find_redis_server, server_args, server_version
 from pipeline.registry import load_registry
 
 #: The suite's rate limit, unless a test sets its own: every signup from 127.0.0.1 is

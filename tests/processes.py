@@ -17,7 +17,7 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
 from service.uvicorn_http import UVICORN_OPTIONS

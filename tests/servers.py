@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from tests.helpers import REDIS_BINARY, eventually, suite_server_args
 
 

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from devtools.embedded_redis import free_port
 from pipeline.batching import AutoPipeline, ScriptBatcher
-from pipeline.embedded_redis import free_port
 
 # Echo ARGV[1] after counting it under KEYS[1]; refuse 'bad'.
 ECHO = """

@@ -23,7 +23,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port, wait_until_ready
+from devtools.embedded_redis import free_port, wait_until_ready
 from pipeline.keys import Keys
 from tests.helpers import RedisServer, SmtpSink, eventually, suite_server_args
 from tests.processes import ROOT, Child, admin, child_env, consumer_argv, http, push_emails, web

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from tests.helpers import eventually
 from tests.processes import child_env, consumer_argv, http, web
 from tests.servers import Scratch

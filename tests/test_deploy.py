@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from pipeline.version import __version__
 from tests.helpers import RedisServer, SmtpSink, eventually
 from tests.processes import ROOT, Child, child_env, http, server_argv
@@ -100,6 +101,10 @@ def _production_venv(tmp_path_factory: pytest.TempPathFactory, lock: str) -> Pat
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip, "*.egg-info"))
     _run([*pip, "wheel", "--no-deps", "-w", str(dist), str(source)], root)
     (wheel,) = dist.glob("signup_pipeline-*.whl")
+    # The product's packages, and none of the tools for working on it.
+    packages = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {"pipeline", "service", "consumers", "reactions"} <= packages
+    assert "devtools" not in packages and "tests" not in packages
     _run([*pip, "install", "--no-deps", str(wheel)], root)
     # Every declared requirement is satisfied by what the lock installed.
     _run([*pip, "check"], root)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from tests.helpers import RedisServer
 from tests.processes import ROOT, child_env
 

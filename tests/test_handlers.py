@@ -83,7 +83,7 @@ async def test_welcome_email_to_the_console_without_smtp(
 async def test_smtp_failure_raises_and_counts_nothing(
     redis: aioredis.Redis, keys: Keys, make_settings: object
 ) -> None:
-    from pipeline.embedded_redis import free_port
+    from devtools.embedded_redis import free_port
 
     settings = make_settings({"SMTP_URL": f"smtp://127.0.0.1:{free_port()}", "SMTP_TIMEOUT": "1"})  # type: ignore[operator]
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
@@ -179,7 +179,7 @@ async def test_welcome_email_over_tls(
 ) -> None:
     from aiosmtpd.controller import Controller
 
-    from pipeline.embedded_redis import free_port
+    from devtools.embedded_redis import free_port
 
     cert, context = certificate
     sink = SmtpSink(port=free_port())
@@ -254,7 +254,7 @@ async def test_each_effect_happens_once_per_job_id(
 async def test_a_failed_email_is_not_marked_done(
     redis: aioredis.Redis, keys: Keys, make_settings: object
 ) -> None:
-    from pipeline.embedded_redis import free_port
+    from devtools.embedded_redis import free_port
 
     settings = make_settings({"SMTP_URL": f"smtp://127.0.0.1:{free_port()}", "SMTP_TIMEOUT": "1"})  # type: ignore[operator]
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})

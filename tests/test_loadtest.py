@@ -14,9 +14,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.embedded_redis import free_port
 from loadtest.generator import Recording
 from loadtest.report import render, summarise
-from pipeline.embedded_redis import free_port
 from tests.helpers import RedisServer, SmtpSink
 from tests.processes import ROOT, child_env, consumer_argv, http, web
 

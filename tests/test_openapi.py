@@ -13,7 +13,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as QuartClient
 from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from pipeline.version import __version__
 from service.app import create_app
 from service.openapi import resolve

@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from prometheus_client import values
 from quart.typing import TestClientProtocol as QuartClient
 
+from devtools.embedded_redis import free_port
 from pipeline import logs
-from pipeline.embedded_redis import free_port
 from pipeline.jobs import decode
 from pipeline.keys import Keys
 from pipeline.logs import JsonFormatter, TextFormatter

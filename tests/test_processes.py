@@ -15,7 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import embedded_redis_server, free_port
+from devtools.embedded_redis import embedded_redis_server, free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
 from tests.helpers import REGISTRY, RedisServer, SmtpSink, debian_redis, eventually
@@ -244,9 +244,9 @@ async def test_client_gone_mid_body_leaves_nothing(
 
 
 async def start_make_run(spawn: Any, env: dict[str, str], *args: str) -> Child:
-    """``python -m pipeline.devserver`` (what ``make run`` runs), once a signup gets a 201."""
+    """``python -m devtools.devserver`` (what ``make run`` runs), once a signup gets a 201."""
     port = int(env["PORT"])
-    supervisor = spawn([sys.executable, "-m", "pipeline.devserver", *args], env)
+    supervisor = spawn([sys.executable, "-m", "devtools.devserver", *args], env)
 
     name = f"runner{os.urandom(4).hex()}"
 
@@ -366,7 +366,7 @@ async def test_make_run_shows_a_server_that_does_not_start_in_its_own_words(
     appendonly.mkdir(parents=True)
     (appendonly / "appendonly.aof.manifest").write_text("this is not a manifest\n")
     supervisor = spawn(
-        [sys.executable, "-m", "pipeline.devserver", "--redis-port", str(free_port()),
+        [sys.executable, "-m", "devtools.devserver", "--redis-port", str(free_port()),
          "--data-dir", str(data)],
         env,
     )  # fmt: skip

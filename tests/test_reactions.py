@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.keys import Keys
 from pipeline.registry import JobType, Reaction, Registry

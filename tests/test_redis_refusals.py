@@ -26,8 +26,8 @@ from redis.exceptions import (
     ReadOnlyError,
 )
 
+from devtools.embedded_redis import free_port
 from pipeline.connections import REDIS_UNAVAILABLE, BusyError, MisconfError, NoReplicasError
-from pipeline.embedded_redis import free_port
 from pipeline.jobs import Job
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue

@@ -17,7 +17,7 @@ import pytest
 import redis
 import trustme
 
-from pipeline.embedded_redis import free_port, wait_until_ready
+from devtools.embedded_redis import free_port, wait_until_ready
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import debian_redis, eventually

@@ -534,7 +534,7 @@ async def test_consumer_survives_a_redis_restart(
     import time
     from pathlib import Path
 
-    from pipeline.embedded_redis import free_port, wait_until_ready
+    from devtools.embedded_redis import free_port, wait_until_ready
     from tests.helpers import suite_server_args
 
     port = free_port()

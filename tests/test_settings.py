@@ -215,7 +215,7 @@ def test_passwords_are_never_shown() -> None:
 
 def test_every_setting_is_in_the_readme_table_and_the_env_example() -> None:
     # Both are generated from the declarations (make docs); this fails when they drift.
-    from pipeline import readme
+    from devtools import readme
     from pipeline.registry import load_registry
     from pipeline.settings import declared_settings
 

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
 from werkzeug.datastructures import Headers
 
-from pipeline.embedded_redis import free_port
+from devtools.embedded_redis import free_port
 from pipeline.jobs import decode
 from pipeline.keys import Keys
 from pipeline.settings import Settings

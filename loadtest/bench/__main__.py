@@ -43,9 +43,9 @@ from typing import Any
 import psutil
 import redis
 
+from devtools.embedded_redis import free_port, scratch_server
 from loadtest.client import Connection, HttpError
 from loadtest.drain import drain_round
-from pipeline.embedded_redis import free_port, scratch_server
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("signup.lua")

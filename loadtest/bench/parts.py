@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.child:
         _child(options.child, options.redis_url, options.requests)
         return 0
-    from pipeline.embedded_redis import scratch_server
+    from devtools.embedded_redis import scratch_server
 
     cores = sorted(os.sched_getaffinity(0))
     server_core, others = {cores[-1]}, set(cores[:-1]) or {cores[-1]}

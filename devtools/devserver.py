@@ -2,7 +2,7 @@
 
 Redis is skipped when ``REDIS_URL`` is set (it points at a Redis of yours), and reused when one
 already answers on 127.0.0.1:6379. Otherwise a redis-server (see
-:mod:`pipeline.embedded_redis`) serves on 6379 with its files in ``.run/redis/<kind>-<major>``
+:mod:`devtools.embedded_redis`) serves on 6379 with its files in ``.run/redis/<kind>-<major>``
 (``valkey-9``, ``redis-7``): each kind of server keeps its own files, since a server cannot
 read what a newer or different one wrote. A server that does not start is reported with its
 own last log lines.
@@ -28,7 +28,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from pipeline.embedded_redis import (
+from devtools.embedded_redis import (
     RedisServerNotFoundError,
     find_redis_server,
     server_args,
@@ -192,7 +192,7 @@ async def supervise(redis_port: int, data_root: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.devserver", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.devserver", description=__doc__)
     parser.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT)
     parser.add_argument(
         "--data-dir",
