@@ -83,8 +83,9 @@ def test_settings_follow_the_registry() -> None:
         "receiver_errors",
         "dead_letters_dropped",
     )
+    built_in = "reactions.welcome_email,reactions.marketing,reactions.profile"
     with pytest.raises(SettingsError, match=r"^CONSUMER_QUEUES='sms': "):
-        Settings.from_env({"CONSUMER_QUEUES": "sms"})  # without the SMS reaction
+        Settings.from_env({"REACTIONS": built_in, "CONSUMER_QUEUES": "sms"})  # no SMS reaction
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.errors import SettingsError
 from pipeline.settings import RateLimit, SentinelUrl, Settings, SmtpConfig
+from tests.helpers import REGISTRY
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -18,12 +19,17 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.body_timeout == 10.0
     assert settings.dead_letter_max == 10_000
     assert settings.shutdown_grace_period == 10.0
-    assert settings.consumer_queues == ("email", "marketing", "profile")
-    assert dict(settings.consumer_concurrency) == {"email": 16, "marketing": 16, "profile": 16}
+    # Every queue of the reactions (the built-in ones, and any other a module adds), each
+    # job type with its declared attempts and timeout; the built-in ones declare 5 and 30 s.
+    assert settings.consumer_queues == REGISTRY.queues
+    assert dict(settings.consumer_concurrency) == dict.fromkeys(REGISTRY.queues, 16)
     assert settings.delivery_mode == "at-least-once"
     assert (settings.lease_ttl, settings.max_deliveries) == (5.0, 3)
-    assert set(settings.job_max_attempts.values()) == {5}
-    assert set(settings.job_timeout.values()) == {30.0}
+    types = REGISTRY.job_types.values()
+    assert dict(settings.job_max_attempts) == {t.name: t.attempts for t in types}
+    assert dict(settings.job_timeout) == {t.name: t.timeout for t in types}
+    for name in ("welcome_email", "marketing_signup", "generate_profile"):
+        assert (settings.job_max_attempts[name], settings.job_timeout[name]) == (5, 30.0)
     assert (settings.retry_base_delay, settings.retry_max_delay) == (1.0, 300.0)
     assert settings.idempotency_ttl == 86_400
     assert settings.rate_limit == RateLimit(10, 60.0)
@@ -45,11 +51,13 @@ def test_delivery_settings_are_parsed() -> None:
     )
     assert settings.delivery_mode == "at-most-once"
     assert (settings.lease_ttl, settings.max_deliveries) == (2.5, 5)
+    declared = {t.name: t.attempts for t in REGISTRY.job_types.values()}
     assert dict(settings.job_max_attempts) == {
+        **declared,
         "welcome_email": 8,
-        "marketing_signup": 5,
         "generate_profile": 2,
     }
+    assert settings.job_max_attempts["marketing_signup"] == 5
     assert set(settings.job_timeout.values()) == {12.0}
     assert (settings.retry_base_delay, settings.retry_max_delay) == (0.5, 60.0)
     assert settings.idempotency_ttl == 3600
@@ -71,7 +79,11 @@ def test_values_are_parsed() -> None:
     assert settings.max_body_bytes == 2048
     assert settings.shutdown_grace_period == 2.5
     assert settings.consumer_queues == ("profile", "email")
-    assert dict(settings.consumer_concurrency) == {"email": 8, "marketing": 16, "profile": 2}
+    assert dict(settings.consumer_concurrency) == {
+        **dict.fromkeys(REGISTRY.queues, 16),
+        "email": 8,
+        "profile": 2,
+    }
     assert settings.log_level == "DEBUG"
 
 
@@ -113,9 +125,9 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("EMAIL_FROM", "nobody"),
         ("SHUTDOWN_GRACE_PERIOD", "-1"),
         ("FETCH_TIMEOUT", "soon"),
-        ("CONSUMER_QUEUES", "email,sms"),
+        ("CONSUMER_QUEUES", "email,nosuchqueue"),
         ("CONSUMER_CONCURRENCY", "email=0"),
-        ("CONSUMER_CONCURRENCY", "sms=3"),
+        ("CONSUMER_CONCURRENCY", "nosuchqueue=3"),
         ("LOG_LEVEL", "LOUD"),
         ("DELIVERY_MODE", "exactly-once"),
         ("LEASE_TTL", "0.1"),
@@ -157,8 +169,8 @@ def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> Non
 @pytest.mark.parametrize(
     ("environ", "variable"),
     [
-        ({"CONSUMER_QUEUES": "email,sms"}, "CONSUMER_QUEUES"),
-        ({"CONSUMER_CONCURRENCY": "sms=2"}, "CONSUMER_CONCURRENCY"),
+        ({"CONSUMER_QUEUES": "email,nosuchqueue"}, "CONSUMER_QUEUES"),
+        ({"CONSUMER_CONCURRENCY": "nosuchqueue=2"}, "CONSUMER_CONCURRENCY"),
         ({"REACTIONS": "reactions.nowhere"}, "REACTIONS"),
         ({"REDIS_MIN_REPLICAS": "1", "REDIS_REPLICA_TIMEOUT": "9"}, "REDIS_REPLICA_TIMEOUT"),
     ],
