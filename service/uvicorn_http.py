@@ -19,6 +19,10 @@ from typing import Any, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
+from service.uvicorn_options import UVICORN_OPTIONS
+
+__all__ = ["MAX_HEAD_BYTES", "UVICORN_OPTIONS", "HttpToolsProtocol"]
+
 #: The most bytes a request line and its headers may take (as hypercorn.toml allows).
 MAX_HEAD_BYTES: Final = 16 * 1024
 #: How long a refused connection is read (and dropped) before it is closed.
@@ -34,17 +38,6 @@ _REFUSAL: Final = (
     b"content-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
     b"connection: close\r\n\r\n" + _REFUSAL_BODY
 )
-
-
-#: uvicorn's options for this service, as README "Serving on uvicorn" gives them (with
-#: ``--host``, ``--port`` and ``--workers``): this protocol, uvloop, the app's access line
-#: instead of uvicorn's, no ``server`` header, and hypercorn.toml's keep-alive (75 s),
-#: graceful timeout (20 s) and backlog (1024).
-UVICORN_OPTIONS: Final = (
-    "--http", "service.uvicorn_http:HttpToolsProtocol", "--loop", "uvloop",
-    "--no-access-log", "--no-server-header", "--timeout-keep-alive", "75",
-    "--timeout-graceful-shutdown", "20", "--backlog", "1024",
-)  # fmt: skip
 
 
 class HttpToolsProtocol(_HttpToolsProtocol):

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from service.uvicorn_http import UVICORN_OPTIONS
+from service.uvicorn_options import UVICORN_OPTIONS
 from tests.helpers import REGISTRY, TEST_RATE_LIMIT, RedisServer, eventually
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -61,7 +61,7 @@ def test_the_procfile_description_says_honcho_serves_on_5000() -> None:
 def test_the_uvicorn_command_is_the_one_the_tests_run() -> None:
     """README "Serving on uvicorn" gives UVICORN_OPTIONS, in order, as the tests and
     `make bench` run them."""
-    from service.uvicorn_http import UVICORN_OPTIONS
+    from service.uvicorn_options import UVICORN_OPTIONS
 
     section = README.split("### Serving on uvicorn", 1)[1].split("\n## ", 1)[0]
     (command,) = [line for line in section.splitlines() if line.startswith(".venv/bin/uvicorn ")]

@@ -70,7 +70,7 @@ def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
     app = "loadtest.bench.bare:app" if app_name == "bare" else "service:app"  # or replicated
     host, port_text = bind.split(":")
     if asgi == "uvicorn":  # as README "Serving on uvicorn" runs it
-        from service.uvicorn_http import UVICORN_OPTIONS
+        from service.uvicorn_options import UVICORN_OPTIONS
 
         return [
             sys.executable, "-m", "uvicorn", *UVICORN_OPTIONS, "--host", host,
