@@ -1,4 +1,7 @@
-"""Sending email: over SMTP with aiosmtplib when ``SMTP_URL`` is set, else to the log."""
+"""Sending email: over SMTP with aiosmtplib when ``SMTP_URL`` is set, else to the log.
+
+aiosmtplib is imported by the SMTP backend when it is made, in a consumer: the web imports
+the welcome email's reaction for its receiver, and with it this module, but never sends."""
 
 from __future__ import annotations
 
@@ -8,8 +11,6 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import parseaddr
 from typing import Protocol
-
-import aiosmtplib
 
 from pipeline.logs import mask_email
 from pipeline.settings import Settings, SmtpConfig
@@ -44,11 +45,15 @@ class SmtpEmailBackend:
     """Sends over SMTP: plain, STARTTLS (required) or implicit TLS, as ``SMTP_URL`` says."""
 
     def __init__(self, config: SmtpConfig, timeout: float, ca_file: str | None = None) -> None:
+        import aiosmtplib  # noqa: F401  (a missing package fails here, at start-up)
+
         self._config = config
         self._timeout = timeout
         self._ca_file = ca_file
 
     async def send(self, message: Message) -> None:
+        import aiosmtplib  # imported once, by __init__; this is a dictionary look-up
+
         config = self._config
         client = aiosmtplib.SMTP(
             hostname=config.host,

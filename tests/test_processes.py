@@ -400,3 +400,13 @@ async def test_make_run_serves_on_loopback_unless_told_otherwise(
         assert f"web on http://{expected}:{port}" in supervisor.output()
         supervisor.signal(signal.SIGINT)
         assert await supervisor.wait(30) == 0
+
+
+def test_the_web_does_not_import_the_smtp_client() -> None:
+    """The web imports the welcome email's reaction for its receiver, but never sends: the
+    SMTP client is the consumers' alone (a consumer with SMTP_URL imports it at start-up)."""
+    code = "import sys, service; print(sorted(m for m in sys.modules if 'smtp' in m))"
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "[]", found.stdout
