@@ -16,27 +16,27 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pipeline.config import redact_url
 from pipeline.connections import web_client
 from pipeline.dead import DeadLetter, DeadLetters
 from pipeline.keys import Keys
-from pipeline.settings import Settings, redact_url
+from pipeline.plan import Plan
 from pipeline.stats import PipelineStats, read_stats, text
 
 PROG = "python -m consumers"
 
 
-async def operate(settings: Settings, options: argparse.Namespace) -> int:
+async def operate(plan: Plan, options: argparse.Namespace) -> int:
     """Run one operator command; return the exit code."""
+    settings = plan.settings
     redis = web_client(settings)
     keys = Keys(settings.key_prefix)
     try:
         if options.command == "stats":
-            return _print_stats(
-                await read_stats(redis, keys, settings.registry), as_json=options.json
-            )
+            return _print_stats(await read_stats(redis, keys, plan.registry), as_json=options.json)
         if options.command == "check":
             return await _check(redis, keys)
-        dead = DeadLetters(redis, keys, settings.registry)
+        dead = DeadLetters(redis, keys, plan.registry)
         if options.dead_command == "list":
             return _print_dead(await dead.list(options.limit), as_json=options.json)
         if options.dead_command == "requeue":

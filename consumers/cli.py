@@ -30,13 +30,16 @@ from typing import Any, NoReturn
 from consumers.admin import operate
 from consumers.metrics import ConsumerMetrics, serve_metrics
 from consumers.runner import Consumer
+from pipeline.config import redact_url
 from pipeline.connections import consumer_client
+from pipeline.context import Context
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.heap import freeze_heap
 from pipeline.keys import Keys
 from pipeline.logs import configure_logging
+from pipeline.plan import Plan, resolve
 from pipeline.queue import Broker
-from pipeline.registry import Context, Handler
+from pipeline.registry import Handler
 from pipeline.settings import (
     Settings,
     declared_settings,
@@ -45,7 +48,6 @@ from pipeline.settings import (
     parse_grace_period,
     parse_port,
     parse_queues,
-    redact_url,
 )
 from pipeline.version import __version__
 
@@ -158,23 +160,21 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
     if options.command and overrides:
         parser.error(f"the run options apply to running consumers, not to {options.command!r}")
     try:
-        settings = Settings.from_env(environ)
+        settings = dataclasses.replace(Settings.from_env(environ), **overrides)
+        plan = resolve(settings)
     except SettingsError as exc:
+        flags = {s.env: s.flag for name, s in declared_settings().items() if name in overrides}
+        if exc.variable in flags:
+            # A value the flags gave (a queue no reaction declares): say it of the flag.
+            parser.error(f"argument {flags[exc.variable]}: {exc.value!r}: {exc.problem}")
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        settings = dataclasses.replace(settings, **overrides)
-    except SettingsError as exc:
-        # A queue the flags name that no reaction declares: say it of the flag.
-        flags = {s.env: s.flag for s in declared_settings().values() if s.flag}
-        flag = flags.get(exc.variable, exc.variable)
-        parser.error(f"argument {flag}: {exc.value!r}: {exc.problem}")
     if options.command is not None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return runner.run(operate(settings, options))
+            return runner.run(operate(plan, options))
     configure_logging(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(settings))
+        runner.run(run(plan))
     return 0
 
 
@@ -186,17 +186,17 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def run(settings: Settings, handlers: Mapping[str, Handler] | None = None) -> None:
+async def run(plan: Plan, handlers: Mapping[str, Handler] | None = None) -> None:
     """Consume the configured queues until SIGTERM or SIGINT, then drain and close Redis.
 
     Handlers are the registry's (``REACTIONS``) unless given. A served queue carrying a job
     type without a handler stops start-up (exit 2, one line), before anything is fetched;
     the reactions' start-up hooks open their resources, and their shutdown hooks close them
     once the drain is over."""
-    registry = settings.registry
+    settings, registry = plan.settings, plan.registry
     handlers = registry.handlers() if handlers is None else handlers
     try:
-        registry.check_handlers(settings.consumer_queues, handlers)
+        registry.check_handlers(plan.queues, handlers)
     except ReactionError as exc:
         print(f"{PROG}: error: REACTIONS: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -218,7 +218,7 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] | None = None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum.name)
 
-    concurrency = {q: settings.consumer_concurrency[q] for q in settings.consumer_queues}
+    concurrency = plan.concurrency
     # One connection per fetch loop and per running job, one each for the heartbeat, the
     # sweeper and the maintainer, and one spare.
     redis = consumer_client(
@@ -233,7 +233,7 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] | None = None)
         queues=registry.queues,
     )
     metrics = ConsumerMetrics(registry)
-    ctx = Context(redis, settings)
+    ctx = Context(redis, settings, plan.reaction_settings)
     server = None
     if settings.metrics_port is not None:
         try:
@@ -255,7 +255,7 @@ async def run(settings: Settings, handlers: Mapping[str, Handler] | None = None)
     try:
         async with registry.resources(ctx):
             freeze_heap()  # everything the process keeps is loaded and opened by now
-            await Consumer(broker, handlers, ctx, settings, metrics).run(stop, force)
+            await Consumer(broker, handlers, ctx, plan, metrics).run(stop, force)
     finally:
         if server is not None:
             server.close()

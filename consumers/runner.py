@@ -40,13 +40,14 @@ from redis.exceptions import RedisError
 from consumers.metrics import ConsumerMetrics
 from pipeline import logs
 from pipeline.connections import REDIS_UNAVAILABLE
+from pipeline.context import Context
 from pipeline.dead import DeadLetter
 from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.outage import Outage
+from pipeline.plan import Plan
 from pipeline.queue import LATENCY_FLUSH_INTERVAL, Broker, delivery_id
-from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Context, Handler
-from pipeline.settings import Settings
+from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Handler
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,15 +121,16 @@ class Consumer:
         broker: Broker,
         handlers: Mapping[str, Handler],
         context: Context,
-        settings: Settings,
+        plan: Plan,
         metrics: ConsumerMetrics | None = None,
     ) -> None:
         self._broker = broker
-        self._metrics = metrics if metrics is not None else ConsumerMetrics(settings.registry)
+        self._metrics = metrics if metrics is not None else ConsumerMetrics(plan.registry)
         self._handlers = handlers
         self._context = context
-        self._settings = settings
-        self._concurrency = {q: settings.consumer_concurrency[q] for q in settings.consumer_queues}
+        self._settings = plan.settings
+        self._plan = plan
+        self._concurrency = dict(plan.concurrency)
         self._in_flight: dict[asyncio.Task[None], _InFlight] = {}
         self._samples: dict[str, list[tuple[float, float]]] = {q: [] for q in self._concurrency}
         #: Per queue: finished jobs (bytes, id) whose ack goes with the fetch loop's next take.
@@ -316,7 +318,7 @@ class Consumer:
         if handler is None:
             await self._dead_letter(queue, raw, job, f"unknown job type {job.type!r}")
             return
-        limit = self._settings.job_timeout.get(job.type, DEFAULT_TIMEOUT)
+        limit = self._plan.timeouts.get(job.type, DEFAULT_TIMEOUT)
         started, clock = time.time(), time.monotonic()
         wait = max(0.0, started - job.enqueued_at)
         self._metrics.waited(queue, wait)
@@ -362,7 +364,7 @@ class Consumer:
         self, queue: str, raw: bytes, job: Job, error: str, exc: BaseException
     ) -> None:
         attempts = job.attempt + 1
-        allowed = self._settings.job_max_attempts.get(job.type, DEFAULT_ATTEMPTS)
+        allowed = self._plan.attempts.get(job.type, DEFAULT_ATTEMPTS)
         exc_info = (type(exc), exc, exc.__traceback__)
         dead = attempts >= allowed or isinstance(exc, InvalidJobError)
         delay = retry_delay(

@@ -1,6 +1,6 @@
 """The parts of the README and ``.env.example`` that follow from declarations: the settings
-table (from :class:`pipeline.settings.Settings`) and the tables of reactions, job types and
-queues (from the default registry).
+table (from :class:`pipeline.settings.Settings` and the default reactions' own settings) and
+the tables of reactions, job types and queues (from the default registry).
 
 ``python -m devtools.readme`` (``make docs``) rewrites them in place; ``--check`` exits 1 when
 they differ from what the declarations say (a test runs it too).
@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from pipeline.registry import DEFAULT_REACTIONS, Registry, load_registry
-from pipeline.settings import OUTSIDE, Setting, declared_settings
+from pipeline.config import Setting, declared
+from pipeline.registry import Registry, load_registry
+from pipeline.settings import DEFAULT_REACTIONS, OUTSIDE, declared_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -24,42 +25,50 @@ ENV_EXAMPLE = ROOT / ".env.example"
 _ENV_HEADER = """\
 # Every setting of the web service and the consumers, with its default. Copy to .env (or
 # set these in your process manager); a bad value stops start-up with one line naming it.
-# Generated from pipeline/settings.py by `make docs`; the README's Configuration table says
-# the same.
+# Generated from pipeline/settings.py and the reactions' settings by `make docs`; the
+# README's Configuration table says the same.
 """
 
 
-def _settings() -> list[Setting]:
-    return [*declared_settings().values(), *OUTSIDE]
+def _settings(registry: Registry) -> list[tuple[Setting, str | None]]:
+    """Every setting, with the reaction declaring it (None: the pipeline's own)."""
+    found: list[tuple[Setting, str | None]] = [
+        (s, None) for s in (*declared_settings().values(), *OUTSIDE)
+    ]
+    for reaction in registry.reactions:
+        if reaction.settings is not None:
+            found += [(s, reaction.name) for s in declared(reaction.settings).values()]
+    return found
 
 
-def _meaning(setting: Setting) -> str:
+def _meaning(setting: Setting, reaction: str | None) -> str:
     flag = f" (flag `{setting.flag}`)" if setting.flag else ""
-    return f"{setting.doc}{flag}"
+    owner = f"reaction {reaction}: " if reaction else ""
+    return f"{owner}{setting.doc}{flag}"
 
 
-def settings_table() -> str:
+def settings_table(registry: Registry) -> str:
     """The README's table of every setting."""
     rows = [
         "| variable | read by | type | default | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for setting in _settings():
+    for setting, reaction in _settings(registry):
         default = f"`{setting.default}`" if setting.default else "unset"
         if setting.default in {"every queue", "as declared", "none"}:
             default = setting.default
         rows.append(
             f"| `{setting.env}` | {setting.read_by} | {setting.kind} | {default} | "
-            f"{_meaning(setting)} |"
+            f"{_meaning(setting, reaction)} |"
         )
     return "\n".join(rows)
 
 
-def env_example() -> str:
+def env_example(registry: Registry) -> str:
     """``.env.example``: each setting commented out at its default, with what it means."""
     parts = [_ENV_HEADER]
-    for setting in _settings():
-        meaning = _meaning(setting).replace("`", "")
+    for setting, reaction in _settings(registry):
+        meaning = _meaning(setting, reaction).replace("`", "")
         value = "" if setting.default in {"every queue", "as declared", "none"} else setting.default
         parts.append(
             f"\n# {meaning} ({setting.kind.replace('`', '')}; read by {setting.read_by})\n"
@@ -111,7 +120,7 @@ def _module_of(reaction: object) -> str:
 
 
 def _sections(registry: Registry) -> Iterable[tuple[str, str]]:
-    yield "settings", settings_table()
+    yield "settings", settings_table(registry)
     yield "reactions", reactions_table(registry)
 
 
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = load_registry(DEFAULT_REACTIONS)
     wanted = {
         README: render_readme(README.read_text(), registry),
-        ENV_EXAMPLE: env_example(),
+        ENV_EXAMPLE: env_example(registry),
     }
     stale = [path.name for path, text in wanted.items() if path.read_text() != text]
     if options.check:

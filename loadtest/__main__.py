@@ -28,6 +28,9 @@ from typing import NoReturn
 from loadtest.client import HttpError, parse_url
 from loadtest.generator import LoadRun, Plan
 from loadtest.report import pipeline_view, read_stats, render, summarise, write_chart, write_json
+from pipeline.errors import SettingsError
+from pipeline.plan import resolve
+from pipeline.settings import Settings
 
 PROG = "python -m loadtest"
 
@@ -135,6 +138,7 @@ async def _main(options: argparse.Namespace) -> int:
             options.drain_timeout,
             summary["backlog"],
             options.duration,
+            options.registry,
         )
     print(render(summary))
     if options.json:
@@ -145,7 +149,13 @@ async def _main(options: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = _parser().parse_args(argv)
+    parser = _parser()
+    options = parser.parse_args(argv)
+    # Which counters' jobs travel on which queue: the service's REACTIONS, read as it does.
+    try:
+        options.registry = resolve(Settings.from_env()).registry
+    except SettingsError as exc:
+        parser.error(str(exc))
     try:
         import uvloop
 

@@ -7,9 +7,10 @@ import asyncio
 import sys
 
 from consumers.cli import loop_factory, run
+from pipeline.context import Context
 from pipeline.jobs import Job
 from pipeline.logs import configure_logging
-from pipeline.registry import Context
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 
 
@@ -19,9 +20,10 @@ async def noop(ctx: Context, job: Job) -> None:
 
 def main() -> int:
     settings = Settings.from_env()
+    plan = resolve(settings)
     configure_logging(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(settings, dict.fromkeys(settings.registry.job_types, noop)))
+        runner.run(run(plan, dict.fromkeys(plan.registry.job_types, noop)))
     return 0
 
 

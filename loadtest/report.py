@@ -15,14 +15,12 @@ import orjson
 
 from loadtest.client import Connection, HttpError, poll_stats
 from loadtest.generator import Recording, backlog_row
+from pipeline.keys import CORE_COUNTERS
 from pipeline.queue import LATENCY_FLUSH_INTERVAL, LATENCY_SAMPLES
-from pipeline.registry import load_registry
+from pipeline.registry import Registry
 
-_REGISTRY = load_registry()
-#: What every processed signup adds one to: the counters of the reactions' job types.
-PIPELINE_COUNTERS = _REGISTRY.effect_counters
-#: The queue each of those counters' jobs travel on.
-COUNTER_QUEUES = {t.counter: t.queue for t in _REGISTRY.job_types.values() if t.counter}
+#: Where ``/stats`` counts jobs not yet done: waiting, held by consumers, waiting for a retry.
+UNDONE = ("queues", "processing", "delayed")
 #: Above this share of one core, the generator may be what limits the rate.
 CPU_WARNING = 0.9
 #: An open loop whose achieved rate is below this share of the offered one fell behind.
@@ -91,6 +89,26 @@ def summarise(recording: Recording, rate: float | None) -> dict[str, Any]:
     }
 
 
+def undone(stats: dict[str, Any]) -> int:
+    """Jobs ``stats`` says are not done: waiting, held by a consumer, or waiting for a retry."""
+    return sum(sum(stats.get(where, {}).values()) for where in UNDONE)
+
+
+def effects(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """What the reactions' jobs did during the run: each counter ``/stats`` has beyond the
+    pipeline's own (one per counting job type, whatever the server's REACTIONS), and the
+    jobs dead-lettered."""
+    grown = {
+        name: value - before.get(name, 0)
+        for name, value in after.items()
+        if isinstance(value, int)
+        and name not in CORE_COUNTERS
+        and name not in ("dead_letter", "consumers")
+    }
+    grown["dead_lettered"] = after.get("dead_letter", 0) - before.get("dead_letter", 0)
+    return grown
+
+
 async def pipeline_view(
     host: str,
     port: int,
@@ -100,11 +118,16 @@ async def pipeline_view(
     timeout: float,
     backlog: list[dict[str, Any]],
     measured_seconds: float,
+    registry: Registry,
 ) -> dict[str, Any]:
-    """Wait until every accepted signup's jobs are processed (each counter grew by
-    ``accepted``); time it from the end of the load, and read this run's queue waits.
-    Meanwhile the queues' depths keep being added to ``backlog`` once a second, and once more
-    when drained (its time axis goes on from ``measured_seconds``, the end of the load)."""
+    """Wait until every job the accepted signups pushed is done: every one is written with
+    its signup's 201, so once the load is over and ``/stats`` counts the signups, no job
+    waiting, held or delayed means all of them ran (or were dead-lettered), however many
+    each reaction pushed. Time it from the end of the load, and read what the jobs did and
+    this run's queue waits (``registry``, the same ``REACTIONS`` as the service, says which
+    counters' jobs travel on which queue). Meanwhile the queues' depths keep being added to
+    ``backlog`` once a second, and once more when drained (its time axis goes on from
+    ``measured_seconds``, the end of the load)."""
     connection = Connection(host, port)
     started = time.perf_counter()
     sampled = started - 1.0
@@ -114,7 +137,8 @@ async def pipeline_view(
             if (answer := await poll_stats(connection)) is not None:
                 stats = answer
                 now = time.perf_counter()
-                done = all(stats[c] - before.get(c, 0) >= accepted for c in PIPELINE_COUNTERS)
+                counted = stats.get("users", 0) - before.get("users", 0) >= accepted
+                done = counted and undone(stats) == 0
                 if done or now - sampled >= 1.0:
                     sampled = now
                     backlog.append(backlog_row(stats, measured_seconds + now - started))
@@ -124,10 +148,7 @@ async def pipeline_view(
                 return {
                     "drained": False,
                     "message": f"not every accepted signup was processed within {timeout:g} s",
-                    "left": {
-                        c: accepted - (stats.get(c, 0) - before.get(c, 0))
-                        for c in PIPELINE_COUNTERS
-                    },
+                    "left": {where: stats.get(where, {}) for where in UNDONE},
                 }
             await asyncio.sleep(0.1)
         after = time.perf_counter() - started
@@ -141,18 +162,23 @@ async def pipeline_view(
         "signups": accepted,
         "seconds_after_load": round(after, 3),
         "processed_per_second": round(accepted / (load_seconds + after), 1),
-        "queue_wait_ms": run_queue_waits(before, stats),
+        "effects": effects(before, stats),
+        "queue_wait_ms": run_queue_waits(before, stats, registry),
     }
 
 
-def run_queue_waits(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+def run_queue_waits(
+    before: dict[str, Any], after: dict[str, Any], registry: Registry
+) -> dict[str, Any]:
     """Each queue's wait p50/p99 over this run's jobs. ``/stats`` gives percentiles over each
     queue's newest samples (at most LATENCY_SAMPLES), with no times: they are this run's only
     when the run finished at least as many jobs on the queue as there are samples. Otherwise
     the figures are None, with ``run_jobs`` and ``samples`` saying why."""
     run_jobs: Counter[str] = Counter()
-    for counter, queue in COUNTER_QUEUES.items():
-        run_jobs[queue] += after.get(counter, 0) - before.get(counter, 0)
+    for job_type in registry.job_types.values():
+        if job_type.counter is not None:
+            counter = job_type.counter
+            run_jobs[job_type.queue] += after.get(counter, 0) - before.get(counter, 0)
     waits: dict[str, Any] = {}
     for queue, latency in after.get("latency", {}).items():
         samples = latency["samples"]
@@ -216,6 +242,8 @@ def render(summary: dict[str, Any]) -> str:
                 f"({summary['warmup_accepted']:,} of them in the warmup) processed "
                 f"{pipeline['seconds_after_load']:.2f} s after the load ended; "
                 f"{pipeline['processed_per_second']:,.1f} signups/s end to end, warmup included",
+                "jobs' effects: "
+                + ", ".join(f"{name} {n:,}" for name, n in pipeline["effects"].items()),
                 *_waits(pipeline["queue_wait_ms"]),
             ]
         else:

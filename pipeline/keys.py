@@ -103,7 +103,3 @@ class Keys:
         """The record of the signup made with ``Idempotency-Key: key`` (its SHA-256, so the
         client's text is never part of a key name)."""
         return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
-
-    def profile(self, user_id: str) -> str:
-        """The JSON string holding one user's generated profile."""
-        return f"{self.prefix}:profile:{user_id}"

@@ -1,9 +1,10 @@
 """Reactions, and the registry that collects them.
 
-A reaction is one module that both processes import. It declares, in one :class:`Reaction`
-named ``REACTION``: the receivers it connects to signals, the job types they push (each with
-its queue, attempts, timeout, handler and the stats counter its handler keeps), and the hooks
-that open and close the resources its handlers need. Nothing else in the project lists job
+A reaction is one module (or a package whose ``__init__`` declares it) that both processes
+import. It declares, in one :class:`Reaction` named ``REACTION``: the receivers it connects to
+signals, the job types they push (each with its queue, attempts, timeout, handler and the
+stats counter its handler keeps), the settings that are its own, and the hooks that open and
+close the resources its handlers need. Nothing else in the project lists job
 types, queues or counters: both processes read them from the :class:`Registry` built from the
 modules that the ``REACTIONS`` setting names (by default every module of the ``reactions``
 package).
@@ -15,8 +16,8 @@ a served queue with a type nobody handles (:meth:`Registry.check_handlers`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib
 import pkgutil
@@ -24,29 +25,23 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import Any, Final
 
 from blinker import NamedSignal
 
-from pipeline.batching import AutoPipeline, ScriptBatcher
+from pipeline.config import declared
+from pipeline.context import Context
 from pipeline.errors import ReactionError, UnknownJobTypeError
 from pipeline.jobs import Job
 from pipeline.keys import CORE_COUNTERS, NAME_RE, Keys
+from pipeline.settings import DEFAULT_REACTIONS, declared_settings
 
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
-    from pipeline.settings import Settings
-
-T = TypeVar("T")
-Handler = Callable[["Context", Job], Awaitable[None]]
+Handler = Callable[[Context, Job], Awaitable[None]]
 Receiver = Callable[..., Awaitable[None]]
-Hook = Callable[["Context"], Awaitable[None]]
+Hook = Callable[[Context], Awaitable[None]]
 
 #: The attribute a reaction module declares its reaction in.
 ATTRIBUTE: Final = "REACTION"
-#: What ``REACTIONS`` names by default: every module of this package.
-DEFAULT_REACTIONS: Final = ("reactions",)
 #: A job type's default attempts and timeout (seconds), when its declaration gives none.
 DEFAULT_ATTEMPTS: Final = 5
 DEFAULT_TIMEOUT: Final = 30.0
@@ -82,17 +77,27 @@ class JobType:
         return self.name
 
 
-class Resource(Generic[T]):
-    """A typed key of :class:`Context`: ``EMAIL = Resource[EmailBackend]("email")``, set by a
-    start-up hook (``ctx[EMAIL] = ...``) and read by handlers (``ctx[EMAIL].send(...)``)."""
+#: The fields every user has in ``GET /users/<id>``; a reaction's user field takes another name.
+USER_FIELDS: Final = ("user_id", "username", "email", "created_at")
 
-    __slots__ = ("name",)
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+@dataclass(frozen=True, slots=True, eq=False)
+class UserField:
+    """Something a reaction keeps per user, served with the user by ``GET /users/<id>``
+    under ``name`` (null until written): its JSON is at :meth:`key`, and ``schema`` (a
+    ``msgspec.Struct``) documents it in the OpenAPI document."""
 
-    def __repr__(self) -> str:
-        return f"Resource({self.name!r})"
+    name: str
+    schema: type
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.name) or self.name in USER_FIELDS:
+            raise ReactionError(f"user field {self.name!r}: not a name, or a user's own field")
+
+    def key(self, keys: Keys, user_id: str) -> str:
+        """The key of one user's value: ``<prefix>:<name>:<user id>``."""
+        return keys.of(self.name, user_id)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -109,63 +114,28 @@ class Reaction:
     startup: Hook | None = None
     shutdown: Hook | None = None
     description: str = ""
+    #: What it keeps per user and ``GET /users/<id>`` serves (see :class:`UserField`).
+    user_fields: Sequence[UserField] = ()
+    #: Its own settings: a frozen dataclass whose fields are ``pipeline.config.setting``
+    #: declarations, read from the environment at start-up and given to its handlers by
+    #: ``ctx.settings_of(...)``.
+    settings: type | None = None
 
     def __post_init__(self) -> None:
         if not _REACTION_NAME.fullmatch(self.name):
             raise ReactionError(f"reaction {self.name!r}: not a name")
+        if self.settings is not None and not (
+            dataclasses.is_dataclass(self.settings) and declared(self.settings)
+        ):
+            raise ReactionError(
+                f"reaction {self.name!r}: settings must be a dataclass of "
+                "pipeline.config.setting declarations"
+            )
 
     @property
     def pushes(self) -> tuple[str, ...]:
         """The names of the job types this reaction's receivers may push."""
         return tuple(dict.fromkeys([*map(str, self.job_types), *map(str, self.also_pushes)]))
-
-
-class Context:
-    """What handlers get with each job (arq's and SAQ's ``ctx``): Redis, the key names, the
-    settings, the resources the reactions' start-up hooks opened, and the effect scripts.
-
-    :meth:`effect` and :meth:`read` share one auto-pipeline: the effects and reads of the
-    jobs finishing in the same loop tick, whatever their scripts, go to Redis in one round
-    trip. With ``REDIS_MIN_REPLICAS`` that round trip ends with ``WAIT``, so an effect a
-    failover could still lose raises :class:`NotReplicatedError` and its job is put back
-    rather than acknowledged."""
-
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
-        self.redis = redis
-        self.settings = settings
-        self.keys = Keys(settings.key_prefix)
-        #: How long a job's done-marker lives (``IDEMPOTENCY_TTL``), in seconds.
-        self.done_ttl = settings.idempotency_ttl
-        self._resources: dict[Resource[Any], Any] = {}
-        self._pipeline = AutoPipeline(
-            redis, settings.redis_min_replicas, settings.redis_replica_timeout
-        )
-
-    def __getitem__(self, resource: Resource[T]) -> T:
-        try:
-            value: T = self._resources[resource]
-        except KeyError:
-            raise LookupError(
-                f"no {resource.name!r} resource: its start-up hook has not run"
-            ) from None
-        return value
-
-    def __setitem__(self, resource: Resource[T], value: T) -> None:
-        self._resources[resource] = value
-
-    def pop(self, resource: Resource[T]) -> T | None:
-        """Remove ``resource`` (in a shutdown hook) and return it, or None if never set."""
-        value: T | None = self._resources.pop(resource, None)
-        return value
-
-    def effect(self, source: str) -> ScriptBatcher:
-        """The batched caller of the Lua script ``source`` (one per script and context)."""
-        return self._pipeline.script(source)
-
-    def read(self, *command: Any) -> asyncio.Future[Any]:
-        """A read-only command (``"EXISTS", key``), sent with this tick's effects; its raw
-        reply. Not confirmed by replicas (it writes nothing)."""
-        return self._pipeline.read(*command)
 
 
 class Registry:
@@ -179,10 +149,23 @@ class Registry:
         counters: dict[str, str] = dict.fromkeys(CORE_COUNTERS, "the pipeline")
         names: set[str] = set()
         receivers: dict[Receiver, Reaction] = {}
+        variables = dict.fromkeys((s.env for s in declared_settings().values()), "the pipeline")
+        user_fields: dict[str, UserField] = {}
         for reaction in self.reactions:
             if reaction.name in names:
                 raise ReactionError(f"reaction {reaction.name!r} is declared twice")
             names.add(reaction.name)
+            for own in declared(reaction.settings).values() if reaction.settings else ():
+                if own.env in variables:
+                    raise ReactionError(
+                        f"setting {own.env} of reaction {reaction.name!r} is already declared "
+                        f"by {variables[own.env]}"
+                    )
+                variables[own.env] = f"reaction {reaction.name!r}"
+            for user_field in reaction.user_fields:
+                if user_field.name in user_fields:
+                    raise ReactionError(f"user field {user_field.name!r} is declared twice")
+                user_fields[user_field.name] = user_field
             for job_type in reaction.job_types:
                 if job_type.name in job_types:
                     raise ReactionError(
@@ -221,6 +204,12 @@ class Registry:
         self.effect_counters: tuple[str, ...] = tuple(reaction_counters)
         #: Job type name -> the queue it travels on (the hot path of every push).
         self.routes: Mapping[str, str] = {name: t.queue for name, t in self.job_types.items()}
+        #: What the reactions keep per user, served with it (see :class:`UserField`).
+        self.user_fields: tuple[UserField, ...] = tuple(user_fields.values())
+        #: The reactions' own groups of settings (see :attr:`Reaction.settings`).
+        self.settings: tuple[type, ...] = tuple(
+            r.settings for r in self.reactions if r.settings is not None
+        )
 
     @classmethod
     def of(cls, *reactions: Reaction) -> Registry:
@@ -314,13 +303,14 @@ def _name(receiver: Any) -> str:
 
 
 def _modules(name: str) -> list[ModuleType]:
-    """Module ``name``, or every public module of package ``name`` (sorted by name)."""
+    """Module ``name``, or every public module of package ``name`` (sorted by name); a
+    package that declares a reaction itself is one reaction, not a package of them."""
     try:
         module = importlib.import_module(name)
     except ImportError as exc:
         raise ReactionError(f"cannot import reaction module {name!r}: {exc}") from exc
     path = getattr(module, "__path__", None)
-    if path is None:
+    if path is None or hasattr(module, ATTRIBUTE):
         return [module]
     found = []
     for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):

@@ -1,7 +1,10 @@
-"""One frozen settings object, read from the environment once per process and validated.
+"""The settings both processes share: one frozen value, read from the environment once per
+process and validated.
 
 Nothing else in the project reads ``os.environ``. A bad value raises :class:`SettingsError`
-whose message is one line naming the variable and the value.
+whose message is one line naming the variable and the value. Reading them imports no
+reaction: what follows from ``REACTIONS`` (the registry, served queues, per-type attempts
+and timeouts, the reactions' own settings) is worked out by :func:`pipeline.plan.resolve`.
 """
 
 from __future__ import annotations
@@ -11,15 +14,25 @@ import ipaddress
 import logging
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from email.utils import parseaddr
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pipeline.errors import ReactionError, SettingsError
+from pipeline.config import (
+    Setting,
+    boolean,
+    declared,
+    integer,
+    masked,
+    parse_env,
+    readable_file,
+    redact_url,
+    seconds,
+    setting,
+)
+from pipeline.errors import SettingsError
 from pipeline.keys import NAME_RE
 from pipeline.logs import LOG_FORMATS, LogFormat
 from pipeline.rate_limit import (
@@ -28,10 +41,8 @@ from pipeline.rate_limit import (
     parse_rate_limit,
     parse_rate_limit_failure,
 )
-from pipeline.registry import DEFAULT_REACTIONS, Registry, load_registry
 
 T = TypeVar("T")
-SmtpSecurity = Literal["none", "starttls", "tls"]
 DeliveryMode = Literal["at-least-once", "at-most-once"]
 DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
 #: Jobs run at once per queue, unless CONSUMER_CONCURRENCY says otherwise. It is also the
@@ -39,14 +50,11 @@ DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
 #: the take's and the effects' round trips: from 4 to 16, a backlog drained cost Redis 42%
 #: less per signup and went 55% faster (README, Performance).
 DEFAULT_CONCURRENCY = 16
+#: What ``REACTIONS`` names by default: every module of this package.
+DEFAULT_REACTIONS: tuple[str, ...] = ("reactions",)
 #: The key of a per-name setting's value for every name (``JOB_TIMEOUT=12``).
 EVERY = "*"
 
-_SMTP_SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
-    "smtp": ("none", 25),
-    "smtp+starttls": ("starttls", 587),
-    "smtps": ("tls", 465),
-}
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
 #: How many dead letters are kept by default (the newest); older ones are dropped and counted.
 DEAD_LETTER_MAX = 10_000
@@ -101,58 +109,10 @@ def parse_sentinel_url(raw: str) -> SentinelUrl:
     return SentinelUrl(tuple(sentinels), unquote(service), int(db or 0), username, password)
 
 
-@dataclass(frozen=True, slots=True)
-class SmtpConfig:
-    """Where welcome emails go: parsed from ``SMTP_URL``."""
-
-    host: str
-    port: int
-    security: SmtpSecurity
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password in it (if any) shown as ``***``."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if not sep or not at or not colon:
-        return url
-    return f"{scheme}://{user}:***@{hosts}{slash}{path}"
-
-
-def _seconds(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError("expected a number of seconds") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected seconds between {low:g} and {high:g}")
-        return value
-
-    return parse
-
-
-def _integer(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError("expected a whole number") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected a whole number from {low} to {high}")
-        return value
-
-    return parse
-
-
 #: Parses ``SHUTDOWN_GRACE_PERIOD`` and the consumer's ``--grace-period``.
-parse_grace_period = _seconds(0.0, 3600)
+parse_grace_period = seconds(0.0, 3600)
 #: Parses ``METRICS_PORT`` and the consumer's ``--metrics-port``: a TCP port to listen on.
-parse_port = _integer(1, 65535)
+parse_port = integer(1, 65535)
 
 
 def _redis_url(raw: str) -> str:
@@ -181,39 +141,6 @@ def _prefix(raw: str) -> str:
     return raw
 
 
-def _smtp_url(raw: str) -> SmtpConfig:
-    parts = urlsplit(raw)
-    if parts.scheme not in _SMTP_SCHEMES:
-        raise ValueError("expected smtp://, smtp+starttls:// or smtps:// [user:pass@]host[:port]")
-    if not parts.hostname:
-        raise ValueError("the URL names no host")
-    security, default_port = _SMTP_SCHEMES[parts.scheme]
-    try:
-        port = parts.port or default_port
-    except ValueError:
-        raise ValueError("the URL's port is not a number from 0 to 65535") from None
-    return SmtpConfig(
-        host=parts.hostname,
-        port=port,
-        security=security,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
-
-
-def _readable_file(raw: str) -> str:
-    if not os.path.isfile(raw) or not os.access(raw, os.R_OK):
-        raise ValueError("no readable file at that path")
-    return raw
-
-
-def _address(raw: str) -> str:
-    _, address = parseaddr(raw)
-    if "@" not in address or any(ch in raw for ch in "\r\n"):
-        raise ValueError("expected an email address such as 'Name <me@example.com>'")
-    return raw
-
-
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -227,7 +154,7 @@ def parse_modules(raw: str) -> tuple[str, ...]:
 
 def parse_queues(raw: str) -> tuple[str, ...]:
     """Parse a comma-separated list of queue names (``email,profile``); whether a reaction
-    declares them is checked against the registry (see :meth:`Settings.__post_init__`)."""
+    declares them is checked against the registry (by :func:`pipeline.plan.resolve`)."""
     names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     if not names or not all(NAME_RE.fullmatch(name) for name in names):
         raise ValueError("expected a comma-separated list of queue names")
@@ -252,27 +179,13 @@ def _per_name(what: str, parse: Callable[[str], T]) -> Callable[[str], dict[str,
     return parse_all
 
 
-def _fill(setting: str, given: Mapping[str, T], defaults: Mapping[str, T]) -> dict[str, T]:
-    """``defaults`` overridden by ``given`` (per name, or :data:`EVERY` for all); a name the
-    registry does not know is a :class:`SettingsError` naming ``setting``."""
-    unknown = [name for name in given if name != EVERY and name not in defaults]
-    if unknown:
-        shown = ",".join(str(v) if k == EVERY else f"{k}={v}" for k, v in given.items())
-        raise SettingsError(setting, shown, f"{unknown[0]!r} is not one of {', '.join(defaults)}")
-    every = given.get(EVERY)
-    return {
-        name: given.get(name, every if every is not None else default)
-        for name, default in defaults.items()
-    }
-
-
 #: ``8`` (every queue) or ``email=8,profile=2`` (the rest keep DEFAULT_CONCURRENCY).
-parse_concurrency = _per_name("QUEUE", _integer(1, 1000))
+parse_concurrency = _per_name("QUEUE", integer(1, 1000))
 #: ``5`` (every job type) or ``TYPE=8,...`` (the rest keep their declared attempts).
-parse_max_attempts = _per_name("TYPE", _integer(1, 100))
+parse_max_attempts = _per_name("TYPE", integer(1, 100))
 #: Seconds a job may run: ``30`` or ``TYPE=120,...`` (the rest keep their declared
 #: timeout).
-parse_job_timeout = _per_name("TYPE", _seconds(0.01, 86_400))
+parse_job_timeout = _per_name("TYPE", seconds(0.01, 86_400))
 
 
 def parse_delivery_mode(raw: str) -> DeliveryMode:
@@ -328,82 +241,6 @@ def _names(raw: str) -> tuple[str, ...]:
     return names
 
 
-_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
-_BOOLEANS.update({"0": False, "false": False, "no": False, "off": False})
-
-
-def _boolean(raw: str) -> bool:
-    try:
-        return _BOOLEANS[raw.lower()]
-    except KeyError:
-        raise ValueError("expected true or false (1/0, yes/no, on/off)") from None
-
-
-#: Which process reads a setting: both, one of them, or a tool around them.
-ReadBy = Literal["both", "web", "consumers", "Procfile", "make run, tests"]
-_SETTING = "setting"
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """The declaration of one environment variable: its name, how it is parsed, what it
-    means, who reads it and how its default is shown. :meth:`Settings.from_env`, the README's
-    table and ``.env.example`` all follow from these (see ``devtools.readme``)."""
-
-    env: str
-    kind: str
-    read_by: ReadBy
-    doc: str
-    default: str
-    parse: Callable[[str], Any] | None = None
-    #: How a bad value is shown in the error: masked (a secret), or redacted (a URL).
-    show: Callable[[str], str] | None = None
-    #: The consumer flag overriding it, if any.
-    flag: str | None = None
-
-
-def _shown(default: Any) -> str:
-    if default is None or default == ():
-        return ""
-    if isinstance(default, bool):
-        return "true" if default else "false"
-    if isinstance(default, float):
-        return f"{default:g}"
-    if isinstance(default, tuple):
-        return ",".join(map(str, default))
-    return str(default)
-
-
-def setting(
-    env: str,
-    parse: Callable[[str], T],
-    default: Any,
-    *,
-    kind: str,
-    read_by: ReadBy,
-    doc: str,
-    shown: str | None = None,
-    factory: Callable[[], Any] | None = None,
-    show: Callable[[str], str] | None = None,
-    flag: str | None = None,
-) -> Any:
-    """A field of :class:`Settings` read from ``env``: the one place a setting is declared.
-    ``default`` is the field's default (``factory`` makes it instead when given); ``shown``
-    is how the README and ``.env.example`` show it, when ``default`` would not say it."""
-    declared = Setting(
-        env, kind, read_by, doc, _shown(default) if shown is None else shown, parse, show, flag
-    )
-    metadata = {_SETTING: declared}
-    secret = show is _masked
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata, repr=not secret)
-    return field(default=default, metadata=metadata, repr=not secret)
-
-
-def _masked(raw: str) -> str:
-    return "***"
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of both processes, each declared once, here (see :func:`setting`)."""
@@ -420,7 +257,7 @@ class Settings:
     )
     redis_ca_file: str | None = setting(
         "REDIS_CA_FILE",
-        _readable_file,
+        readable_file,
         None,
         kind="path",
         read_by="both",
@@ -433,13 +270,13 @@ class Settings:
         None,
         kind="string",
         read_by="both",
-        show=_masked,
+        show=masked,
         doc="for `redis+sentinel://`: the password the sentinels themselves require (not "
         "Redis's, which is in the URL)",
     )
     redis_min_replicas: int = setting(
         "REDIS_MIN_REPLICAS",
-        _integer(0, 100),
+        integer(0, 100),
         0,
         kind="integer",
         read_by="both",
@@ -450,7 +287,7 @@ class Settings:
     )
     redis_replica_timeout: float = setting(
         "REDIS_REPLICA_TIMEOUT",
-        _seconds(0.001, 60),
+        seconds(0.001, 60),
         0.5,
         kind="seconds",
         read_by="both",
@@ -467,7 +304,7 @@ class Settings:
     )
     redis_connect_timeout: float = setting(
         "REDIS_CONNECT_TIMEOUT",
-        _seconds(0.01, 60),
+        seconds(0.01, 60),
         0.5,
         kind="seconds",
         read_by="web",
@@ -475,7 +312,7 @@ class Settings:
     )
     redis_socket_timeout: float = setting(
         "REDIS_SOCKET_TIMEOUT",
-        _seconds(0.01, 60),
+        seconds(0.01, 60),
         1.0,
         kind="seconds",
         read_by="web",
@@ -484,7 +321,7 @@ class Settings:
     )
     redis_pool_size: int = setting(
         "REDIS_POOL_SIZE",
-        _integer(1, 10_000),
+        integer(1, 10_000),
         32,
         kind="integer",
         read_by="web",
@@ -492,7 +329,7 @@ class Settings:
     )
     redis_pool_timeout: float = setting(
         "REDIS_POOL_TIMEOUT",
-        _seconds(0.0, 60),
+        seconds(0.0, 60),
         0.5,
         kind="seconds",
         read_by="web",
@@ -500,7 +337,7 @@ class Settings:
     )
     max_body_bytes: int = setting(
         "MAX_BODY_BYTES",
-        _integer(64, 16 * 1024 * 1024),
+        integer(64, 16 * 1024 * 1024),
         16 * 1024,
         kind="integer (bytes)",
         read_by="web",
@@ -509,47 +346,12 @@ class Settings:
     )
     body_timeout: float = setting(
         "BODY_TIMEOUT",
-        _seconds(0.1, 600),
+        seconds(0.1, 600),
         10.0,
         kind="seconds",
         read_by="web",
         doc="seconds a request's whole body may take to arrive once the handler reads it; "
         "slower is a 408 and the connection is closed",
-    )
-    smtp: SmtpConfig | None = setting(
-        "SMTP_URL",
-        _smtp_url,
-        None,
-        kind="URL",
-        read_by="consumers",
-        show=redact_url,
-        doc="`smtp://[user:pass@]host[:port]` (plain, port 25), `smtp+starttls://…` "
-        "(STARTTLS required, 587) or `smtps://…` (implicit TLS, 465). Unset: emails go to "
-        "the worker's log",
-    )
-    email_from: str = setting(
-        "EMAIL_FROM",
-        _address,
-        "Signup <no-reply@localhost>",
-        kind="address",
-        read_by="consumers",
-        doc="the welcome email's sender",
-    )
-    smtp_timeout: float = setting(
-        "SMTP_TIMEOUT",
-        _seconds(0.1, 300),
-        10.0,
-        kind="seconds",
-        read_by="consumers",
-        doc="seconds for each SMTP operation",
-    )
-    smtp_ca_file: str | None = setting(
-        "SMTP_CA_FILE",
-        _readable_file,
-        None,
-        kind="path",
-        read_by="consumers",
-        doc="CA bundle to verify the SMTP server's certificate with (default: the system's)",
     )
     reactions: tuple[str, ...] = setting(
         "REACTIONS",
@@ -560,8 +362,8 @@ class Settings:
         doc="reaction modules to load, or packages of them (every public module): "
         "`reactions,myapp.sms`; both processes must name the same (see Writing a reaction)",
     )
-    # The next four are filled from the registry of ``reactions`` (see __post_init__): every
-    # queue, and a value per queue or job type (its declared default unless given).
+    # The next four are as given: empty means every queue, or each type's declared value;
+    # :func:`pipeline.plan.resolve` checks the names against the reactions and fills the rest.
     consumer_queues: tuple[str, ...] = setting(
         "CONSUMER_QUEUES",
         parse_queues,
@@ -586,7 +388,7 @@ class Settings:
     )
     fetch_timeout: float = setting(
         "FETCH_TIMEOUT",
-        _seconds(0.1, 10),
+        seconds(0.1, 10),
         1.0,
         kind="seconds",
         read_by="consumers",
@@ -613,7 +415,7 @@ class Settings:
     )
     lease_ttl: float = setting(
         "LEASE_TTL",
-        _seconds(1.0, 300),
+        seconds(1.0, 300),
         5.0,
         kind="seconds",
         read_by="consumers",
@@ -623,7 +425,7 @@ class Settings:
     )
     max_deliveries: int = setting(
         "MAX_DELIVERIES",
-        _integer(1, 1000),
+        integer(1, 1000),
         3,
         kind="integer",
         read_by="consumers",
@@ -654,7 +456,7 @@ class Settings:
     )
     retry_base_delay: float = setting(
         "RETRY_BASE_DELAY",
-        _seconds(0.001, 3600),
+        seconds(0.001, 3600),
         1.0,
         kind="seconds",
         read_by="consumers",
@@ -663,7 +465,7 @@ class Settings:
     )
     retry_max_delay: float = setting(
         "RETRY_MAX_DELAY",
-        _seconds(0.001, 86_400),
+        seconds(0.001, 86_400),
         300.0,
         kind="seconds",
         read_by="consumers",
@@ -671,7 +473,7 @@ class Settings:
     )
     idempotency_ttl: int = setting(
         "IDEMPOTENCY_TTL",
-        _integer(60, 365 * 86_400),
+        integer(60, 365 * 86_400),
         24 * 3600,
         kind="integer (seconds)",
         read_by="consumers",
@@ -680,7 +482,7 @@ class Settings:
     )
     dead_letter_max: int = setting(
         "DEAD_LETTER_MAX",
-        _integer(1, 10_000_000),
+        integer(1, 10_000_000),
         DEAD_LETTER_MAX,
         kind="integer",
         read_by="consumers",
@@ -705,7 +507,7 @@ class Settings:
     )
     access_log: bool = setting(
         "ACCESS_LOG",
-        _boolean,
+        boolean,
         True,
         kind="boolean",
         read_by="web",
@@ -774,12 +576,16 @@ class Settings:
     )
     idempotency_key_ttl: int = setting(
         "IDEMPOTENCY_KEY_TTL",
-        _integer(1, 30 * 86_400),
+        integer(1, 30 * 86_400),
         24 * 3600,
         kind="integer (seconds)",
         read_by="web",
         doc="seconds a signup's `Idempotency-Key` (and its 201) is remembered",
     )
+
+    #: The environment these settings were read from: the reactions' own settings are read
+    #: from it too, once :func:`pipeline.plan.resolve` knows which reactions there are.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.redis_min_replicas and self.redis_replica_timeout >= self.redis_socket_timeout:
@@ -789,39 +595,6 @@ class Settings:
                 f"must be below REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout:g}), which "
                 "bounds the wait for the replicas' answer",
             )
-        registry = self.registry
-        queues = self.consumer_queues or registry.queues
-        if not set(queues) <= set(registry.queues):
-            raise SettingsError(
-                "CONSUMER_QUEUES",
-                ",".join(queues),
-                f"expected a comma-separated list of {', '.join(registry.queues)}",
-            )
-        types = registry.job_types.values()
-        filled = {
-            "consumer_queues": tuple(queues),
-            "consumer_concurrency": _fill(
-                "CONSUMER_CONCURRENCY",
-                self.consumer_concurrency,
-                {q: DEFAULT_CONCURRENCY for q in registry.queues},
-            ),
-            "job_max_attempts": _fill(
-                "JOB_MAX_ATTEMPTS", self.job_max_attempts, {t.name: t.attempts for t in types}
-            ),
-            "job_timeout": _fill(
-                "JOB_TIMEOUT", self.job_timeout, {t.name: t.timeout for t in types}
-            ),
-        }
-        for name, value in filled.items():
-            object.__setattr__(self, name, value)
-
-    @property
-    def registry(self) -> Registry:
-        """The reactions of ``REACTIONS``: job types, queues, counters, handlers."""
-        try:
-            return load_registry(self.reactions)
-        except ReactionError as exc:
-            raise SettingsError("REACTIONS", ",".join(self.reactions), str(exc)) from None
 
     @property
     def sentinel(self) -> SentinelUrl | None:
@@ -846,23 +619,13 @@ class Settings:
         """Build settings from ``environ`` (the process environment when None): each
         declared variable that is set (and not blank) is parsed; the rest keep their
         defaults. A bad value raises :class:`SettingsError` naming it."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name, declared in declared_settings().items():
-            raw = env.get(declared.env)
-            if raw is None or raw.strip() == "" or declared.parse is None:
-                continue
-            try:
-                values[name] = declared.parse(raw.strip())
-            except ValueError as exc:
-                shown = declared.show(raw) if declared.show else raw
-                raise SettingsError(declared.env, shown, str(exc)) from None
-        return cls(**values)
+        env = dict(os.environ if environ is None else environ)
+        return cls(**parse_env(cls, env), environ=env)
 
 
 def declared_settings() -> dict[str, Setting]:
     """Field name -> declaration, for every setting :class:`Settings` reads, in order."""
-    return {f.name: f.metadata[_SETTING] for f in dataclasses.fields(Settings)}
+    return declared(Settings)
 
 
 #: Settings read by what runs the processes, not by Python: declared here all the same, so
@@ -886,31 +649,3 @@ OUTSIDE: tuple[Setting, ...] = (
         "",
     ),
 )
-
-
-class _Probe:
-    """A sender standing in for the app while its receivers are checked."""
-
-
-def main() -> int:
-    """``python -m pipeline.settings``: exit 0 if the environment's settings are valid and the
-    reactions of ``REACTIONS`` fit together (every receiver declared, with job types some
-    reaction declares), else print one line saying what is wrong and exit 2. The Procfile
-    runs it before hypercorn, whose exit code hides a worker's failed start
-    (pgjones/hypercorn#269)."""
-    try:
-        registry = Settings.from_env().registry
-        probe = _Probe()
-        registry.connect(probe)
-        registry.check_receivers(probe)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ReactionError as exc:
-        print(f"error: REACTIONS: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from pipeline.context import Context
 from pipeline.handling import count, payload_text
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
-from pipeline.registry import Context, JobType, Reaction
+from pipeline.registry import JobType, Reaction
 from pipeline.signals import user_signed_up
 
 #: The sorted set of subscribed addresses (``<prefix>:marketing``), scored by signup time.

@@ -5,18 +5,35 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import msgspec
 import orjson
 
+from pipeline.context import Context
 from pipeline.handling import count, payload_text, payload_user_id
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
-from pipeline.registry import Context, JobType, Reaction
+from pipeline.registry import JobType, Reaction, UserField
 from pipeline.signals import user_signed_up
 
 #: The stats counter of profiles generated.
 COUNTER: Final = "profiles_generated"
+
+
+class Profile(msgspec.Struct):
+    """A generated profile."""
+
+    display_name: str
+    initials: str
+    avatar_url: str
+    created_at: Annotated[str, msgspec.Meta(description="ISO 8601, UTC.")]
+
+
+#: The profile, at ``<prefix>:profile:<user id>``, served as the user's ``profile``.
+PROFILE: Final = UserField(
+    "profile", Profile, description="Null until a consumer has generated it."
+)
 
 # Once per user without a done-marker: SET NX writes the profile only if the user has none
 # yet, and only a write is counted, so a job delivered twice keeps the first profile and
@@ -45,7 +62,7 @@ async def generate_profile(ctx: Context, job: Job) -> None:
     user_id = payload_user_id(job)
     profile = build_profile(payload_text(job, "username"), payload_text(job, "email"))
     await ctx.effect(_SAVE)(
-        keys=[ctx.keys.profile(user_id), ctx.keys.stats],
+        keys=[PROFILE.key(ctx.keys, user_id), ctx.keys.stats],
         args=[orjson.dumps(profile)],
     )
 
@@ -77,5 +94,6 @@ REACTION: Final = Reaction(
     "profile",
     job_types=[GENERATE_PROFILE],
     receivers={user_signed_up: [enqueue_profile_generation]},
+    user_fields=[PROFILE],
     description="A generated profile for every new user.",
 )

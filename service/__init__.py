@@ -1,7 +1,8 @@
 """The web service. ``service:app`` is the ASGI app hypercorn (or uvicorn) serves.
 
-Settings are read from the environment once, here; a bad value, or reactions that do not fit
-together (see ``pipeline.registry``), stops start-up with one line.
+Settings are read from the environment once, here, and resolved with the reactions they name
+(see ``pipeline.plan``); a bad value, or reactions that do not fit together, stops start-up
+with one line.
 In a worker of a hypercorn (or uvicorn) master, metrics are kept in prometheus_client's
 multiprocess mode, in a directory under ``METRICS_DIR`` shared by the workers of one master,
 so a scrape served by any worker sums them all. (Imported anywhere else, as by the tests, the
@@ -16,6 +17,7 @@ import sys
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.logs import configure_logging
 from pipeline.metrics import is_spawned_worker, use_multiprocess_dir
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app, freeze_heap_on_start
 
@@ -24,6 +26,7 @@ __all__ = ["app", "create_app"]
 
 try:
     _settings = Settings.from_env()
+    _plan = resolve(_settings)
 except SettingsError as exc:
     sys.exit(f"error: {exc}")
 
@@ -42,7 +45,7 @@ if is_spawned_worker():
     except OSError as exc:
         sys.exit(f"error: METRICS_DIR={_settings.metrics_dir!r}: {exc.strerror or exc}")
 try:
-    app = create_app(_settings)
+    app = create_app(_plan)
 except ReactionError as exc:
     sys.exit(f"error: REACTIONS: {exc}")
 

@@ -12,7 +12,7 @@ from pipeline.connections import REDIS_UNAVAILABLE, web_client
 from pipeline.heap import freeze_heap
 from pipeline.keys import Keys
 from pipeline.outage import Outage
-from pipeline.settings import Settings
+from pipeline.plan import Plan
 from service.clients import ClientResolver
 from service.deps import EXTENSION, Deps
 from service.errors import ApiError, UnavailableError
@@ -38,13 +38,14 @@ _HTTP_MESSAGES = {
 _BODY_LEFT_UNREAD = frozenset({408, 413})
 
 
-def create_app(settings: Settings) -> Quart:
-    """Build the web app. Redis is opened when serving starts and closed when it stops.
+def create_app(plan: Plan) -> Quart:
+    """Build the web app of ``plan`` (see :func:`pipeline.plan.resolve`). Redis is opened
+    when serving starts and closed when it stops.
 
-    The reactions of ``REACTIONS`` connect their receivers for this app; a receiver of their
-    signals that no reaction declares, or one that may push an undeclared job type, raises
+    The plan's reactions connect their receivers for this app; a receiver of their signals
+    that no reaction declares, or one that may push an undeclared job type, raises
     :class:`ReactionError` here: the app does not start."""
-    registry = settings.registry
+    settings, registry = plan.settings, plan.registry
     app = Quart(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # A body that has not all arrived this long after the handler asked for it is a 408: a
@@ -81,7 +82,7 @@ def create_app(settings: Settings) -> Quart:
         clients = ClientResolver(settings.trusted_proxies)
         reserved = reserved_forms(settings.reserved_usernames)
         app.extensions[EXTENSION] = Deps(
-            settings, registry, keys, client, users, clients, reserved, outage
+            plan, settings, registry, keys, client, users, clients, reserved, outage
         )
 
     @app.after_serving

@@ -1,4 +1,4 @@
-"""What a serving app holds: its settings, keys, Redis client, user store and the resolver
+"""What a serving app holds: its plan and settings, keys, Redis client, user store and the resolver
 of client addresses."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from quart import current_app
 
 from pipeline.keys import Keys
 from pipeline.outage import Outage
+from pipeline.plan import Plan
 from pipeline.registry import Registry
 from pipeline.settings import Settings
 from service.clients import ClientResolver
@@ -22,6 +23,7 @@ EXTENSION = "signup"
 class Deps:
     """Opened when serving starts (see ``service.app``), closed when it stops."""
 
+    plan: Plan
     settings: Settings
     #: The reactions this app's receivers and stats come from (``REACTIONS``).
     registry: Registry

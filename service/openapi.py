@@ -97,23 +97,13 @@ class SignupCreated(Struct):
     email: Annotated[str, msgspec.Meta(description="As stored (the domain lower-cased).")]
 
 
-class Profile(Struct):
-    """A generated profile."""
-
-    display_name: str
-    initials: str
-    avatar_url: str
-    created_at: Annotated[str, msgspec.Meta(description="ISO 8601, UTC.")]
-
-
 class User(Struct):
-    """The user, with its profile (null until a consumer has generated it)."""
+    """The user, with what the reactions keep for it (see :func:`user_model`)."""
 
     user_id: str
     username: str
     email: str
     created_at: Annotated[float, msgspec.Meta(description="Unix time, in seconds.")]
-    profile: Profile | None
 
 
 class Percentiles(Struct):
@@ -176,12 +166,30 @@ def stats_model(registry: Registry) -> type[Struct]:
     return model
 
 
+@functools.cache
+def user_model(registry: Registry) -> type[Struct]:
+    """The ``GET /users/<id>`` model: :class:`User`'s fields, then each of ``registry``'s
+    user fields (null until written), as the profile reaction declares ``profile``."""
+    fields: list[tuple[str, Any]] = [
+        (f.name, Annotated[f.schema | None, msgspec.Meta(description=f.description)])
+        if f.description
+        else (f.name, f.schema | None)
+        for f in registry.user_fields
+    ]
+    model: type[Struct] = msgspec.defstruct(  # type: ignore[assignment]  # bases=(Struct,)
+        "User", fields, bases=(User,), module=__name__
+    )
+    names = ", ".join(f.name for f in registry.user_fields)
+    model.__doc__ = f"The user, with {names} (null until written)." if names else User.__doc__
+    return model
+
+
 _MODELS = "signup.openapi_models"
 
 
 def resolve(app: Quart, model: type[Any]) -> type[Any]:
     """The model ``app`` documents where a view names ``model``: its own :func:`stats_model`
-    for :class:`Stats`, else ``model`` itself."""
+    for :class:`Stats` and :func:`user_model` for :class:`User`, else ``model`` itself."""
     models: dict[type[Any], type[Any]] = app.extensions.get(_MODELS, {})
     return models.get(model, model)
 
@@ -367,7 +375,7 @@ class _Provider(OpenAPIProvider):
 def document_api(app: Quart, registry: Registry) -> None:
     """Serve ``/openapi.json``, and Swagger UI at ``/docs`` (from :mod:`service.docs`, which
     serves its script and stylesheet itself). The stats model is ``registry``'s."""
-    app.extensions[_MODELS] = {Stats: stats_model(registry)}
+    app.extensions[_MODELS] = {Stats: stats_model(registry), User: user_model(registry)}
     app.register_blueprint(docs)
     schema = QuartSchema(
         openapi_path="/openapi.json",

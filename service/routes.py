@@ -116,9 +116,10 @@ async def _read_body() -> bytes:
 @operation_id("user")
 @responses((200, User), (404, NotFound), (503, Unavailable))
 async def get_user(user_id: str) -> Response:
-    """A user with its profile (null until generated)."""
+    """A user with what the reactions keep for it, such as its profile (null until
+    generated)."""
     current = deps()
-    found = await current.users.get(user_id)
+    found = await current.users.get(user_id, current.registry.user_fields)
     current.outage.ok()
     if found is None:
         raise ApiError(404, "not_found", "no user has that id")

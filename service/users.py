@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from pipeline.rate_limit import SCRIPT_PART as RATE_LIMIT_PART
 from pipeline.rate_limit import SIGNATURE as RATE_LIMIT_SIGNATURE
 from pipeline.rate_limit import RateLimit, RateLimitFailure, RefusedClients
 from pipeline.rate_limit import script_args as rate_limit_args
-from pipeline.registry import JobType, Registry
+from pipeline.registry import JobType, Registry, UserField
 from pipeline.scripts import Signature
 from service.errors import (
     ConflictError,
@@ -249,14 +250,16 @@ class UserStore:
             raise UnavailableError()
         raise ConflictError(result.decode())
 
-    async def get(self, user_id: str) -> dict[str, Any] | None:
-        """The user with its profile (None while not yet generated), or None if unknown."""
+    async def get(self, user_id: str, fields: Sequence[UserField] = ()) -> dict[str, Any] | None:
+        """The user with the reactions' ``fields`` (each None while not yet written, like
+        the profile), read in one round trip; None if unknown."""
         if not is_id(user_id):
             return None
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(self._keys.user(user_id))
-        pipe.get(self._keys.profile(user_id))
-        record, profile = await pipe.execute()
+        for user_field in fields:
+            pipe.get(user_field.key(self._keys, user_id))
+        record, *values = await pipe.execute()
         if not record:
             return None
         return {
@@ -264,5 +267,5 @@ class UserStore:
             "username": record[b"username"].decode(),
             "email": record[b"email"].decode(),
             "created_at": float(record[b"created_at"]),
-            "profile": orjson.loads(profile) if profile else None,
+            **{f.name: orjson.loads(v) if v else None for f, v in zip(fields, values, strict=True)},
         }

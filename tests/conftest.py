@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 from devtools.embedded_redis import free_port, wait_until_ready
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import (
@@ -83,7 +84,7 @@ def keys(settings: Settings) -> Keys:
 @pytest.fixture
 async def app(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[TestAppProtocol]:
     """The app with its serving hooks run (Redis opened and closed)."""
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         yield test_app
 
 

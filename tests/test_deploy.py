@@ -102,8 +102,12 @@ def _production_venv(tmp_path_factory: pytest.TempPathFactory, lock: str) -> Pat
     _run([*pip, "wheel", "--no-deps", "-w", str(dist), str(source)], root)
     (wheel,) = dist.glob("signup_pipeline-*.whl")
     # The product's packages, and none of the tools for working on it.
-    packages = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {name.split("/")[0] for name in names}
     assert {"pipeline", "service", "consumers", "reactions"} <= packages
+    # Subpackages too (a reaction that is a package), but not the benchmarks (a checkout's).
+    assert "reactions/welcome_email/backends.py" in names
+    assert "loadtest/bench/__init__.py" not in names
     assert "devtools" not in packages and "tests" not in packages
     _run([*pip, "install", "--no-deps", str(wheel)], root)
     # Every declared requirement is satisfied by what the lock installed.

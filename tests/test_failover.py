@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from tests.helpers import SmtpSink, eventually
 from tests.processes import ROOT, child_env, consumer_argv, http, request, web
 from tests.servers import SERVICE, Scratch, Topology, raw_all
@@ -342,7 +343,7 @@ async def test_passwords_of_the_sentinels_and_of_redis_are_each_used_where_they_
             env = {"REDIS_URL": url}
             if password:
                 env["REDIS_SENTINEL_PASSWORD"] = password
-            async with create_app(make_settings(env)).test_app() as app:
+            async with create_app(resolve(make_settings(env))).test_app() as app:
                 response = await app.test_client().post("/signup", json=body)
                 answers.append((response.status_code, (await response.get_json())["error"]
                                 if response.status_code != 201 else "created"))  # fmt: skip

@@ -13,25 +13,33 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from consumers.email import ConsoleEmailBackend, SmtpEmailBackend, email_backend
 from pipeline.batching import ScriptBatcher
+from pipeline.context import Context
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.queue import DirectQueue
-from pipeline.registry import Context, load_registry
+from pipeline.registry import load_registry
 from pipeline.settings import Settings
 from pipeline.signals import user_signed_up
 from pipeline.stats import read_stats
 from reactions.marketing import LIST, add_to_marketing_list
-from reactions.profile import build_profile, generate_profile
+from reactions.profile import PROFILE, build_profile, generate_profile
 from reactions.welcome_email import EMAIL, send_welcome_email
+from reactions.welcome_email.backends import ConsoleEmailBackend, SmtpEmailBackend, email_backend
+from reactions.welcome_email.settings import EmailSettings
 from tests.helpers import REGISTRY, SmtpSink, eventually
 
 
-def context_for(redis: aioredis.Redis, keys: Keys, settings: Settings) -> Context:
-    ctx = Context(redis, settings)
+def context_for(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, context: type[Context] = Context
+) -> Context:
+    """A handler's context as a consumer of ``settings`` makes it (the reactions' settings
+    resolved, the email backend opened)."""
+    plan = resolve(settings)
+    ctx = context(redis, settings, plan.reaction_settings)
     assert ctx.keys.prefix == keys.prefix
-    ctx[EMAIL] = email_backend(settings)
+    ctx[EMAIL] = email_backend(ctx.settings_of(EmailSettings))
     return ctx
 
 
@@ -74,7 +82,7 @@ async def test_welcome_email_to_the_console_without_smtp(
 
     caplog.clear()
     again = new_job("welcome_email", {"user_id": "u2", "username": "bo", "email": "b@example.com"})
-    with caplog.at_level(logging.DEBUG, logger="consumers.email"):
+    with caplog.at_level(logging.DEBUG, logger="reactions.welcome_email.backends"):
         await send_welcome_email(ctx, again)
     assert "the email to b@example.com:" in caplog.text
     assert "Hello bo" in caplog.text
@@ -122,7 +130,7 @@ async def test_profile_is_written_and_served(
     assert profile["avatar_url"].startswith("https://www.gravatar.com/avatar/")
     datetime.fromisoformat(profile["created_at"])
     assert (await read_stats(redis, keys, REGISTRY)).counters["profiles_generated"] == 1
-    assert orjson.loads(await redis.get(keys.profile(user_id))) == profile
+    assert orjson.loads(await redis.get(PROFILE.key(keys, user_id))) == profile
 
 
 def test_build_profile() -> None:
@@ -229,7 +237,7 @@ async def test_each_effect_happens_once_per_job_id(
         for handler, job in zip(handlers, jobs, strict=True):
             await handler(ctx, job)
         if delivery == 0:
-            first_profile = await redis.get(keys.profile(payload["user_id"]))
+            first_profile = await redis.get(PROFILE.key(keys, payload["user_id"]))
     counters = (await read_stats(redis, keys, REGISTRY)).counters
     assert (
         counters["emails_sent"],
@@ -241,7 +249,7 @@ async def test_each_effect_happens_once_per_job_id(
         1,
     )
     assert smtp_server.recipients() == ["a@example.com"]
-    assert await redis.get(keys.profile(payload["user_id"])) == first_profile
+    assert await redis.get(PROFILE.key(keys, payload["user_id"])) == first_profile
     # Only the email, an effect outside Redis, needs a done-marker: the list and the profile
     # say themselves whether they are done, and keep no key per job.
     assert 0 < await redis.ttl(keys.done(jobs[0].id)) <= settings.idempotency_ttl
@@ -307,12 +315,11 @@ async def test_a_lost_done_marker_write_is_retried_not_sent_again(
     redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
 ) -> None:
     settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
-    ctx = FlakyMarkContext(redis, settings)
-    ctx[EMAIL] = email_backend(settings)
+    ctx = context_for(redis, keys, settings, FlakyMarkContext)
     job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
     await send_welcome_email(ctx, job)
     await send_welcome_email(ctx, job)  # redelivered: the marker made it
-    assert ctx.failures == 0
+    assert isinstance(ctx, FlakyMarkContext) and ctx.failures == 0
     assert smtp_server.recipients() == ["a@example.com"]
     assert await redis.exists(keys.done(job.id)) == 1
     assert (await read_stats(redis, keys, REGISTRY)).counters["emails_sent"] == 1
@@ -369,7 +376,7 @@ async def test_a_job_with_an_unsafe_payload_is_dead_lettered_at_once_and_nothing
     assert problem in entry["reason"]
     assert entry["attempts"] == 1  # not retried
     assert smtp_server.messages == []
-    assert await redis.keys(keys.profile("*")) == []
+    assert await redis.keys(PROFILE.key(keys, "*")) == []
     assert await redis.zcard(keys.of(LIST)) == 0
 
 

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
 
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from service.app import create_app
 
 ALICE = {"username": "alice", "email": "alice@example.com"}
@@ -65,7 +66,7 @@ async def test_the_same_key_with_another_body_is_a_422_and_nothing_is_written(
 async def test_the_record_is_kept_for_the_ttl_under_a_hash_of_the_key(
     make_settings: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    async with create_app(make_settings({"IDEMPOTENCY_KEY_TTL": "600"})).test_app() as app:
+    async with create_app(resolve(make_settings({"IDEMPOTENCY_KEY_TTL": "600"}))).test_app() as app:
         assert (await post(app.test_client(), ALICE, "secret-ish key"))[0] == 201
     record = keys.idempotency("secret-ish key")
     assert record.endswith(hashlib.sha256(b"secret-ish key").hexdigest())

@@ -17,16 +17,17 @@ import redis.asyncio as aioredis
 from devtools.embedded_redis import free_port
 from loadtest.generator import Recording
 from loadtest.report import render, summarise
-from tests.helpers import RedisServer, SmtpSink
+from tests.helpers import REGISTRY, RedisServer, SmtpSink
 from tests.processes import ROOT, child_env, consumer_argv, http, web
 
 
 def loadtest(
-    *args: str, timeout: float = 60, quiet: bool = True
+    *args: str, timeout: float = 60, quiet: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "loadtest", *(["--quiet"] if quiet else []), *args],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -74,7 +75,7 @@ async def test_closed_loop_reports_requests_and_the_pipeline(
         assert f"({summary['warmup_accepted']:,} of them in the warmup)" in result.stdout
         # A fresh Redis: every latency sample is this run's, so its waits are reported.
         waits = pipeline["queue_wait_ms"]
-        assert set(waits) == {"email", "marketing", "profile"}
+        assert set(waits) == set(REGISTRY.queues)
         assert all(w["p50"] is not None and w["run_jobs"] >= w["samples"] for w in waits.values())
         assert summary["backlog"], "queue depths sampled"
         assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -92,6 +93,32 @@ async def test_closed_loop_reports_requests_and_the_pipeline(
         assert all(w["p50"] is None and w["p99"] is None for w in second.values()), second
         assert all(w["run_jobs"] == 5 for w in second.values())
         assert "queue wait: not this run's alone (email 5 of " in result.stdout
+
+
+async def test_a_reaction_that_pushes_for_some_signups_only_is_counted_as_it_pushed(
+    spawn: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # About half the signups get a note: the run still drains, and says what the jobs did.
+    env = child_env(
+        redis_server, LOG_LEVEL="WARNING", REACTIONS="reactions,tests.reactions.sometimes"
+    )
+    async with web(spawn, env) as (port, _):
+        spawn(consumer_argv(), env)
+        report = tmp_path / "report.json"
+        result = loadtest(
+            f"--url=http://127.0.0.1:{port}", "--concurrency=2", "--duration=1", "--warmup=0",
+            f"--json={report}", env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        pipeline = orjson.loads(report.read_bytes())["pipeline"]
+        _, stats = await http(port, "GET", "/stats")
+    assert pipeline["drained"] is True, pipeline
+    signups = pipeline["signups"]
+    assert pipeline["effects"]["emails_sent"] == signups
+    assert 0 < pipeline["effects"]["notes_made"] == stats["notes_made"] < signups
+    assert pipeline["effects"]["dead_lettered"] == 0
+    assert set(pipeline["queue_wait_ms"]) == {*REGISTRY.queues, "notes"}
+    assert f"notes_made {stats['notes_made']:,}" in result.stdout
 
 
 async def test_open_loop_sends_on_schedule_whatever_the_server_does(

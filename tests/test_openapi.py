@@ -14,6 +14,7 @@ from quart.typing import TestClientProtocol as QuartClient
 from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 
 from devtools.embedded_redis import free_port
+from pipeline.plan import resolve as resolve_plan
 from pipeline.version import __version__
 from service.app import create_app
 from service.openapi import resolve
@@ -180,7 +181,9 @@ async def test_every_answer_matches_its_documented_model(
 
 
 async def test_answers_without_redis_match_their_documented_models(make_settings: Any) -> None:
-    app = create_app(make_settings({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}))
+    app = create_app(
+        resolve_plan(make_settings({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}))
+    )
     async with app.test_app() as test_app:
         client = test_app.test_client()
         body = orjson.dumps({"username": "alice", "email": "alice@example.com"})
@@ -212,7 +215,7 @@ async def test_hypercorn_serves_the_document_and_the_docs(
 
 
 async def test_a_429_matches_its_documented_model(make_settings: Any, redis: Any) -> None:
-    app = create_app(make_settings({"RATE_LIMIT": "1/60"}))
+    app = create_app(resolve_plan(make_settings({"RATE_LIMIT": "1/60"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         for n, status in enumerate([201, 429]):

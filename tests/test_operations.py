@@ -25,6 +25,7 @@ from pipeline.jobs import decode
 from pipeline.keys import Keys
 from pipeline.logs import JsonFormatter, TextFormatter
 from pipeline.metrics import use_multiprocess_dir
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import RedisServer, Samples, eventually, parse_metrics, scrape
@@ -47,7 +48,7 @@ Spawn = Callable[[list[str], dict[str, str]], Child]
 
 
 async def test_healthz_answers_without_redis(make_settings: Callable[..., Settings]) -> None:
-    app = create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    app = create_app(resolve(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")))
     async with app.test_app() as test_app:
         response = await test_app.test_client().get("/healthz")
         assert response.status_code == 200
@@ -63,7 +64,7 @@ async def test_readyz_is_200_when_redis_answers(client: QuartClient) -> None:
 async def test_readyz_is_503_with_the_reason_when_redis_is_unreachable(
     make_settings: Callable[..., Settings],
 ) -> None:
-    app = create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    app = create_app(resolve(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")))
     async with app.test_app() as test_app:
         response = await test_app.test_client().get("/readyz")
         assert response.status_code == 503
@@ -233,7 +234,7 @@ async def test_the_access_line_names_the_request_and_can_be_turned_off(
     make_settings: Callable[..., Settings], redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     for enabled in (True, False):
-        app = create_app(make_settings(access_log=enabled))
+        app = create_app(resolve(make_settings(access_log=enabled)))
         async with app.test_app() as test_app:
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="service.access"):
@@ -294,7 +295,7 @@ async def test_a_users_route_is_labelled_by_its_rule_not_its_path(client: QuartC
 async def test_metrics_without_redis_still_answer_with_redis_up_0(
     make_settings: Callable[..., Settings],
 ) -> None:
-    app = create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    app = create_app(resolve(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")))
     async with app.test_app() as test_app:
         metrics = await scrape(test_app.test_client())
     assert sample(metrics, "signup_redis_up") == 0

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from devtools.embedded_redis import embedded_redis_server, free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
+from reactions.profile import PROFILE
 from tests.helpers import REGISTRY, RedisServer, SmtpSink, debian_redis, eventually
 from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
 
@@ -191,7 +192,7 @@ def test_web_bad_configuration_is_one_line(redis_server: RedisServer) -> None:
         "error: MAX_BODY_BYTES='huge': expected a whole number"
     ]
     check = subprocess.run(
-        [sys.executable, "-m", "pipeline.settings"],
+        [sys.executable, "-m", "pipeline.plan"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -201,7 +202,7 @@ def test_web_bad_configuration_is_one_line(redis_server: RedisServer) -> None:
     assert check.returncode == 2
     assert check.stderr == "error: MAX_BODY_BYTES='huge': expected a whole number\n"
     good = subprocess.run(
-        [sys.executable, "-m", "pipeline.settings"],
+        [sys.executable, "-m", "pipeline.plan"],
         env=child_env(redis_server),
         cwd=ROOT,
         capture_output=True,
@@ -215,7 +216,7 @@ def test_procfile_runs_the_settings_check_before_hypercorn() -> None:
     web = next(
         line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:")
     )
-    assert "python -m pipeline.settings && exec hypercorn --config hypercorn.toml" in web
+    assert "python -m pipeline.plan && exec hypercorn --config hypercorn.toml" in web
     assert "${PORT:-8000}" in web
     assert "--workers ${WEB_CONCURRENCY:-2}" in web
 
@@ -325,7 +326,7 @@ async def test_queues_flag_limits_what_a_consumer_serves(
     worker = spawn(
         consumer_argv("--queues", "profile", "--concurrency", "2"), child_env(redis_server)
     )
-    await eventually(lambda: redis.exists(keys.profile("a" * 32)), what="the profile job")
+    await eventually(lambda: redis.exists(PROFILE.key(keys, "a" * 32)), what="the profile job")
     assert await worker.stop(10) == 0
     assert await redis.llen(keys.queue("email")) == 1  # not served by this consumer
     assert "profilex2" in worker.output()

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
 
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.rate_limit import RefusedClients
 from pipeline.settings import RateLimit
 from service.app import create_app
@@ -37,7 +38,7 @@ async def sign_up(
 async def test_a_client_over_its_limit_gets_429_with_retry_after_and_nothing_written(
     make_settings: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    app = create_app(make_settings({"RATE_LIMIT": "3/60"}))
+    app = create_app(resolve(make_settings({"RATE_LIMIT": "3/60"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         statuses = [(await sign_up(client, n))[0] for n in range(3)]
@@ -64,7 +65,7 @@ async def test_a_conflict_counts_against_the_limit(
     make_settings: Any, redis: aioredis.Redis
 ) -> None:
     # Probing for taken addresses is what the limit must slow down.
-    app = create_app(make_settings({"RATE_LIMIT": "2/60"}))
+    app = create_app(resolve(make_settings({"RATE_LIMIT": "2/60"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         assert (await sign_up(client, 1))[0] == 201
@@ -76,14 +77,14 @@ async def test_the_limit_refills_one_signup_per_period_over_count(
     make_settings: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
     settings = make_settings({"RATE_LIMIT": "2/60"})
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         client = test_app.test_client()
         assert [(await sign_up(client, n))[0] for n in range(3)] == [201, 201, 429]
     # Wind the client's state back 30 s (one interval), as if that time had passed, and ask
     # through another app (another worker), which has not refused this client itself.
     key = keys.rate("203.0.113.9")
     await redis.set(key, int(await redis.get(key)) - 30_000, keepttl=True)
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         client = test_app.test_client()
         assert [(await sign_up(client, n))[0] for n in range(3, 5)] == [201, 429]
 
@@ -91,7 +92,7 @@ async def test_the_limit_refills_one_signup_per_period_over_count(
 async def test_the_state_of_a_client_expires_once_it_is_full_again(
     make_settings: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    app = create_app(make_settings({"RATE_LIMIT": "4/60"}))
+    app = create_app(resolve(make_settings({"RATE_LIMIT": "4/60"})))
     async with app.test_app() as test_app:
         assert (await sign_up(test_app.test_client(), 1))[0] == 201
     ttl = await redis.pttl(keys.rate("203.0.113.9"))
@@ -99,7 +100,7 @@ async def test_the_state_of_a_client_expires_once_it_is_full_again(
 
 
 async def test_no_limit_when_off(make_settings: Any, redis: aioredis.Redis, keys: Keys) -> None:
-    app = create_app(make_settings({"RATE_LIMIT": "off"}))
+    app = create_app(resolve(make_settings({"RATE_LIMIT": "off"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         assert {(await sign_up(client, n))[0] for n in range(12)} == {201}
@@ -112,7 +113,7 @@ async def test_a_limit_whose_state_cannot_be_read_fails_as_configured(
 ) -> None:
     await redis.hset(keys.rate("203.0.113.9"), "not", "a number")  # WRONGTYPE for GET
     settings = make_settings({"RATE_LIMIT": "1/60", "RATE_LIMIT_FAILURE": failure})
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         client = test_app.test_client()
         got = [(await sign_up(client, n))[0] for n in range(2)]
     assert got == [status, status]
@@ -153,7 +154,7 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
     make_settings: Any, redis: aioredis.Redis
 ) -> None:
     settings = make_settings({"RATE_LIMIT": "1/60", "TRUSTED_PROXIES": "10.0.0.0/8"})
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         client = test_app.test_client()
         # Behind the proxy, two clients each get their own limit.
         for n, who in enumerate(["1.1.1.1", "2.2.2.2"]):
@@ -169,7 +170,7 @@ async def test_a_limit_finer_than_a_double_can_hold_still_works(
 ) -> None:
     # One signup due every 1e-6 ms: added to a Unix time in ms (~1.8e12) it vanishes, and the
     # key's expiry came out as PX 0, which Redis refuses ("invalid expire time"): a 500.
-    app = create_app(make_settings(rate_limit=RateLimit(10**9, 1.0)))
+    app = create_app(resolve(make_settings(rate_limit=RateLimit(10**9, 1.0))))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         assert [(await sign_up(client, n))[0] for n in range(3)] == [201, 201, 201]
@@ -183,7 +184,7 @@ async def evalsha_calls(redis: aioredis.Redis) -> int:
 async def test_a_refused_client_is_refused_again_without_a_redis_round_trip(
     make_settings: Any, redis: aioredis.Redis
 ) -> None:
-    app = create_app(make_settings({"RATE_LIMIT": "1/60"}))
+    app = create_app(resolve(make_settings({"RATE_LIMIT": "1/60"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         assert (await sign_up(client, 1))[0] == 201

@@ -28,10 +28,11 @@ from redis.exceptions import (
 
 from devtools.embedded_redis import free_port
 from pipeline.connections import REDIS_UNAVAILABLE, BusyError, MisconfError, NoReplicasError
+from pipeline.context import Context
 from pipeline.jobs import Job
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.queue import DirectQueue
-from pipeline.registry import Context
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import REGISTRY, eventually
@@ -171,7 +172,7 @@ async def test_every_refusal_is_a_503_and_nothing_is_written(
 ) -> None:
     await refusal.impose(scratch, admin)
     try:
-        async with create_app(make_settings({"REDIS_URL": scratch.url})).test_app() as app:
+        async with create_app(resolve(make_settings({"REDIS_URL": scratch.url}))).test_app() as app:
             response = await app.test_client().post(
                 "/signup",
                 data=orjson.dumps({"username": "alice", "email": "a@example.com"}),

@@ -18,6 +18,7 @@ import redis
 import trustme
 
 from devtools.embedded_redis import free_port, wait_until_ready
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import debian_redis, eventually
@@ -86,7 +87,7 @@ def settings_for(server: TlsRedis, **env: str) -> Settings:
 
 async def test_signup_over_tls_as_an_acl_user(clean_tls_redis: TlsRedis) -> None:
     settings = settings_for(clean_tls_redis, REDIS_URL=clean_tls_redis.url())
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         client = test_app.test_client()
         assert (await client.get("/readyz")).status_code == 200
         body = orjson.dumps({"username": "alice", "email": "alice@example.com"})
@@ -138,7 +139,7 @@ async def test_refused_connections_are_503_and_never_show_the_password(
     if env.get("ca") == "system":
         settings = Settings.from_env({"REDIS_URL": url})
     caplog.set_level(logging.DEBUG)
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         client = test_app.test_client()
         body = orjson.dumps({"username": "carol", "email": "carol@example.com"})
         signup = await client.post("/signup", data=body, headers=JSON)

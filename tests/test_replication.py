@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from werkzeug.datastructures import Headers
 
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import REGISTRY, eventually
@@ -71,7 +72,7 @@ async def test_a_201_means_the_replica_has_the_signup_and_it_costs_no_extra_roun
 ) -> None:
     primary, replica, client = pair
     keys = Keys("signup")
-    async with create_app(settings_for(make_settings, primary)).test_app() as app:
+    async with create_app(resolve(settings_for(make_settings, primary))).test_app() as app:
         test_client = app.test_client()
         # A first signup loads the script, so the one watched below is the steady state.
         bob = {"username": "bob", "email": "bob@example.com"}
@@ -109,7 +110,7 @@ async def test_too_few_replicas_is_a_503_and_the_retry_gets_the_original_201_onc
     primary, replica, client = pair
     replica.stop()
     await eventually(lambda: replicas_linked(client, 0), what="the primary to see it gone")
-    async with create_app(settings_for(make_settings, primary)).test_app() as app:
+    async with create_app(resolve(settings_for(make_settings, primary))).test_app() as app:
         test_client = app.test_client()
 
         async def signup() -> tuple[int, Headers, Any]:

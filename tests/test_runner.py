@@ -14,17 +14,19 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from consumers.email import ConsoleEmailBackend
 from consumers.runner import Consumer, retry_delay
 from pipeline.connections import consumer_client
+from pipeline.context import Context
 from pipeline.jobs import Job, decode, new_job
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.queue import Broker, DirectQueue
-from pipeline.registry import Context, Handler
+from pipeline.registry import Handler
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
 from reactions.marketing import LIST
 from reactions.welcome_email import EMAIL
+from reactions.welcome_email.backends import ConsoleEmailBackend
 from tests.helpers import REGISTRY, eventually, parse_metrics
 
 
@@ -90,10 +92,11 @@ def build_consumer(
     settings = dataclasses.replace(settings, **overrides)
     client = consumer_client(settings, max_connections=32)
     keys = Keys(settings.key_prefix)
-    ctx = Context(client, settings)
+    plan = resolve(settings)
+    ctx = Context(client, settings, plan.reaction_settings)
     ctx[EMAIL] = ConsoleEmailBackend()
     broker = Broker(client, keys, queues=REGISTRY.queues, mode=settings.delivery_mode)
-    return Consumer(broker, handlers or settings.registry.handlers(), ctx, settings), client
+    return Consumer(broker, handlers or plan.registry.handlers(), ctx, plan), client
 
 
 @pytest.fixture
@@ -765,7 +768,7 @@ async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
         SlowSettlingBroker(client, keys, queues=REGISTRY.queues),
         {"welcome_email": failing},
         ctx,
-        settings,
+        resolve(settings),
     )
     job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
     stop = asyncio.Event()

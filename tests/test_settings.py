@@ -6,30 +6,38 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SettingsError
-from pipeline.settings import RateLimit, SentinelUrl, Settings, SmtpConfig
+from pipeline.plan import Plan, resolve
+from pipeline.settings import RateLimit, SentinelUrl, Settings
+from reactions.welcome_email.settings import EmailSettings, SmtpConfig
 from tests.helpers import REGISTRY
 
 
+def plan_of(env: dict[str, str]) -> Plan:
+    """What a process of ``env`` runs with."""
+    return resolve(Settings.from_env(env))
+
+
 def test_defaults_from_an_empty_environment() -> None:
-    settings = Settings.from_env({})
+    plan = plan_of({})
+    settings = plan.settings
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.key_prefix == "signup"
-    assert settings.smtp is None
+    assert plan.settings_of(EmailSettings).smtp is None
     assert settings.max_body_bytes == 16 * 1024
     assert settings.body_timeout == 10.0
     assert settings.dead_letter_max == 10_000
     assert settings.shutdown_grace_period == 10.0
     # Every queue of the reactions (the built-in ones, and any other a module adds), each
     # job type with its declared attempts and timeout; the built-in ones declare 5 and 30 s.
-    assert settings.consumer_queues == REGISTRY.queues
-    assert dict(settings.consumer_concurrency) == dict.fromkeys(REGISTRY.queues, 16)
+    assert plan.queues == REGISTRY.queues
+    assert dict(plan.concurrency) == dict.fromkeys(REGISTRY.queues, 16)
     assert settings.delivery_mode == "at-least-once"
     assert (settings.lease_ttl, settings.max_deliveries) == (5.0, 3)
     types = REGISTRY.job_types.values()
-    assert dict(settings.job_max_attempts) == {t.name: t.attempts for t in types}
-    assert dict(settings.job_timeout) == {t.name: t.timeout for t in types}
+    assert dict(plan.attempts) == {t.name: t.attempts for t in types}
+    assert dict(plan.timeouts) == {t.name: t.timeout for t in types}
     for name in ("welcome_email", "marketing_signup", "generate_profile"):
-        assert (settings.job_max_attempts[name], settings.job_timeout[name]) == (5, 30.0)
+        assert (plan.attempts[name], plan.timeouts[name]) == (5, 30.0)
     assert (settings.retry_base_delay, settings.retry_max_delay) == (1.0, 300.0)
     assert settings.idempotency_ttl == 86_400
     assert settings.rate_limit == RateLimit(10, 60.0)
@@ -37,7 +45,7 @@ def test_defaults_from_an_empty_environment() -> None:
 
 
 def test_delivery_settings_are_parsed() -> None:
-    settings = Settings.from_env(
+    plan = plan_of(
         {
             "DELIVERY_MODE": "AT-MOST-ONCE",
             "LEASE_TTL": "2.5",
@@ -49,22 +57,23 @@ def test_delivery_settings_are_parsed() -> None:
             "IDEMPOTENCY_TTL": "3600",
         }
     )
+    settings = plan.settings
     assert settings.delivery_mode == "at-most-once"
     assert (settings.lease_ttl, settings.max_deliveries) == (2.5, 5)
     declared = {t.name: t.attempts for t in REGISTRY.job_types.values()}
-    assert dict(settings.job_max_attempts) == {
+    assert dict(plan.attempts) == {
         **declared,
         "welcome_email": 8,
         "generate_profile": 2,
     }
-    assert settings.job_max_attempts["marketing_signup"] == 5
-    assert set(settings.job_timeout.values()) == {12.0}
+    assert plan.attempts["marketing_signup"] == 5
+    assert set(plan.timeouts.values()) == {12.0}
     assert (settings.retry_base_delay, settings.retry_max_delay) == (0.5, 60.0)
     assert settings.idempotency_ttl == 3600
 
 
 def test_values_are_parsed() -> None:
-    settings = Settings.from_env(
+    plan = plan_of(
         {
             "REDIS_URL": "redis://:secret@10.0.0.5:6380/2",
             "KEY_PREFIX": "{app}",
@@ -75,15 +84,12 @@ def test_values_are_parsed() -> None:
             "LOG_LEVEL": "debug",
         }
     )
+    settings = plan.settings
     assert settings.key_prefix == "{app}"
     assert settings.max_body_bytes == 2048
     assert settings.shutdown_grace_period == 2.5
-    assert settings.consumer_queues == ("profile", "email")
-    assert dict(settings.consumer_concurrency) == {
-        **dict.fromkeys(REGISTRY.queues, 16),
-        "email": 8,
-        "profile": 2,
-    }
+    assert plan.queues == ("profile", "email")
+    assert dict(plan.concurrency) == {"profile": 2, "email": 8}
     assert settings.log_level == "DEBUG"
 
 
@@ -99,7 +105,7 @@ def test_values_are_parsed() -> None:
     ],
 )
 def test_smtp_url(url: str, expected: SmtpConfig) -> None:
-    assert Settings.from_env({"SMTP_URL": url}).smtp == expected
+    assert plan_of({"SMTP_URL": url}).settings_of(EmailSettings).smtp == expected
 
 
 @pytest.mark.parametrize(
@@ -159,7 +165,7 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
 )
 def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env({name: value})
+        plan_of({name: value})
     message = str(caught.value)
     assert message.startswith(f"{name}=")
     assert "\n" not in message
@@ -179,7 +185,7 @@ def test_settings_that_do_not_fit_together_name_their_variable(
     environ: dict[str, str], variable: str
 ) -> None:
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env(environ)
+        plan_of(environ)
     assert caught.value.variable == variable
     assert str(caught.value) == f"{variable}={caught.value.value!r}: {caught.value.problem}"
 
@@ -204,12 +210,16 @@ def test_sentinel_url(url: str, expected: SentinelUrl) -> None:
 
 
 def test_passwords_are_never_shown() -> None:
-    settings = Settings.from_env(
+    plan = plan_of(
         {"REDIS_URL": "redis://user:hunter2@host:6379/0", "SMTP_URL": "smtp://u:hunter3@mail"}
     )
-    assert "hunter2" not in repr(settings)
-    assert "hunter3" not in repr(settings)
-    assert "***" in repr(settings)
+    for shown in (repr(plan.settings), repr(plan)):
+        assert "hunter2" not in shown
+        assert "hunter3" not in shown
+        assert "***" in shown
+    with pytest.raises(SettingsError) as caught:
+        plan_of({"SMTP_URL": "smtp://u:hunter3@mail:notaport"})
+    assert "hunter3" not in str(caught.value)
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"REDIS_URL": "redis://user:hunter2@host:notaport"})
     assert "hunter2" not in str(caught.value)
@@ -236,7 +246,8 @@ def test_every_setting_is_in_the_readme_table_and_the_env_example() -> None:
     assert len(declared) >= 25
     text = (root / "README.md").read_text()
     assert readme.render_readme(text, load_registry()) == text, "README.md: run make docs"
-    assert (root / ".env.example").read_text() == readme.env_example(), ".env.example: make docs"
+    example_text = readme.env_example(load_registry())
+    assert (root / ".env.example").read_text() == example_text, ".env.example: make docs"
     table = set(re.findall(r"^\| `([A-Z_]+)` \| ", text, flags=re.MULTILINE))
     example = set(re.findall(r"^# ([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
     assert declared <= table and declared <= example

@@ -19,6 +19,7 @@ from werkzeug.datastructures import Headers
 from devtools.embedded_redis import free_port
 from pipeline.jobs import decode
 from pipeline.keys import Keys
+from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
 from service.validation import FORM_TYPE
@@ -139,7 +140,7 @@ async def test_missing_content_type_is_415(client: QuartClient) -> None:
 
 
 async def test_body_over_the_limit_is_413(make_settings: Any, redis: aioredis.Redis) -> None:
-    app = create_app(make_settings({"MAX_BODY_BYTES": "1024"}))
+    app = create_app(resolve(make_settings({"MAX_BODY_BYTES": "1024"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         big = orjson.dumps({"username": "alice", "email": "a@example.com", "pad": "x" * 2000})
@@ -252,7 +253,7 @@ async def test_503_when_redis_is_down_is_fast_and_writes_nothing(
     make_settings: Any, redis: aioredis.Redis
 ) -> None:
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    app = create_app(make_settings({"REDIS_URL": closed}))
+    app = create_app(resolve(make_settings({"REDIS_URL": closed})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         status, headers, body = await asyncio.wait_for(
@@ -293,7 +294,7 @@ def silent_server() -> Iterator[int]:
 async def test_503_when_redis_hangs_comes_within_2_seconds(
     make_settings: Any, silent_server: int
 ) -> None:
-    app = create_app(make_settings({"REDIS_URL": f"redis://127.0.0.1:{silent_server}/0"}))
+    app = create_app(resolve(make_settings({"REDIS_URL": f"redis://127.0.0.1:{silent_server}/0"})))
     async with app.test_app() as test_app:
         client = test_app.test_client()
         status, headers, _ = await asyncio.wait_for(
@@ -332,7 +333,7 @@ async def test_503_mid_commit_leaves_nothing(client: QuartClient, redis: aioredi
 async def with_bad_receivers(make_settings: Any) -> AsyncIterator[QuartClient]:
     """A client of an app whose reactions include ``tests.reactions.faulty``."""
     settings = make_settings({"REACTIONS": "reactions,tests.reactions.faulty"})
-    async with create_app(settings).test_app() as test_app:
+    async with create_app(resolve(settings)).test_app() as test_app:
         yield test_app.test_client()
 
 
@@ -398,7 +399,7 @@ async def test_stats_shape(client: QuartClient) -> None:
 
 async def test_stats_is_503_when_redis_is_down(make_settings: Any) -> None:
     settings: Settings = make_settings({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    async with create_app(dataclasses.replace(settings)).test_app() as test_app:
+    async with create_app(resolve(dataclasses.replace(settings))).test_app() as test_app:
         response = await test_app.test_client().get("/stats")
     assert response.status_code == 503
 
@@ -437,7 +438,7 @@ async def test_stopping_the_app_closes_its_redis_connections(
     make_settings: Any, redis: aioredis.Redis
 ) -> None:
     before = len(await redis.client_list())
-    async with create_app(make_settings()).test_app() as test_app:
+    async with create_app(resolve(make_settings())).test_app() as test_app:
         client = test_app.test_client()
         await asyncio.gather(
             *(
@@ -469,7 +470,7 @@ async def test_stopping_the_app_closes_its_redis_connections(
 async def test_reserved_usernames_are_refused_with_422(
     make_settings: Any, redis: aioredis.Redis, env: dict[str, str], username: str, status: int
 ) -> None:
-    async with create_app(make_settings(env)).test_app() as test_app:
+    async with create_app(resolve(make_settings(env))).test_app() as test_app:
         got, _, body = await post_json(
             test_app.test_client(), {"username": username, "email": "x@example.com"}
         )

@@ -1,50 +1,79 @@
-"""A fourth reaction, complete in this one module: a welcome SMS.
-
-Its receiver pushes ``welcome_sms`` onto a new queue, ``sms``; its handler sends through a
-gateway its start-up hook opens (and its shutdown hook closes) and counts ``sms_sent`` into
-the stats. The "gateway" keeps each message in a Redis list the test reads, and notes its own
-opening and closing there, so the test sees the whole lifecycle through a real consumer."""
+"""A welcome SMS to every new user, sent through your messaging gateway."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-
+from pipeline.config import setting, url
+from pipeline.context import Context, Resource
 from pipeline.handling import count, once, payload_text
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
-from pipeline.registry import Context, JobType, Reaction, Resource
+from pipeline.registry import JobType, Reaction
 from pipeline.signals import user_signed_up
 
+logger = logging.getLogger(__name__)
 COUNTER: Final = "sms_sent"
 
 
+@dataclass(frozen=True, slots=True)
+class SmsSettings:
+    gateway_url: str | None = setting(
+        "SMS_GATEWAY_URL",
+        url("http"),
+        None,
+        kind="URL",
+        read_by="consumers",
+        doc="where welcome SMSes are POSTed as JSON `{user_id, text}`; unset: to the log",
+    )
+
+
 class Gateway:
-    """Sends an SMS by appending it to ``<prefix>:sms:outbox``."""
+    """POSTs each message to the gateway (which knows each user's phone number)."""
 
-    def __init__(self, redis: aioredis.Redis, outbox: str) -> None:
-        self._redis = redis
-        self._outbox = outbox
+    def __init__(self, gateway_url: str | None) -> None:
+        self.url = gateway_url
 
-    async def send(self, to: str, text: str) -> None:
-        await self._redis.rpush(self._outbox, f"{to}: {text}")
+    async def send(self, user_id: str, text: str) -> None:
+        if self.url is None:
+            logger.info("SMS to user %s: %r (no SMS_GATEWAY_URL: not sent)", user_id, text)
+            return
+        parts = urlsplit(self.url)
+        body = json.dumps({"user_id": user_id, "text": text}).encode()
+        head = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        try:
+            writer.write(head.encode() + body)
+            status = (await reader.readline()).split(b" ")[1:2]
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        if status != [b"200"]:
+            raise RuntimeError(f"SMS gateway answered {status!r}")
 
 
 GATEWAY: Final = Resource[Gateway]("sms gateway")
-
-# KEYS: done, stats
+# One script: the count and the job's done-marker, so a job delivered twice counts once.
+# KEYS: done-marker, stats hash.
 _MARK_SENT = once(count(COUNTER, "KEYS[2]"))
 
 
 async def send_welcome_sms(ctx: Context, job: Job) -> None:
-    """Text the new user, once."""
+    """Text the new user, once: skip a job already done."""
     done = ctx.keys.done(job.id)
     if await ctx.read("EXISTS", done):
         return
-    await ctx[GATEWAY].send(
-        payload_text(job, "user_id"), f"Welcome, {payload_text(job, 'username')}!"
-    )
+    text = f"Welcome, {payload_text(job, 'username')}!"
+    await ctx[GATEWAY].send(payload_text(job, "user_id"), text)
     await ctx.effect(_MARK_SENT)(keys=[done, ctx.keys.stats], args=[ctx.done_ttl])
 
 
@@ -66,19 +95,20 @@ async def enqueue_welcome_sms(sender: Any, **extra: Any) -> None:
 
 
 async def open_gateway(ctx: Context) -> None:
-    ctx[GATEWAY] = Gateway(ctx.redis, ctx.keys.of("sms", "outbox"))
-    await ctx.redis.set(ctx.keys.of("sms", "gateway"), "open")
+    ctx[GATEWAY] = Gateway(ctx.settings_of(SmsSettings).gateway_url)
+    logger.info("SMS gateway: %s", ctx[GATEWAY].url or "none (the log)")
 
 
 async def close_gateway(ctx: Context) -> None:
     if ctx.pop(GATEWAY) is not None:
-        await ctx.redis.set(ctx.keys.of("sms", "gateway"), "closed")
+        logger.info("SMS gateway closed")
 
 
 REACTION: Final = Reaction(
-    "sms",
+    "welcome_sms",
     job_types=[WELCOME_SMS],
     receivers={user_signed_up: [enqueue_welcome_sms]},
+    settings=SmsSettings,
     startup=open_gateway,
     shutdown=close_gateway,
     description="A welcome SMS to every new user.",

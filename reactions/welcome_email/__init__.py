@@ -1,4 +1,7 @@
-"""The welcome email: queued at signup, sent by a consumer over SMTP (or to the log)."""
+"""The welcome email: queued at signup, sent by a consumer over SMTP (or to the log).
+
+Its settings (``SMTP_*``, ``EMAIL_FROM``) are in :mod:`.settings`, its backends in
+:mod:`.backends`."""
 
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ from email.mime.text import MIMEText
 from email.utils import formataddr, parseaddr
 from typing import Any, Final
 
-from consumers.email import EmailBackend, email_backend
 from pipeline.connections import REDIS_UNAVAILABLE
+from pipeline.context import Context, Resource
 from pipeline.handling import count, once, payload_text
 from pipeline.jobs import Job
 from pipeline.logs import mask_email
 from pipeline.queue import JobSink
-from pipeline.registry import Context, JobType, Reaction, Resource
+from pipeline.registry import JobType, Reaction
 from pipeline.signals import user_signed_up
+from reactions.welcome_email.backends import EmailBackend, email_backend
+from reactions.welcome_email.settings import EmailSettings
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +84,8 @@ async def send_welcome_email(ctx: Context, job: Job) -> None:
         logger.info("job %s: welcome email already sent; skipping", job.id)
         return
     email, username = payload_text(job, "email"), payload_text(job, "username")
-    await ctx[EMAIL].send(welcome_message(ctx.settings.email_from, email, username))
+    sender = ctx.settings_of(EmailSettings).email_from
+    await ctx[EMAIL].send(welcome_message(sender, email, username))
     logger.info(
         "job %s: welcome email for user %s sent to %s",
         job.id,
@@ -119,7 +125,7 @@ async def enqueue_welcome_email(sender: Any, **extra: Any) -> None:
 async def open_email(ctx: Context) -> None:
     """The consumer's start-up hook: the backend ``SMTP_URL`` asks for (it connects per
     message, so there is nothing to close)."""
-    ctx[EMAIL] = email_backend(ctx.settings)
+    ctx[EMAIL] = email_backend(ctx.settings_of(EmailSettings))
 
 
 REACTION: Final = Reaction(
@@ -127,5 +133,6 @@ REACTION: Final = Reaction(
     job_types=[WELCOME_EMAIL],
     receivers={user_signed_up: [enqueue_welcome_email]},
     startup=open_email,
+    settings=EmailSettings,
     description="A welcome email to every new user.",
 )

@@ -13,7 +13,7 @@ from email.utils import parseaddr
 from typing import Protocol
 
 from pipeline.logs import mask_email
-from pipeline.settings import Settings, SmtpConfig
+from reactions.welcome_email.settings import EmailSettings, SmtpConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SmtpEmailBackend:
             await client.quit()
 
 
-def email_backend(settings: Settings) -> EmailBackend:
+def email_backend(settings: EmailSettings) -> EmailBackend:
     """The backend the settings ask for."""
     if settings.smtp is None:
         return ConsoleEmailBackend()

@@ -1,0 +1,98 @@
+"""What a handler gets with each job: the :class:`Context`, and the typed
+:class:`Resource` keys reactions keep their clients under."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pipeline.batching import AutoPipeline, ScriptBatcher
+from pipeline.keys import Keys
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.settings import Settings
+
+T = TypeVar("T")
+
+
+class Resource(Generic[T]):
+    """A typed key of :class:`Context`: ``EMAIL = Resource[EmailBackend]("email")``, set by a
+    start-up hook (``ctx[EMAIL] = ...``) and read by handlers (``ctx[EMAIL].send(...)``)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Resource({self.name!r})"
+
+
+class Context:
+    """What handlers get with each job (arq's and SAQ's ``ctx``): Redis, the key names, the
+    settings (the shared ones, and each reaction's own: :meth:`settings_of`), the resources
+    the reactions' start-up hooks opened, and the effect scripts.
+
+    :meth:`effect` and :meth:`read` share one auto-pipeline: the effects and reads of the
+    jobs finishing in the same loop tick, whatever their scripts, go to Redis in one round
+    trip. With ``REDIS_MIN_REPLICAS`` that round trip ends with ``WAIT``, so an effect a
+    failover could still lose raises :class:`NotReplicatedError` and its job is put back
+    rather than acknowledged."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: Settings,
+        reaction_settings: Mapping[type, Any] = MappingProxyType({}),
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._reaction_settings = reaction_settings
+        self.keys = Keys(settings.key_prefix)
+        #: How long a job's done-marker lives (``IDEMPOTENCY_TTL``), in seconds.
+        self.done_ttl = settings.idempotency_ttl
+        self._resources: dict[Resource[Any], Any] = {}
+        self._pipeline = AutoPipeline(
+            redis, settings.redis_min_replicas, settings.redis_replica_timeout
+        )
+
+    def settings_of(self, group: type[T]) -> T:
+        """The settings a reaction declares as ``group`` (its ``Reaction.settings``), read
+        from the environment at start-up."""
+        try:
+            value: T = self._reaction_settings[group]
+        except KeyError:
+            raise LookupError(
+                f"no {group.__name__} settings: no reaction in REACTIONS declares them"
+            ) from None
+        return value
+
+    def __getitem__(self, resource: Resource[T]) -> T:
+        try:
+            value: T = self._resources[resource]
+        except KeyError:
+            raise LookupError(
+                f"no {resource.name!r} resource: its start-up hook has not run"
+            ) from None
+        return value
+
+    def __setitem__(self, resource: Resource[T], value: T) -> None:
+        self._resources[resource] = value
+
+    def pop(self, resource: Resource[T]) -> T | None:
+        """Remove ``resource`` (in a shutdown hook) and return it, or None if never set."""
+        value: T | None = self._resources.pop(resource, None)
+        return value
+
+    def effect(self, source: str) -> ScriptBatcher:
+        """The batched caller of the Lua script ``source`` (one per script and context)."""
+        return self._pipeline.script(source)
+
+    def read(self, *command: Any) -> asyncio.Future[Any]:
+        """A read-only command (``"EXISTS", key``), sent with this tick's effects; its raw
+        reply. Not confirmed by replicas (it writes nothing)."""
+        return self._pipeline.read(*command)
