@@ -44,10 +44,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline service consumers reactions loadtest devtools tests
 	$(BIN)/ruff format --check pipeline service consumers reactions loadtest devtools tests
 
-## docs: regenerate the README's settings and reactions tables and .env.example from the
-## declarations (pipeline/settings.py, the reactions); a test fails when they are stale.
+## docs: regenerate .env.example from the declarations (pipeline/settings.py, the reactions'
+## settings), then build the docs site into site/ strictly (its generated tables are filled
+## at build time); CI fails on a stale .env.example or a page that does not build.
 docs: $(STAMP)
-	$(BIN)/python -m devtools.readme
+	$(BIN)/python -m devtools.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -83,4 +85,4 @@ lock:
 	rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) .bench-venv .redis-debian .run .pytest_cache .mypy_cache .ruff_cache bench-results.md bench-results.json
+	rm -rf $(VENV) .bench-venv .redis-debian .run .pytest_cache .mypy_cache .ruff_cache site bench-results.md bench-results.json

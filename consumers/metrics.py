@@ -14,11 +14,12 @@ import logging
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
-from pipeline.metrics import JOB_BUCKETS
 from pipeline.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+#: Buckets (seconds) of a job's run time and queue wait: from a no-op to a slow SMTP server.
+JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 JOB_OUTCOMES = ("succeeded", "retried", "dead_lettered", "returned")
 UNKNOWN = "unknown"
 #: Seconds a scraper gets to send its request before the connection is closed.

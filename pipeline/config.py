@@ -4,7 +4,7 @@ reactions' own settings use, and the parsers they share.
 A group of settings is a frozen dataclass whose fields are made by :func:`setting`: each
 names its environment variable, its parser, its default and what it means, once. :func:`read`
 builds the group from an environment; the README's table and ``.env.example`` are generated
-from the same declarations (see ``devtools.readme``). A bad value raises
+from the same declarations (see ``devtools.docs``). A bad value raises
 :class:`SettingsError` naming the variable, the value (masked or redacted when secret) and
 the problem. Nothing here imports a reaction or the registry.
 """

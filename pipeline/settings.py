@@ -35,15 +35,10 @@ from pipeline.config import (
 from pipeline.errors import SettingsError
 from pipeline.keys import NAME_RE
 from pipeline.logs import LOG_FORMATS, LogFormat
-from pipeline.rate_limit import (
-    RateLimit,
-    RateLimitFailure,
-    parse_rate_limit,
-    parse_rate_limit_failure,
-)
 
 T = TypeVar("T")
 DeliveryMode = Literal["at-least-once", "at-most-once"]
+RateLimitFailure = Literal["open", "closed"]
 DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
 #: Jobs run at once per queue, unless CONSUMER_CONCURRENCY says otherwise. It is also the
 #: most a fetch loop takes in one round trip, and Redis's cost per job is mostly its share of
@@ -65,6 +60,39 @@ RESERVED_USERNAMES: tuple[str, ...] = (
     "security", "signup", "staff", "support", "system", "undefined", "webmaster", "www",
 )  # fmt: skip
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``count`` signups per ``period`` seconds from one client address, ``count`` of
+    them at once (``RATE_LIMIT=count/period``)."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}"
+
+
+def parse_rate_limit(raw: str) -> RateLimit | None:
+    """``RATE_LIMIT``: ``COUNT/SECONDS``, or ``off``."""
+    if raw.lower() in {"off", "0"}:
+        return None
+    count, slash, period = raw.partition("/")
+    try:
+        limit = RateLimit(int(count), float(period))
+    except ValueError:
+        raise ValueError("expected COUNT/SECONDS, such as 10/60, or off") from None
+    if not slash or not 1 <= limit.count <= 1_000_000 or not 1 <= limit.period <= 86_400:
+        raise ValueError("expected COUNT/SECONDS with COUNT 1 to 1000000 and SECONDS 1 to 86400")
+    return limit
+
+
+def parse_rate_limit_failure(raw: str) -> RateLimitFailure:
+    """``RATE_LIMIT_FAILURE``: ``open`` or ``closed``."""
+    if raw.lower() not in {"open", "closed"}:
+        raise ValueError("expected open or closed")
+    return "open" if raw.lower() == "open" else "closed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ import sys
 
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.logs import configure_logging
-from pipeline.metrics import is_spawned_worker, use_multiprocess_dir
 from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app, freeze_heap_on_start
+from service.multiprocess import is_spawned_worker, use_multiprocess_dir
 
 __all__ = ["app", "create_app"]
 

@@ -1,4 +1,4 @@
-"""Which client a request comes from, for the rate limit (``pipeline.rate_limit``).
+"""Which client a request comes from, for the rate limit (``service.rate_limit``).
 
 The client is the connection's peer, unless that peer is a trusted proxy (``TRUSTED_PROXIES``):
 then ``X-Forwarded-For`` is read from the right, past every trusted proxy, and the first

@@ -2,14 +2,15 @@
 
 Counters and histograms are kept per hypercorn worker and summed across the workers by
 prometheus_client's multiprocess mode (``service`` turns it on, see
-:func:`pipeline.metrics.use_multiprocess_dir`); the queue gauges are read from Redis per scrape.
+:func:`service.multiprocess.use_multiprocess_dir`); the queue gauges are read from Redis per
+scrape (:class:`QueueCollector`: the same for every scraper, whatever serves it).
 Recording a request costs two label lookups in a dict and three increments: no Redis call.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -20,11 +21,12 @@ from quart import Blueprint, Response, current_app
 from quart_schema import hide
 from redis.exceptions import RedisError
 
-from pipeline.metrics import REQUEST_BUCKETS, QueueCollector
-from pipeline.stats import dead_by_queue, read_stats
+from pipeline.stats import PipelineStats, dead_by_queue, read_stats
 from service.deps import deps
 
 EXTENSION = "signup_metrics"
+#: Buckets (seconds) of the web's request latency: a signup takes milliseconds.
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SIGNUP_ROUTE = ("POST", "/signup")
 OUTCOMES = ("created", "conflict", "invalid", "rate_limited", "unavailable", "error")
 
@@ -154,3 +156,33 @@ async def metrics() -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Combined(parts, redis_up))
     return Response(generate_latest(registry), status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+class QueueCollector(Collector):
+    """The queues' gauges from one :func:`pipeline.stats.read_stats` snapshot (its queues
+    are the registry's) and the dead letters split by queue."""
+
+    def __init__(self, stats: PipelineStats, dead_by_queue: Mapping[str, int]) -> None:
+        self._stats = stats
+        self._dead_by_queue = dead_by_queue
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats
+        for name, counts, text in (
+            ("signup_queue_depth", stats.queues, "Jobs waiting in each queue."),
+            ("signup_queue_processing", stats.processing, "Jobs held by consumers, per queue."),
+            ("signup_queue_delayed", stats.delayed, "Jobs waiting to be retried, per queue."),
+        ):
+            family = GaugeMetricFamily(name, text, labels=["queue"])
+            for queue, count in counts.items():
+                family.add_metric([queue], count)
+            yield family
+        dead = GaugeMetricFamily(
+            "signup_dead_letters", "Dead letters, per queue they came from.", labels=["queue"]
+        )
+        for queue, count in self._dead_by_queue.items():
+            dead.add_metric([queue], count)
+        yield dead
+        yield GaugeMetricFamily(
+            "signup_consumers_live", "Consumers holding a live lease.", value=len(stats.consumers)
+        )

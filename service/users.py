@@ -22,12 +22,9 @@ from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import RECEIVER_ERRORS, USERS, Keys
 from pipeline.outage import Outage
-from pipeline.rate_limit import SCRIPT_PART as RATE_LIMIT_PART
-from pipeline.rate_limit import SIGNATURE as RATE_LIMIT_SIGNATURE
-from pipeline.rate_limit import RateLimit, RateLimitFailure, RefusedClients
-from pipeline.rate_limit import script_args as rate_limit_args
 from pipeline.registry import JobType, Registry, UserField
 from pipeline.scripts import Signature
+from pipeline.settings import RateLimit, RateLimitFailure
 from service.errors import (
     ConflictError,
     IdempotencyKeyReusedError,
@@ -35,6 +32,10 @@ from service.errors import (
     RateLimitedError,
     UnavailableError,
 )
+from service.rate_limit import SCRIPT_PART as RATE_LIMIT_PART
+from service.rate_limit import SIGNATURE as RATE_LIMIT_SIGNATURE
+from service.rate_limit import RefusedClients
+from service.rate_limit import script_args as rate_limit_args
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from pipeline import logs
 from pipeline.jobs import decode
 from pipeline.keys import Keys
 from pipeline.logs import JsonFormatter, TextFormatter
-from pipeline.metrics import use_multiprocess_dir
 from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
+from service.multiprocess import use_multiprocess_dir
 from tests.helpers import RedisServer, Samples, eventually, parse_metrics, scrape
 from tests.processes import (
     ROOT,

@@ -13,10 +13,10 @@ from quart.typing import TestClientProtocol as QuartClient
 
 from pipeline.keys import Keys
 from pipeline.plan import resolve
-from pipeline.rate_limit import RefusedClients
 from pipeline.settings import RateLimit
 from service.app import create_app
 from service.clients import UNKNOWN, ClientResolver
+from service.rate_limit import RefusedClients
 from tests.helpers import eventually, scrape
 
 JSON = {"Content-Type": "application/json"}

@@ -4,6 +4,7 @@ and checked at start-up."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import re
 import subprocess
@@ -27,10 +28,16 @@ from reactions.profile import PROFILE
 from reactions.welcome_email import REACTION as WELCOME
 from reactions.welcome_email import WELCOME_EMAIL, send_welcome_email
 from service.app import create_app
-from tests.helpers import RedisServer, eventually, parse_metrics
+from tests.helpers import REGISTRY, RedisServer, eventually, parse_metrics
 from tests.processes import ROOT, child_env, consumer_argv, http, request, web
 
-SMS = "reactions,tests.reactions.sms"
+#: The documented SMS reaction: tests/reactions/sms.py, loaded on top of the default ones; or,
+#: once a reader has saved it as reactions/welcome_sms.py, that copy among the defaults.
+SMS_MODULE = (
+    "reactions.welcome_sms" if "welcome_sms" in REGISTRY.job_types else "tests.reactions.sms"
+)
+SMS = "reactions" if SMS_MODULE.startswith("reactions.") else f"reactions,{SMS_MODULE}"
+sms = importlib.import_module(SMS_MODULE)
 
 
 class SmsGateway:
@@ -103,7 +110,7 @@ async def test_a_fourth_reaction_runs_end_to_end_from_one_module(
 
 
 def test_a_reaction_setting_is_read_and_checked_by_name(redis_server: RedisServer) -> None:
-    from tests.reactions.sms import SmsSettings
+    SmsSettings = sms.SmsSettings
 
     plan = resolve(Settings.from_env({"REACTIONS": SMS, "SMS_GATEWAY_URL": "http://gw:8080/"}))
     assert plan.settings_of(SmsSettings).gateway_url == "http://gw:8080/"
@@ -122,8 +129,7 @@ def test_a_reaction_setting_is_read_and_checked_by_name(redis_server: RedisServe
 
 
 def test_a_reaction_cannot_redeclare_a_setting() -> None:
-    from tests.reactions.sms import REACTION as SMS_REACTION
-    from tests.reactions.sms import SmsSettings
+    SMS_REACTION, SmsSettings = sms.REACTION, sms.SmsSettings
 
     @dataclass(frozen=True, slots=True)
     class Clash:
@@ -172,7 +178,8 @@ def test_the_plan_follows_the_registry() -> None:
 )
 def test_reactions_setting(value: str, problem: str) -> None:
     if not problem:
-        assert len(resolve(Settings.from_env({"REACTIONS": value})).registry.reactions) == 3
+        loaded = resolve(Settings.from_env({"REACTIONS": value})).registry.reactions
+        assert len(loaded) == len(REGISTRY.reactions)
         return
     with pytest.raises(SettingsError) as caught:
         resolve(Settings.from_env({"REACTIONS": value}))
@@ -278,9 +285,9 @@ def test_consumers_refuse_a_served_queue_whose_type_has_no_handler(
 
 
 def test_the_documented_example_is_the_tested_module() -> None:
-    # "Writing a reaction" prints tests/reactions/sms.py whole: what a reader copies is what
-    # the test above runs end to end, and what ruff and mypy check with the rest of the suite.
-    page = (ROOT / "README.md").read_text()
+    # docs/reactions.md ("Writing a reaction") prints tests/reactions/sms.py whole: what a
+    # reader copies is what the test above runs end to end, and what ruff and mypy check.
+    page = (ROOT / "docs" / "reactions.md").read_text()
     section = page.split("## Writing a reaction", 1)[1]
     printed = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert printed == (ROOT / "tests" / "reactions" / "sms.py").read_text()

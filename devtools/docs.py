@@ -1,33 +1,36 @@
-"""The parts of the README and ``.env.example`` that follow from declarations: the settings
-table (from :class:`pipeline.settings.Settings` and the default reactions' own settings) and
-the tables of reactions, job types and queues (from the default registry).
+"""What the docs say that follows from declarations: the settings table (from
+:class:`pipeline.settings.Settings` and the default reactions' own settings), the tables of
+reactions, job types and queues (from the default registry), and ``.env.example``.
 
-``python -m devtools.readme`` (``make docs``) rewrites them in place; ``--check`` exits 1 when
-they differ from what the declarations say (a test runs it too).
+The site's pages hold markers (``<!-- generated:settings -->``, ``<!-- generated:reactions -->``)
+that :func:`on_page_markdown`, an mkdocs hook (``mkdocs.yml``), replaces with the tables
+whenever the site is built: they are never stale. ``python -m devtools.docs`` writes
+``.env.example`` (``make docs`` runs it, then builds the site); ``--check`` exits 1 when the
+file differs from what the declarations say (CI runs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Setting, declared
 from pipeline.registry import Registry, load_registry
 from pipeline.settings import DEFAULT_REACTIONS, OUTSIDE, declared_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 ENV_EXAMPLE = ROOT / ".env.example"
 
 _ENV_HEADER = """\
 # Every setting of the web service and the consumers, with its default. Copy to .env (or
 # set these in your process manager); a bad value stops start-up with one line naming it.
 # Generated from pipeline/settings.py and the reactions' settings by `make docs`; the
-# README's Configuration table says the same.
+# docs' Configuration table says the same.
 """
+#: Defaults shown as words, not values.
+_WORDS = {"every queue", "as declared", "none"}
 
 
 def _settings(registry: Registry) -> list[tuple[Setting, str | None]]:
@@ -48,14 +51,14 @@ def _meaning(setting: Setting, reaction: str | None) -> str:
 
 
 def settings_table(registry: Registry) -> str:
-    """The README's table of every setting."""
+    """The table of every setting."""
     rows = [
         "| variable | read by | type | default | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
     for setting, reaction in _settings(registry):
         default = f"`{setting.default}`" if setting.default else "unset"
-        if setting.default in {"every queue", "as declared", "none"}:
+        if setting.default in _WORDS:
             default = setting.default
         rows.append(
             f"| `{setting.env}` | {setting.read_by} | {setting.kind} | {default} | "
@@ -69,7 +72,7 @@ def env_example(registry: Registry) -> str:
     parts = [_ENV_HEADER]
     for setting, reaction in _settings(registry):
         meaning = _meaning(setting, reaction).replace("`", "")
-        value = "" if setting.default in {"every queue", "as declared", "none"} else setting.default
+        value = "" if setting.default in _WORDS else setting.default
         parts.append(
             f"\n# {meaning} ({setting.kind.replace('`', '')}; read by {setting.read_by})\n"
             f"# {setting.env}={value}\n"
@@ -78,7 +81,7 @@ def env_example(registry: Registry) -> str:
 
 
 def reactions_table(registry: Registry) -> str:
-    """The README's tables of reactions, job types and queues."""
+    """The tables of reactions, job types and queues."""
     rows = [
         "| reaction | module | reacts to | pushes | what |",
         "| --- | --- | --- | --- | --- |",
@@ -119,43 +122,35 @@ def _module_of(reaction: object) -> str:
     return "?"
 
 
-def _sections(registry: Registry) -> Iterable[tuple[str, str]]:
-    yield "settings", settings_table(registry)
-    yield "reactions", reactions_table(registry)
+def render(markdown: str, registry: Registry) -> str:
+    """``markdown`` with each ``<!-- generated:NAME -->`` marker replaced by its table."""
+    tables = {"settings": settings_table, "reactions": reactions_table}
+    for name, table in tables.items():
+        marker = f"<!-- generated:{name} -->"
+        if marker in markdown:
+            markdown = markdown.replace(marker, table(registry))
+    return markdown
 
 
-def _replacement(body: str) -> Callable[[re.Match[str]], str]:
-    return lambda match: f"{match.group(1)}{body}\n{match.group(2)}"
-
-
-def render_readme(text: str, registry: Registry) -> str:
-    """``text`` with each generated section (between its begin and end markers) replaced."""
-    for name, body in _sections(registry):
-        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", flags=re.DOTALL)
-        if not pattern.search(text):
-            raise ValueError(f"README.md has no <!-- {name}:begin/end --> markers")
-        text = pattern.sub(_replacement(body), text)
-    return text
+def on_page_markdown(markdown: str, **kwargs: Any) -> str:
+    """The mkdocs hook: each page's generated tables, from the default reactions."""
+    return render(markdown, load_registry(DEFAULT_REACTIONS))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devtools.readme", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="exit 1 if they are out of date")
+    parser = argparse.ArgumentParser(prog="python -m devtools.docs", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if it is out of date")
     options = parser.parse_args(argv)
-    registry = load_registry(DEFAULT_REACTIONS)
-    wanted = {
-        README: render_readme(README.read_text(), registry),
-        ENV_EXAMPLE: env_example(registry),
-    }
-    stale = [path.name for path, text in wanted.items() if path.read_text() != text]
+    wanted = env_example(load_registry(DEFAULT_REACTIONS))
+    stale = ENV_EXAMPLE.read_text() != wanted
     if options.check:
         if stale:
-            print(f"out of date: {', '.join(stale)} (run make docs)", file=sys.stderr)
+            print(".env.example is out of date (run make docs)", file=sys.stderr)
             return 1
         return 0
-    for path, text in wanted.items():
-        path.write_text(text)
-    print(f"written: {', '.join(stale) or 'nothing to change'}")
+    if stale:
+        ENV_EXAMPLE.write_text(wanted)
+    print(f"{ENV_EXAMPLE.name}: {'written' if stale else 'up to date'}")
     return 0
 
 

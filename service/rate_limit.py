@@ -1,6 +1,6 @@
-"""The signup rate limit, in one place: its settings' types and parsers (``RATE_LIMIT``,
-``RATE_LIMIT_FAILURE``), its part of the signup script, and the web worker's memory of the
-clients it refused.
+"""The signup rate limit: its part of the signup script, and the web worker's memory of the
+clients it refused. (Its settings, ``RATE_LIMIT`` and ``RATE_LIMIT_FAILURE``, and their types
+are in :mod:`pipeline.settings`.)
 
 The limit is a GCRA (a token bucket kept as one number): the client's key holds when its next
 signup is due, in Redis milliseconds; ``count`` signups may come at once, then one every
@@ -12,46 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from pipeline.scripts import Signature
-
-RateLimitFailure = Literal["open", "closed"]
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    """At most ``count`` signups per ``period`` seconds from one client address, ``count`` of
-    them at once (``RATE_LIMIT=count/period``)."""
-
-    count: int
-    period: float
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.period:g}"
-
-
-def parse_rate_limit(raw: str) -> RateLimit | None:
-    """``RATE_LIMIT``: ``COUNT/SECONDS``, or ``off``."""
-    if raw.lower() in {"off", "0"}:
-        return None
-    count, slash, period = raw.partition("/")
-    try:
-        limit = RateLimit(int(count), float(period))
-    except ValueError:
-        raise ValueError("expected COUNT/SECONDS, such as 10/60, or off") from None
-    if not slash or not 1 <= limit.count <= 1_000_000 or not 1 <= limit.period <= 86_400:
-        raise ValueError("expected COUNT/SECONDS with COUNT 1 to 1000000 and SECONDS 1 to 86400")
-    return limit
-
-
-def parse_rate_limit_failure(raw: str) -> RateLimitFailure:
-    """``RATE_LIMIT_FAILURE``: ``open`` or ``closed``."""
-    if raw.lower() not in {"open", "closed"}:
-        raise ValueError("expected open or closed")
-    return "open" if raw.lower() == "open" else "closed"
-
+from pipeline.settings import RateLimit, RateLimitFailure
 
 #: The rate limit's part of a script's signature: the client's state, and the limit.
 SIGNATURE: Final = Signature(
