@@ -3,7 +3,7 @@ reactions' own settings use, and the parsers they share.
 
 A group of settings is a frozen dataclass whose fields are made by :func:`setting`: each
 names its environment variable, its parser, its default and what it means, once. :func:`read`
-builds the group from an environment; the README's table and ``.env.example`` are generated
+builds the group from an environment; the docs' settings table and ``.env.example`` are generated
 from the same declarations (see ``devtools.docs``). A bad value raises
 :class:`SettingsError` naming the variable, the value (masked or redacted when secret) and
 the problem. Nothing here imports a reaction or the registry.
@@ -60,7 +60,7 @@ def setting(
 ) -> Any:
     """A dataclass field read from ``env``: the one place a setting is declared.
     ``default`` is the field's default (``factory`` makes it instead when given); ``shown``
-    is how the README and ``.env.example`` show it, when ``default`` would not say it.
+    is how the docs and ``.env.example`` show it, when ``default`` would not say it.
     ``show=masked`` marks a secret: never in a repr or an error."""
     declared = Setting(
         env, kind, read_by, doc, _shown(default) if shown is None else shown, parse, show, flag

@@ -43,7 +43,7 @@ DELIVERY_MODES: tuple[DeliveryMode, ...] = ("at-least-once", "at-most-once")
 #: Jobs run at once per queue, unless CONSUMER_CONCURRENCY says otherwise. It is also the
 #: most a fetch loop takes in one round trip, and Redis's cost per job is mostly its share of
 #: the take's and the effects' round trips: from 4 to 16, a backlog drained cost Redis 42%
-#: less per signup and went 55% faster (README, Performance).
+#: less per signup and went 55% faster (docs, Performance).
 DEFAULT_CONCURRENCY = 16
 #: What ``REACTIONS`` names by default: every module of this package.
 DEFAULT_REACTIONS: tuple[str, ...] = ("reactions",)
@@ -657,7 +657,7 @@ def declared_settings() -> dict[str, Setting]:
 
 
 #: Settings read by what runs the processes, not by Python: declared here all the same, so
-#: the README's table and ``.env.example`` list them.
+#: the docs' settings table and ``.env.example`` list them.
 OUTSIDE: tuple[Setting, ...] = (
     Setting("PORT", "integer", "Procfile", "the web's port", "8000"),
     Setting("WEB_CONCURRENCY", "integer", "Procfile", "hypercorn workers", "2"),

@@ -135,7 +135,7 @@ metrics_api = Blueprint("metrics", __name__)
 
 
 @metrics_api.get("/metrics")
-@hide  # Prometheus text, not JSON: described in the README, left out of /openapi.json.
+@hide  # Prometheus text, not JSON: described in the docs (Operating it), left out of /openapi.json.
 async def metrics() -> Response:
     """Prometheus text format: the app's counters and histograms, and the queues' gauges
     (left out, with ``signup_redis_up 0``, when Redis cannot be read)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Final
 
-#: uvicorn's options for this service, as README "Serving on uvicorn" gives them (with
+#: uvicorn's options for this service, as the docs' "Serving on uvicorn" gives them (with
 #: ``--host``, ``--port`` and ``--workers``): the bounded protocol of
 #: ``service.uvicorn_http``, uvloop, the app's access line
 #: instead of uvicorn's, no ``server`` header, and hypercorn.toml's keep-alive (75 s),

@@ -5,7 +5,7 @@ Signup, with wrk (same threads, connections, duration and worker count for each)
   - ``bare``: a bare Quart app on hypercorn answering a constant 201 (the stack's ceiling);
   - ``service``: this service on hypercorn (consumers not running);
   - ``bare-uvicorn``, ``service-uvicorn``: the same two on uvicorn, the second supported
-    server, as README "Serving on uvicorn" runs it (and ``bare-granian``,
+    server, as the docs' "Serving on uvicorn" runs it (and ``bare-granian``,
     ``service-granian`` with ``--servers`` once granian is installed in ``.venv``: measured,
     not supported);
   - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer);
@@ -69,7 +69,7 @@ def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
     app_name, _, asgi = server.partition("-")
     app = "loadtest.bench.bare:app" if app_name == "bare" else "service:app"  # or replicated
     host, port_text = bind.split(":")
-    if asgi == "uvicorn":  # as README "Serving on uvicorn" runs it
+    if asgi == "uvicorn":  # as the docs' "Serving on uvicorn" runs it
         from service.uvicorn_options import UVICORN_OPTIONS
 
         return [
