@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pipeline.errors import SettingsError
 
@@ -184,6 +184,17 @@ def readable_file(raw: str) -> str:
     return raw
 
 
+def host_port(parts: SplitResult) -> tuple[str, int | None]:
+    """The host and port (None: not given) a parsed URL names, or ValueError saying what is
+    wrong with them."""
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    try:
+        return parts.hostname, parts.port
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 0 to 65535") from None
+
+
 def url(*schemes: str) -> Callable[[str], str]:
     """A parser of a URL with one of ``schemes`` that names a host (and a valid port)."""
 
@@ -191,12 +202,7 @@ def url(*schemes: str) -> Callable[[str], str]:
         parts = urlsplit(raw)
         if parts.scheme not in schemes:
             raise ValueError(f"expected a {' or '.join(f'{s}://' for s in schemes)} URL")
-        if not parts.hostname:
-            raise ValueError("the URL names no host")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError("the URL's port is not a number from 0 to 65535") from None
+        host_port(parts)
         return raw
 
     return parse

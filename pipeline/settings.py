@@ -24,6 +24,7 @@ from pipeline.config import (
     Setting,
     boolean,
     declared,
+    host_port,
     integer,
     masked,
     parse_env,
@@ -151,12 +152,7 @@ def _redis_url(raw: str) -> str:
     if parts.scheme not in {"redis", "rediss", "unix"}:
         raise ValueError(f"expected a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
     if parts.scheme != "unix":
-        if not parts.hostname:
-            raise ValueError("the URL names no host")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError("the URL's port is not a number from 0 to 65535") from None
+        host_port(parts)
         db = parts.path.lstrip("/")
         if db and not db.isdigit():
             raise ValueError("the database (the URL's path) must be a number")

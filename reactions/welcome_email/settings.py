@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pipeline.config import address, readable_file, redact_url, seconds, setting
+from pipeline.config import address, host_port, readable_file, redact_url, seconds, setting
 
 SmtpSecurity = Literal["none", "starttls", "tls"]
 
@@ -33,16 +33,11 @@ def parse_smtp_url(raw: str) -> SmtpConfig:
     parts = urlsplit(raw)
     if parts.scheme not in _SMTP_SCHEMES:
         raise ValueError("expected smtp://, smtp+starttls:// or smtps:// [user:pass@]host[:port]")
-    if not parts.hostname:
-        raise ValueError("the URL names no host")
+    host, port = host_port(parts)
     security, default_port = _SMTP_SCHEMES[parts.scheme]
-    try:
-        port = parts.port or default_port
-    except ValueError:
-        raise ValueError("the URL's port is not a number from 0 to 65535") from None
     return SmtpConfig(
-        host=parts.hostname,
-        port=port,
+        host=host,
+        port=port or default_port,
         security=security,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
