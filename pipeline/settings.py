@@ -61,6 +61,12 @@ RESERVED_USERNAMES: tuple[str, ...] = (
     "security", "signup", "staff", "support", "system", "undefined", "webmaster", "www",
 )  # fmt: skip
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Who may read ``/stats`` and ``/metrics`` unless OPS_ALLOW says otherwise: this host and
+#: the private ranges (a scraper or an operator inside the network), not the internet.
+OPS_NETWORKS: tuple[Network, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +594,18 @@ class Settings:
         doc="peers whose `X-Forwarded-For` is believed, e.g. `10.0.0.0/8,192.168.1.4`. The "
         "client is the first address from the right of `X-Forwarded-For` that is not a "
         "trusted proxy; with none, the connection's peer",
+    )
+    ops_allow: tuple[Network, ...] = setting(
+        "OPS_ALLOW",
+        _networks,
+        OPS_NETWORKS,
+        kind="list of IPs / CIDRs",
+        read_by="web",
+        shown="loopback and private ranges",
+        doc="clients that may read `/stats` and `/metrics` (operational detail); others get "
+        "a 404, as for a route that does not exist. The client is found as for the rate "
+        "limit (`TRUSTED_PROXIES`). Default: `127.0.0.0/8, ::1, 10.0.0.0/8, 172.16.0.0/12, "
+        "192.168.0.0/16, fc00::/7`; `0.0.0.0/0,::/0` lets everyone in",
     )
     reserved_usernames: tuple[str, ...] = setting(
         "RESERVED_USERNAMES",

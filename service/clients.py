@@ -1,4 +1,5 @@
-"""Which client a request comes from, for the rate limit (``service.rate_limit``).
+"""Which client a request comes from, for the rate limit (``service.rate_limit``) and for
+who may read the operational routes (``OPS_ALLOW``, :func:`allowed`).
 
 The client is the connection's peer, unless that peer is a trusted proxy (``TRUSTED_PROXIES``):
 then ``X-Forwarded-For`` is read from the right, past every trusted proxy, and the first
@@ -56,26 +57,40 @@ class ClientResolver:
     def _is_trusted(self, address: Address) -> bool:
         return any(address in network for network in self._trusted)
 
-    def _look_at_peer(self, peer: str | None) -> tuple[str, bool]:
-        """The peer's label, and whether it is a trusted proxy."""
+    def _look_at_peer(self, peer: str | None) -> tuple[Address | None, str, bool]:
+        """The peer's address, its label, and whether it is a trusted proxy."""
         address = _parse(peer) if peer else None
         if address is None:
-            return UNKNOWN, False
-        return _label(address), self._is_trusted(address)
+            return None, UNKNOWN, False
+        return address, _label(address), self._is_trusted(address)
 
     def __call__(self, peer: str | None, forwarded_for: Callable[[], list[str]]) -> str:
-        """The client of a request from ``peer``; ``forwarded_for`` gives its
+        """The client of a request from ``peer``, as a label; ``forwarded_for`` gives its
         ``X-Forwarded-For`` values, and is called only when ``peer`` is a trusted proxy."""
-        label, trusted = self._peer(peer)
+        return self.resolve(peer, forwarded_for)[1]
+
+    def resolve(
+        self, peer: str | None, forwarded_for: Callable[[], list[str]]
+    ) -> tuple[Address | None, str]:
+        """The client's address (None: a peer without one, as a Unix socket's) and label."""
+        address, label, trusted = self._peer(peer)
         if not trusted:
-            return label
-        address: Address | None = None
+            return address, label
+        found: Address | None = None
         hops = [hop for value in forwarded_for() for hop in value.split(",")]
         for hop in reversed(hops):
-            found = _parse(hop)
-            if found is None:
+            parsed = _parse(hop)
+            if parsed is None:
                 break
-            address = found
-            if not self._is_trusted(found):
+            found = parsed
+            if not self._is_trusted(parsed):
                 break
-        return label if address is None else _label(address)
+        return (address, label) if found is None else (found, _label(found))
+
+
+def allowed(address: Address | None, networks: Iterable[Network]) -> bool:
+    """Whether the client ``address`` is inside one of ``networks`` (an IPv4-mapped IPv6
+    address counts as its IPv4 one). A client without an address (a Unix socket's) is not."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address is not None and any(address in network for network in networks)

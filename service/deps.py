@@ -6,14 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from quart import current_app
+from quart import current_app, request
 
 from pipeline.keys import Keys
 from pipeline.outage import Outage
 from pipeline.plan import Plan
 from pipeline.registry import Registry
 from pipeline.settings import Settings
-from service.clients import ClientResolver
+from service.clients import ClientResolver, allowed
+from service.errors import ApiError
 from service.users import UserStore
 
 EXTENSION = "signup"
@@ -42,3 +43,24 @@ def deps() -> Deps:
     """The current app's dependencies."""
     found: Deps = current_app.extensions[EXTENSION]
     return found
+
+
+def client() -> str:
+    """The current request's client, as a label (see :class:`ClientResolver`)."""
+    current = deps()
+    peer = request.scope.get("client")
+    headers = request.headers
+    return current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
+
+
+def operators_only() -> None:
+    """A 404, as for a route that does not exist, unless the client is one ``OPS_ALLOW``
+    lets read the operational routes (``/stats``, ``/metrics``)."""
+    current = deps()
+    peer = request.scope.get("client")
+    headers = request.headers
+    address, _ = current.clients.resolve(
+        peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For")
+    )
+    if not allowed(address, current.settings.ops_allow):
+        raise ApiError(404, "not_found", "no such resource")

@@ -22,7 +22,7 @@ from quart_schema import hide
 from redis.exceptions import RedisError
 
 from pipeline.stats import PipelineStats, dead_by_queue, read_stats
-from service.deps import deps
+from service.deps import deps, operators_only
 
 EXTENSION = "signup_metrics"
 #: Buckets (seconds) of the web's request latency: a signup takes milliseconds.
@@ -138,7 +138,9 @@ metrics_api = Blueprint("metrics", __name__)
 @hide  # Prometheus text, not JSON: described in the docs (Operating it), left out of /openapi.json.
 async def metrics() -> Response:
     """Prometheus text format: the app's counters and histograms, and the queues' gauges
-    (left out, with ``signup_redis_up 0``, when Redis cannot be read)."""
+    (left out, with ``signup_redis_up 0``, when Redis cannot be read). For clients
+    ``OPS_ALLOW`` lets in; others get a 404."""
+    operators_only()
     parts = web_metrics().collectors()
     current = deps()
     try:

@@ -12,7 +12,7 @@ from werkzeug import exceptions as http_errors
 from pipeline.jobs import new_id
 from pipeline.signals import emit, user_signed_up
 from pipeline.stats import read_stats
-from service.deps import deps
+from service.deps import client, deps, operators_only
 from service.errors import ApiError
 from service.metrics import web_metrics
 from service.openapi import (
@@ -59,11 +59,9 @@ async def signup() -> Response:
     which are written with the user in one step, or not at all.
     """
     current = deps()
-    peer = request.scope.get("client")
-    headers = request.headers
-    client = current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
-    current.users.admit(client)  # before reading the body
-    idempotency_key = parse_idempotency_key(headers.get("Idempotency-Key"))
+    address = client()
+    current.users.admit(address)  # before reading the body
+    idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await _read_body()
     fields = validate_signup(
         parse_body(request.mimetype, request.mimetype_params.get("charset"), body),
@@ -92,7 +90,7 @@ async def signup() -> Response:
         for name in failures:
             counter.labels(name).inc()
     created = await current.users.create(
-        user, jobs, receiver_errors=len(failures), client=client, idempotency_key=idempotency_key
+        user, jobs, receiver_errors=len(failures), client=address, idempotency_key=idempotency_key
     )
     current.outage.ok()
     return Response(created, status=201, mimetype="application/json")
@@ -128,10 +126,12 @@ async def get_user(user_id: str) -> Response:
 
 @api.get("/stats")
 @operation_id("stats")
-@responses((200, Stats), (503, Unavailable))
+@responses((200, Stats), (404, NotFound), (503, Unavailable))
 async def stats() -> Response:
     """Counters, queue depths, jobs held and waiting to be retried, dead letters, the number
-    of live consumers, and recent queue-wait and run-time percentiles per queue."""
+    of live consumers, and recent queue-wait and run-time percentiles per queue. For clients
+    `OPS_ALLOW` lets in (by default this host and private networks); others get a 404."""
+    operators_only()
     current = deps()
     found = await read_stats(current.redis, current.keys, current.registry)
     current.outage.ok()

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 from aiosmtpd.controller import Controller
+from quart import Quart
+from quart.testing import QuartClient
 from quart.typing import TestAppProtocol, TestClientProtocol
 
 if TYPE_CHECKING:
@@ -56,6 +58,22 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+class LoopbackClient(QuartClient):
+    """Quart's test client, its requests coming from 127.0.0.1 as a real server would say
+    (Quart's own gives no peer at all), unless a test gives its own ``scope_base``."""
+
+    async def _make_request(self, *args: Any, **kwargs: Any) -> Any:
+        # Positional as QuartClient.open passes them: scope_base is the 12th.
+        arguments = list(args)
+        if arguments[11] is None:
+            arguments[11] = {"client": ("127.0.0.1", 40000)}
+        return await super()._make_request(*arguments, **kwargs)  # type: ignore[misc]
+
+
+# Every app the tests build: OPS_ALLOW's operational routes answer a loopback client.
+Quart.test_client_class = LoopbackClient
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ async def test_the_access_line_names_the_request_and_can_be_turned_off(
             continue
         (record,) = access
         assert re.fullmatch(
-            r'- "GET /users/nobody\?x=%0Aforged" 404 \d+\.\d ms', record.getMessage()
+            r'127.0.0.1 "GET /users/nobody\?x=%0Aforged" 404 \d+\.\d ms', record.getMessage()
         )
         fields = (record.method, record.path, record.status)  # type: ignore[attr-defined]
         assert fields == ("GET", "/users/nobody?x=%0Aforged", 404)

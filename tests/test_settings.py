@@ -160,6 +160,7 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("RESERVED_USERNAMES", ", ,"),
         ("RESERVED_USERNAMES", "x" * 65),
         ("TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
+        ("OPS_ALLOW", "everyone"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:
