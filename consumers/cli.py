@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_flag(parse_port),
         help=_help("metrics_port", "serve Prometheus metrics on this port at /metrics"),
     )
-    commands = parser.add_subparsers(dest="command", metavar="{dead,stats,check}")
+    commands = parser.add_subparsers(dest="command", metavar="{dead,stats,check,dashboard}")
     dead = commands.add_parser("dead", help="list, requeue or purge dead letters")
     dead_commands = dead.add_subparsers(dest="dead_command", metavar="{list,requeue,purge}")
     dead_commands.required = True
@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the stats as one JSON object")
     commands.add_parser(
         "check", help="exit 0 only when at least one consumer holds a live lease (health check)"
+    )
+    commands.add_parser(
+        "dashboard",
+        help="serve the operator's dashboard on DASHBOARD_BIND:DASHBOARD_PORT "
+        "(default 127.0.0.1:9181)",
     )
     return parser
 
@@ -169,6 +174,12 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
             parser.error(f"argument {flags[exc.variable]}: {exc.value!r}: {exc.problem}")
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if options.command == "dashboard":
+        from dashboard.server import serve_dashboard  # Quart: only this command needs it
+
+        configure_logging(settings.log_level, settings.log_format)
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(serve_dashboard(plan))
     if options.command is not None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(plan, options))

@@ -448,6 +448,7 @@ class Consumer:
         }
         backoff = _Backoff(self._outage)
         while not self._drained.is_set():
+            about["in_flight"] = len(self._in_flight)  # as of this renewal (the dashboard's)
             try:
                 held = await self._broker.heartbeat(ttl, about)
             except RedisError as exc:

@@ -1,4 +1,4 @@
-"""``make run``: Redis, then the Procfile's web and worker, in the foreground.
+"""``make run``: Redis, then the Procfile's web, worker and dashboard, in the foreground.
 
 Redis is skipped when ``REDIS_URL`` is set (it points at a Redis of yours), and reused when one
 already answers on 127.0.0.1:6379. Otherwise a redis-server (see
@@ -9,7 +9,8 @@ own last log lines.
 
 The web binds ``WEB_HOST``, which ``make run`` sets to 127.0.0.1 unless it is set already: a
 dev server is reachable from this machine only. (The Procfile's default, for deploys, is
-0.0.0.0.)
+0.0.0.0.) The dashboard binds loopback (its default) and is locked with ``DASHBOARD_PASSWORD``,
+or, when that is unset, with a password made for this run and printed with its address.
 
 Children run in their own sessions so Ctrl-C reaches only this supervisor, which then stops
 them in order: web and worker with SIGTERM (the worker drains its jobs), then Redis. A second
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -127,6 +129,8 @@ async def supervise(redis_port: int, data_root: Path) -> int:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("WEB_HOST", DEFAULT_WEB_HOST)
+    made = "DASHBOARD_PASSWORD" not in env
+    password = env.setdefault("DASHBOARD_PASSWORD", secrets.token_urlsafe(12))
     redis: asyncio.subprocess.Process | None = None
     if env.get("REDIS_URL"):
         print("run   | REDIS_URL is set: using that Redis, starting none")
@@ -161,6 +165,10 @@ async def supervise(redis_port: int, data_root: Path) -> int:
         children[name], _ = await _start(name, ["sh", "-c", command], env)
     port, host = env.get("PORT", "8000"), env["WEB_HOST"]
     print(f"run   | web on http://{host}:{port}; Ctrl-C stops everything")
+    board = f"http://{env.get('DASHBOARD_BIND', '127.0.0.1')}:{env.get('DASHBOARD_PORT', '9181')}"
+    user = env.get("DASHBOARD_USER", "admin")
+    shown = f"password {password} (made for this run)" if made else "DASHBOARD_PASSWORD"
+    print(f"run   | dashboard on {board}: user {user}, {shown}")
 
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()

@@ -24,7 +24,7 @@ from pipeline.errors import SettingsError
 T = TypeVar("T")
 
 #: Which process reads a setting: both, one of them, or a tool around them.
-ReadBy = Literal["both", "web", "consumers", "Procfile", "make run, tests"]
+ReadBy = Literal["both", "web", "consumers", "dashboard", "Procfile", "make run, tests"]
 _SETTING = "setting"
 
 

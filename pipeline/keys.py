@@ -76,11 +76,21 @@ class Keys:
 
     def processing(self, queue: str, consumer_id: str) -> str:
         """The list of ``queue``'s jobs that consumer ``consumer_id`` holds (at-least-once)."""
-        return f"{self.prefix}:processing:{queue}:{consumer_id}"
+        return f"{self.processing_prefix(queue)}{consumer_id}"
+
+    def processing_prefix(self, queue: str) -> str:
+        """What every consumer's processing list of ``queue`` starts with (a script appends
+        the consumer's id)."""
+        return f"{self.prefix}:processing:{queue}:"
 
     def lease(self, consumer_id: str) -> str:
         """The liveness lease of consumer ``consumer_id``: a key that expires unless renewed."""
-        return f"{self.prefix}:lease:{consumer_id}"
+        return f"{self.lease_prefix}{consumer_id}"
+
+    @property
+    def lease_prefix(self) -> str:
+        """What every lease's key starts with (a script appends the consumer's id)."""
+        return f"{self.prefix}:lease:"
 
     def rate(self, client: str) -> str:
         """The rate limit's state for one client address (as ``service.clients`` writes it,

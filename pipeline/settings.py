@@ -262,6 +262,27 @@ def _networks(raw: str) -> tuple[Network, ...]:
     return tuple(found)
 
 
+def _host(raw: str) -> str:
+    try:
+        ipaddress.ip_address(raw.strip("[]"))
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", raw):
+            raise ValueError("expected an IP address or a host name") from None
+    return raw.strip("[]")
+
+
+def _user(raw: str) -> str:
+    if not re.fullmatch(r"[!-9;-~]{1,64}", raw):  # printable ASCII but ':' and spaces
+        raise ValueError("expected 1 to 64 printable ASCII characters, without ':' or spaces")
+    return raw
+
+
+def _password(raw: str) -> str:
+    if len(raw) < 12 or not raw.isprintable():
+        raise ValueError("expected at least 12 printable characters")
+    return raw
+
+
 def _names(raw: str) -> tuple[str, ...]:
     if raw.lower() == "none":
         return ()
@@ -564,6 +585,41 @@ class Settings:
         flag="--metrics-port",
         doc="serve Prometheus metrics on this port at `/metrics`; unset: off",
     )
+    dashboard_bind: str = setting(
+        "DASHBOARD_BIND",
+        _host,
+        "127.0.0.1",
+        kind="address",
+        read_by="dashboard",
+        doc="the address the dashboard (`python -m consumers dashboard`) listens on; anything "
+        "but loopback needs `DASHBOARD_PASSWORD`",
+    )
+    dashboard_port: int = setting(
+        "DASHBOARD_PORT",
+        parse_port,
+        9181,
+        kind="integer",
+        read_by="dashboard",
+        doc="the dashboard's port",
+    )
+    dashboard_user: str = setting(
+        "DASHBOARD_USER",
+        _user,
+        "admin",
+        kind="string",
+        read_by="dashboard",
+        doc="the dashboard's user name (HTTP Basic auth)",
+    )
+    dashboard_password: str | None = setting(
+        "DASHBOARD_PASSWORD",
+        _password,
+        None,
+        kind="string",
+        read_by="dashboard",
+        show=masked,
+        doc="the dashboard's password (HTTP Basic auth, at least 12 characters). Unset: the "
+        "dashboard runs open, and only on a loopback `DASHBOARD_BIND`",
+    )
     rate_limit: RateLimit | None = setting(
         "RATE_LIMIT",
         parse_rate_limit,
@@ -637,6 +693,17 @@ class Settings:
                 f"must be below REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout:g}), which "
                 "bounds the wait for the replicas' answer",
             )
+
+    @property
+    def dashboard_on_loopback(self) -> bool:
+        """Whether the dashboard listens on a loopback address only."""
+        host = self.dashboard_bind
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def sentinel(self) -> SentinelUrl | None:

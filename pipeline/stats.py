@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -83,6 +83,9 @@ class PipelineStats:
     dead_letter: int
     consumers: tuple[LiveConsumer, ...]
     latency: Mapping[str, QueueLatency]
+    #: Per queue: seconds its oldest waiting job has waited (None: none waiting). Not in
+    #: ``GET /stats``; the dashboard shows it.
+    oldest_wait: Mapping[str, float | None] = field(default_factory=dict)
 
     def to_json(self, consumers: Literal["count", "list"] = "list") -> dict[str, Any]:
         """The JSON of ``GET /stats`` (``consumers="count"``: hosts and pids are for
@@ -112,51 +115,80 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# One snapshot, in one round trip (the dashboard reads it every refresh).
+# KEYS: stats, dead, consumers, then per queue: its list, its delayed set, its latency list.
+# ARGV: the lease key prefix, then per queue its processing-list prefix, then the counters.
+# Returns: counters, dead letters, consumer ids, their last heartbeats, their leases (false
+# when expired), Redis's time, then per queue: waiting, delayed, held (summed over every
+# registered consumer), the latency samples, and the oldest waiting job (false when none).
+_SNAPSHOT = """
+local queues = (#KEYS - 3) / 3
+local counters = {}
+for i = queues + 2, #ARGV do counters[#counters + 1] = ARGV[i] end
+local registered = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+local ids, beats, leases = {}, {}, {}
+for i = 1, #registered, 2 do
+  ids[#ids + 1], beats[#beats + 1] = registered[i], registered[i + 1]
+  leases[#leases + 1] = redis.call('GET', ARGV[1] .. registered[i])
+end
+local reply = {
+  redis.call('HMGET', KEYS[1], unpack(counters)), redis.call('LLEN', KEYS[2]), ids, beats,
+  leases, redis.call('TIME'),
+}
+for q = 1, queues do
+  local list, delayed, latency = KEYS[3 + 3 * q - 2], KEYS[3 + 3 * q - 1], KEYS[3 + 3 * q]
+  local held = 0
+  for _, id in ipairs(ids) do held = held + redis.call('LLEN', ARGV[1 + q] .. id) end
+  reply[#reply + 1] = {
+    redis.call('LLEN', list), redis.call('ZCARD', delayed), held,
+    redis.call('LRANGE', latency, 0, -1), redis.call('LINDEX', list, -1),
+  }
+end
+return reply
+"""
+
+
 async def read_stats(redis: aioredis.Redis, keys: Keys, registry: Registry) -> PipelineStats:
-    """Everything in two round trips, for the queues and counters of ``registry``."""
+    """Everything, in one round trip (one script), for the queues and counters of
+    ``registry``."""
     queues, counters = registry.queues, registry.counters
-    pipe = redis.pipeline(transaction=False)
-    pipe.hmget(keys.stats, list(counters))
+    script_keys = [keys.stats, keys.dead, keys.consumers]
     for name in queues:
-        pipe.llen(keys.queue(name))
-    for name in queues:
-        pipe.zcard(keys.delayed(name))
-    pipe.llen(keys.dead)
-    pipe.zrange(keys.consumers, 0, -1)
-    for name in queues:
-        pipe.lrange(keys.latency(name), 0, -1)
-    replies = iter(await pipe.execute())
-    counted = next(replies)
-    depths = {name: int(next(replies)) for name in queues}
-    delayed = {name: int(next(replies)) for name in queues}
-    dead = int(next(replies))
-    ids = [text(i) for i in next(replies)]
-    latency = {name: QueueLatency.of(next(replies)) for name in queues}
-
-    processing = dict.fromkeys(queues, 0)
-    live: list[LiveConsumer] = []
-    if ids:
-        pipe = redis.pipeline(transaction=False)
-        pipe.mget([keys.lease(i) for i in ids])
-        for consumer_id in ids:
-            for name in queues:
-                pipe.llen(keys.processing(name, consumer_id))
-        leases, *held = await pipe.execute()
-        for index, name in enumerate(queues):
-            processing[name] = sum(int(n) for n in held[index :: len(queues)])
-        for consumer_id, lease in zip(ids, leases, strict=True):
-            if lease is not None:
-                live.append(LiveConsumer(consumer_id, orjson.loads(lease)))
-
+        script_keys += [keys.queue(name), keys.delayed(name), keys.latency(name)]
+    args = [keys.lease_prefix, *map(keys.processing_prefix, queues), *counters]
+    snapshot = redis.register_script(_SNAPSHOT)  # EVALSHA, loading it once if need be
+    counted, dead, ids, beats, leases, now, *per_queue = await snapshot(keys=script_keys, args=args)
+    live = [
+        LiveConsumer(text(consumer_id), {**orjson.loads(lease), "heartbeat_at": float(beat)})
+        for consumer_id, beat, lease in zip(ids, beats, leases, strict=True)
+        if lease is not None
+    ]
+    clock = int(now[0]) + int(now[1]) / 1e6
     return PipelineStats(
         counters={name: int(value or 0) for name, value in zip(counters, counted, strict=True)},
-        queues=depths,
-        processing=processing,
-        delayed=delayed,
-        dead_letter=dead,
+        queues={name: int(found[0]) for name, found in zip(queues, per_queue, strict=True)},
+        processing={name: int(found[2]) for name, found in zip(queues, per_queue, strict=True)},
+        delayed={name: int(found[1]) for name, found in zip(queues, per_queue, strict=True)},
+        dead_letter=int(dead),
         consumers=tuple(live),
-        latency=latency,
+        latency={
+            name: QueueLatency.of(found[3]) for name, found in zip(queues, per_queue, strict=True)
+        },
+        oldest_wait={
+            name: _waited(found[4], clock) for name, found in zip(queues, per_queue, strict=True)
+        },
     )
+
+
+def _waited(raw: bytes | None, now: float) -> float | None:
+    """How long the job ``raw`` has waited by ``now`` (Redis's clock), in seconds; None for
+    no job, or one whose envelope cannot be read."""
+    if raw is None:
+        return None
+    try:
+        return max(0.0, now - float(orjson.loads(raw)["enqueued_at"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 #: How many dead letters (the newest) :func:`dead_by_queue` reads to split the count by queue.

@@ -27,13 +27,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child_env(redis_server: RedisServer | str, **extra: str) -> dict[str, str]:
-    """The environment of a child process: this one's, without Redis, SMTP or consumer
-    settings, pointed at ``redis_server`` (or a Redis URL), plus ``extra``."""
+    """The environment of a child process: this one's, without Redis, SMTP, consumer or
+    dashboard settings, pointed at ``redis_server`` (or a Redis URL), plus ``extra``."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REDIS_", "SMTP_", "CONSUMER_", "DASHBOARD_"))
     }
     url = redis_server if isinstance(redis_server, str) else redis_server.url
     env.update({"REDIS_URL": url, "PYTHONUNBUFFERED": "1", "FETCH_TIMEOUT": "0.5"})
+    # The Procfile's dashboard, where a test runs it (honcho, make run): never port 9181,
+    # which another process on this machine may hold.
+    env["DASHBOARD_PORT"] = str(free_port())
     # Every signup of the suite comes from 127.0.0.1: a limit that counts them but never bites.
     env["RATE_LIMIT"] = TEST_RATE_LIMIT
     env.update(extra)

@@ -35,9 +35,9 @@ LOCKS = {"hypercorn": "requirements.lock", "uvicorn": "requirements-uvicorn.lock
 #: prints the names of those that fail, as JSON.
 IMPORT_EVERY_MODULE = """
 import importlib, json, pkgutil
-import consumers, loadtest, pipeline, reactions, service
+import consumers, dashboard, loadtest, pipeline, reactions, service
 failed = []
-for package in (service, consumers, pipeline, reactions, loadtest):
+for package in (service, consumers, pipeline, reactions, dashboard, loadtest):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         if not module.name.endswith("__main__"):
             try:
@@ -107,6 +107,7 @@ def _production_venv(tmp_path_factory: pytest.TempPathFactory, lock: str) -> Pat
     assert {"pipeline", "service", "consumers", "reactions"} <= packages
     # Subpackages too (a reaction that is a package), but not the benchmarks (a checkout's).
     assert "reactions/welcome_email/backends.py" in names
+    assert {"dashboard/static/dashboard.js", "dashboard/static/dashboard.css"} <= set(names)
     assert "loadtest/bench/__init__.py" not in names
     assert "devtools" not in packages and "tests" not in packages
     _run([*pip, "install", "--no-deps", str(wheel)], root)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "service", "consumers", "reactions", "loadtest", "devtools")
+PACKAGES = ("pipeline", "service", "consumers", "reactions", "dashboard", "loadtest", "devtools")
 
 
 def _module_name(path: Path) -> str:

@@ -4,7 +4,9 @@ subprocesses, real signals, a real SMTP server, the suite's Redis."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
 from reactions.profile import PROFILE
 from tests.helpers import REGISTRY, RedisServer, SmtpSink, debian_redis, eventually
-from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, web
+from tests.processes import ROOT, Child, child_env, consumer_argv, http, push_emails, request, web
 
 #: What a server process started by `make run` is called (Redis, or the embedded Valkey).
 SERVER_NAMES = ("redis-server", "valkey-server")
@@ -272,13 +274,33 @@ async def test_make_run_supervisor_stops_everything_on_ctrl_c(
     supervisor = await start_make_run(spawn, env)
     await eventually(lambda: redis.hget(keys.stats, "emails_sent"), what="make run's worker")
     assert "REDIS_URL is set: using that Redis, starting none" in supervisor.output()
+    # The dashboard too, on loopback, locked with a password made for the run and shown.
+    board = int(env["DASHBOARD_PORT"])
+    shown = re.search(
+        rf"dashboard on http://127\.0\.0\.1:{board}: user admin, password (\S+) \(made for",
+        supervisor.output(),
+    )
+    assert shown is not None, supervisor.output()
+    credentials = base64.b64encode(f"admin:{shown[1]}".encode()).decode()
+
+    async def dashboard_answers() -> bool:
+        try:
+            return (await request(board, "GET", "/"))[0] == 401
+        except OSError:
+            return False
+
+    await eventually(dashboard_answers, what="make run's dashboard")
+    status, _, _ = await request(
+        board, "GET", "/", headers={"Authorization": f"Basic {credentials}"}
+    )
+    assert status == 200
     children = psutil.Process(supervisor.process.pid).children(recursive=True)
-    assert len(children) >= 3  # web master, web worker, consumer
+    assert len(children) >= 4  # web master, web worker, consumer, dashboard
     supervisor.signal(signal.SIGINT)
     assert await supervisor.wait(30) == 0
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
-    assert "web exit 0, worker exit 0" in supervisor.output()
+    assert "web exit 0, worker exit 0, dashboard exit 0" in supervisor.output()
 
 
 async def test_make_run_starts_its_own_redis_and_a_second_ctrl_c_stops_at_once(

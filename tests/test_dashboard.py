@@ -1,0 +1,165 @@
+"""The operator's dashboard (``python -m consumers dashboard``): locked, strict about what the
+page may load, one Redis round trip per refresh, and its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import subprocess
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from dashboard.app import CSP, create_dashboard
+from dashboard.guard import MAX_FAILURES
+from devtools.embedded_redis import free_port
+from pipeline.keys import Keys
+from pipeline.plan import resolve
+from pipeline.queue import DirectQueue
+from tests.helpers import REGISTRY, RedisServer, eventually
+from tests.processes import ROOT, child_env, consumer_argv, request
+
+PASSWORD = "correct horse battery"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+GOOD = basic("admin", PASSWORD)
+
+
+@pytest.fixture
+async def dashboard(make_settings: Any, redis: aioredis.Redis) -> Any:
+    app = create_dashboard(resolve(make_settings({"DASHBOARD_PASSWORD": PASSWORD})))
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+async def test_every_request_needs_the_password(dashboard: Any) -> None:
+    for path in ("/", "/api/overview", "/static/dashboard.js"):
+        refused = await dashboard.get(path)
+        assert refused.status_code == 401, path
+        assert refused.headers["WWW-Authenticate"].startswith('Basic realm="signup dashboard"')
+        assert refused.headers["Content-Security-Policy"] == CSP
+    for wrong in (basic("admin", "wrong"), basic("root", PASSWORD), {"Authorization": "Basic !"}):
+        assert (await dashboard.get("/", headers=wrong)).status_code == 401
+    page = await dashboard.get("/", headers=GOOD)
+    assert page.status_code == 200
+    assert page.headers["Content-Security-Policy"] == CSP
+    assert page.headers["X-Frame-Options"] == "DENY"
+    text = await page.get_data(as_text=True)
+    # No inline script or handler: the CSP (script-src 'self') would refuse them anyway.
+    assert re.findall(r"<script[^>]*>", text) == ['<script src="/static/dashboard.js" defer>']
+    assert re.search(r"\son[a-z]+=", text) is None
+    assert (await dashboard.get("/static/dashboard.css", headers=GOOD)).status_code == 200
+
+
+async def test_wrong_passwords_are_rate_limited(dashboard: Any) -> None:
+    outside = {"client": ("203.0.113.7", 1000)}
+    for _ in range(MAX_FAILURES):
+        wrong = await dashboard.get("/", headers=basic("admin", "nope"), scope_base=outside)
+        assert wrong.status_code == 401
+    locked = await dashboard.get("/", headers=GOOD, scope_base=outside)  # even the right one
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) >= 1
+    # Another client is not locked out by it.
+    assert (await dashboard.get("/", headers=GOOD)).status_code == 200
+
+
+async def test_the_overview_follows_the_queues(
+    dashboard: Any, redis: aioredis.Redis, keys: Keys
+) -> None:
+    first = orjson.loads(await (await dashboard.get("/api/overview", headers=GOOD)).get_data())
+    assert [q["name"] for q in first["queues"]] == list(REGISTRY.queues)
+    assert all(q["waiting"] == 0 and q["oldest_wait_s"] is None for q in first["queues"])
+    queue = DirectQueue(redis, keys, REGISTRY)
+    for n in range(3):
+        await queue.push("welcome_email", {"user_id": "0" * 32, "email": f"{n}@example.com"})
+    second = orjson.loads(await (await dashboard.get("/api/overview", headers=GOOD)).get_data())
+    email = next(q for q in second["queues"] if q["name"] == "email")
+    assert email["waiting"] == 3 and email["oldest_wait_s"] >= 0
+    assert set(second["counters"]) == set(REGISTRY.counters)
+
+
+async def test_a_refresh_is_one_redis_round_trip(
+    dashboard: Any, redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    await dashboard.get("/api/overview", headers=GOOD)  # loads the script
+    seen: list[str] = []
+    watcher_client = aioredis.Redis.from_url(redis_server.url)
+    ready = asyncio.Event()
+
+    async def watch() -> None:
+        async with watcher_client.monitor() as monitor:
+            ready.set()
+            async for command in monitor.listen():
+                if command.get("client_type") == "lua":
+                    continue
+                if command["command"] == "ECHO end-of-test":
+                    return
+                seen.append(command["command"].split()[0].upper())
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.wait_for(ready.wait(), 5)
+    await redis.ping()
+    for _ in range(5):
+        assert (await dashboard.get("/api/overview", headers=GOOD)).status_code == 200
+    await redis.echo("end-of-test")
+    await asyncio.wait_for(watcher, 5)
+    await watcher_client.aclose()
+    seen.remove("PING")
+    assert seen == ["EVALSHA"] * 5
+
+
+async def test_open_only_on_loopback(make_settings: Any, redis: aioredis.Redis) -> None:
+    app = create_dashboard(resolve(make_settings()))
+    async with app.test_app() as test_app:
+        page = await test_app.test_client().get("/")
+        assert page.status_code == 200
+        assert "Open: no DASHBOARD_PASSWORD" in await page.get_data(as_text=True)
+
+
+def test_the_command_refuses_to_run_open_beyond_loopback(redis_server: RedisServer) -> None:
+    env = child_env(redis_server, DASHBOARD_BIND="0.0.0.0", DASHBOARD_PORT=str(free_port()))
+    result = subprocess.run(
+        consumer_argv("dashboard"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "python -m consumers dashboard: error: DASHBOARD_PASSWORD is not set, so the dashboard "
+        "may listen on a loopback address only (DASHBOARD_BIND='0.0.0.0')"
+    ]
+    short = child_env(redis_server, DASHBOARD_PASSWORD="short")
+    result = subprocess.run(
+        consumer_argv("dashboard"), env=short, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "python -m consumers: error: DASHBOARD_PASSWORD='***': expected at least 12 printable "
+        "characters",
+    )
+
+
+async def test_the_command_serves_until_sigterm(spawn: Any, redis_server: RedisServer) -> None:
+    port = free_port()
+    env = child_env(redis_server, DASHBOARD_PORT=str(port), DASHBOARD_PASSWORD=PASSWORD)
+    child = spawn(consumer_argv("dashboard"), env)
+
+    async def answers() -> bool:
+        assert child.process.poll() is None, child.output()
+        try:
+            return (await request(port, "GET", "/"))[0] == 401
+        except OSError:
+            return False
+
+    await eventually(answers, what="the dashboard to answer")
+    status, _, body = await request(port, "GET", "/api/overview", headers=GOOD)
+    assert status == 200 and "queues" in body
+    assert f"dashboard on http://127.0.0.1:{port}/" in child.output()
+    assert PASSWORD not in child.output()
+    assert await child.stop(10) == 0  # SIGTERM
+    assert "dashboard stopped" in child.output()
