@@ -155,3 +155,38 @@ async def scrape(client: TestClientProtocol) -> Samples:
     response = await client.get("/metrics")
     assert response.status_code == 200
     return parse_metrics(await response.get_data(as_text=True))
+
+
+async def client_commands(
+    redis_server: RedisServer, redis: Any, action: Callable[[], Awaitable[None]]
+) -> list[str]:
+    """The commands clients send Redis while ``action`` runs, as ``MONITOR`` sees them (the
+    names only, in order): one per round trip's command, a script's own commands left out."""
+    import redis.asyncio as aioredis
+
+    seen: list[str] = []
+    watcher_client = aioredis.Redis.from_url(redis_server.url)
+    ready = asyncio.Event()
+
+    async def watch() -> None:
+        async with watcher_client.monitor() as monitor:
+            ready.set()
+            async for command in monitor.listen():
+                if command.get("client_type") == "lua":
+                    continue  # run inside a script, not a round trip
+                if command["command"] == "ECHO end-of-watch":
+                    return
+                seen.append(command["command"].split()[0].upper())
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        await redis.ping()  # MONITOR is active once its reply arrived; this orders us after it
+        await action()
+        await redis.echo("end-of-watch")
+        await asyncio.wait_for(watcher, 5)
+    finally:
+        watcher.cancel()
+        await watcher_client.aclose()
+    seen.remove("PING")
+    return seen

@@ -200,6 +200,23 @@ async def web(
     yield port, child
 
 
+async def start_dashboard(spawn: Any, env: dict[str, str]) -> tuple[int, Child]:
+    """``python -m consumers dashboard`` on ``env``'s ``DASHBOARD_PORT``, once it answers (with
+    a password, a 401 to a request without it)."""
+    port = int(env["DASHBOARD_PORT"])
+    child = spawn(consumer_argv("dashboard"), env)
+
+    async def answers() -> bool:
+        assert child.process.poll() is None, child.output()
+        try:
+            return (await request(port, "GET", "/"))[0] in (200, 401)
+        except OSError:
+            return False
+
+    await eventually(answers, what="the dashboard to answer")
+    return port, child
+
+
 async def push_emails(redis: aioredis.Redis, keys: Keys, count: int, start: int = 0) -> list[str]:
     queue = DirectQueue(redis, keys, REGISTRY)
     addresses = [f"user{i}@example.com" for i in range(start, start + count)]

@@ -3,7 +3,6 @@ page may load, one Redis round trip per refresh, and its own process."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import subprocess
@@ -19,8 +18,8 @@ from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.plan import resolve
 from pipeline.queue import DirectQueue
-from tests.helpers import REGISTRY, RedisServer, eventually
-from tests.processes import ROOT, child_env, consumer_argv, request
+from tests.helpers import REGISTRY, RedisServer, client_commands
+from tests.processes import ROOT, child_env, consumer_argv, request, start_dashboard
 
 PASSWORD = "correct horse battery"
 
@@ -89,30 +88,12 @@ async def test_a_refresh_is_one_redis_round_trip(
     dashboard: Any, redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:
     await dashboard.get("/api/overview", headers=GOOD)  # loads the script
-    seen: list[str] = []
-    watcher_client = aioredis.Redis.from_url(redis_server.url)
-    ready = asyncio.Event()
 
-    async def watch() -> None:
-        async with watcher_client.monitor() as monitor:
-            ready.set()
-            async for command in monitor.listen():
-                if command.get("client_type") == "lua":
-                    continue
-                if command["command"] == "ECHO end-of-test":
-                    return
-                seen.append(command["command"].split()[0].upper())
+    async def refresh_five_times() -> None:
+        for _ in range(5):
+            assert (await dashboard.get("/api/overview", headers=GOOD)).status_code == 200
 
-    watcher = asyncio.create_task(watch())
-    await asyncio.wait_for(ready.wait(), 5)
-    await redis.ping()
-    for _ in range(5):
-        assert (await dashboard.get("/api/overview", headers=GOOD)).status_code == 200
-    await redis.echo("end-of-test")
-    await asyncio.wait_for(watcher, 5)
-    await watcher_client.aclose()
-    seen.remove("PING")
-    assert seen == ["EVALSHA"] * 5
+    assert await client_commands(redis_server, redis, refresh_five_times) == ["EVALSHA"] * 5
 
 
 async def test_open_only_on_loopback(make_settings: Any, redis: aioredis.Redis) -> None:
@@ -145,18 +126,9 @@ def test_the_command_refuses_to_run_open_beyond_loopback(redis_server: RedisServ
 
 
 async def test_the_command_serves_until_sigterm(spawn: Any, redis_server: RedisServer) -> None:
-    port = free_port()
-    env = child_env(redis_server, DASHBOARD_PORT=str(port), DASHBOARD_PASSWORD=PASSWORD)
-    child = spawn(consumer_argv("dashboard"), env)
-
-    async def answers() -> bool:
-        assert child.process.poll() is None, child.output()
-        try:
-            return (await request(port, "GET", "/"))[0] == 401
-        except OSError:
-            return False
-
-    await eventually(answers, what="the dashboard to answer")
+    env = child_env(redis_server, DASHBOARD_PASSWORD=PASSWORD)
+    port, child = await start_dashboard(spawn, env)
+    assert (await request(port, "GET", "/"))[0] == 401
     status, _, body = await request(port, "GET", "/api/overview", headers=GOOD)
     assert status == 200 and "queues" in body
     assert f"dashboard on http://127.0.0.1:{port}/" in child.output()

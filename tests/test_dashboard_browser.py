@@ -14,12 +14,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.helpers import REGISTRY, RedisServer, eventually
-from tests.processes import child_env, consumer_argv, request
-from tests.test_docs_browser import CHROMIUM_ARGS, chromium  # noqa: F401  (a fixture)
+from tests.helpers import REGISTRY, RedisServer
+from tests.processes import child_env, start_dashboard
+from tests.test_docs_browser import CHROMIUM_ARGS, chromium, watch  # noqa: F401  (a fixture)
 
 PASSWORD = "correct horse battery"
 #: What a hostile payload looks like: were it markup, the page would run it.
@@ -37,18 +36,8 @@ async def test_the_overview_moves_live_and_shows_markup_as_text(
 ) -> None:
     from playwright.async_api import async_playwright
 
-    port = free_port()
-    env = child_env(redis_server, DASHBOARD_PORT=str(port), DASHBOARD_PASSWORD=PASSWORD)
-    child = spawn(consumer_argv("dashboard"), env)
-
-    async def answers() -> bool:
-        assert child.process.poll() is None, child.output()
-        try:
-            return (await request(port, "GET", "/"))[0] == 401
-        except OSError:
-            return False
-
-    await eventually(answers, what="the dashboard to answer")
+    env = child_env(redis_server, DASHBOARD_PASSWORD=PASSWORD)
+    port, _ = await start_dashboard(spawn, env)
     # A consumer whose heartbeat says something hostile about itself.
     intruder = "intruder-1"
     about = {"host": MARKUP, "pid": 1, "queues": {"email": 1}, "mode": "at-least-once"}
@@ -68,15 +57,7 @@ async def test_the_overview_moves_live_and_shows_markup_as_text(
                 http_credentials={"username": "admin", "password": PASSWORD}
             )
             page = await context.new_page()
-            requested: list[str] = []
-            problems: list[str] = []
-            page.on("request", lambda r: requested.append(r.url))
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on(
-                "console",
-                lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None,
-            )
-            page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+            requested, problems = watch(page)
             await page.goto(origin)
             email = page.locator("#queues tbody tr", has_text="email").locator("td").nth(1)
             await email.wait_for(timeout=10_000)

@@ -29,6 +29,23 @@ CHROMIUM_ARGS = [
 ]
 
 
+def watch(page: Any) -> tuple[list[str], list[str]]:
+    """What ``page`` requests, and its problems: script errors, console errors (a resource
+    the page's policy blocked is one), dialogs."""
+    requested: list[str] = []
+    problems: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on(
+        "console",
+        lambda message: (
+            problems.append(f"console: {message.text}") if message.type == "error" else None
+        ),
+    )
+    page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+    return requested, problems
+
+
 @pytest.fixture
 def chromium() -> str:
     if not Path(CHROMIUM).exists():
@@ -50,16 +67,7 @@ async def test_docs_render_the_signup_operation_offline_in_a_real_browser(
         browser = await driver.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page()
-            requested: list[str] = []
-            problems: list[str] = []
-            page.on("request", lambda request: requested.append(request.url))
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on(
-                "console",
-                lambda message: (
-                    problems.append(f"console: {message.text}") if message.type == "error" else None
-                ),
-            )
+            requested, problems = watch(page)
             await page.goto(f"{origin}/docs")
             signup = page.locator(".opblock-post .opblock-summary-path", has_text="/signup")
             await signup.wait_for(timeout=30_000)
