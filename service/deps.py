@@ -13,7 +13,7 @@ from pipeline.outage import Outage
 from pipeline.plan import Plan
 from pipeline.registry import Registry
 from pipeline.settings import Settings
-from service.clients import ClientResolver, allowed
+from service.clients import Address, ClientResolver, allowed
 from service.errors import ApiError
 from service.users import UserStore
 
@@ -45,22 +45,22 @@ def deps() -> Deps:
     return found
 
 
-def client() -> str:
-    """The current request's client, as a label (see :class:`ClientResolver`)."""
-    current = deps()
+def _client() -> tuple[Address | None, str]:
+    """The current request's client: its address and label (see :class:`ClientResolver`)."""
     peer = request.scope.get("client")
     headers = request.headers
-    return current.clients(peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For"))
+    return deps().clients.resolve(
+        peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For")
+    )
+
+
+def client() -> str:
+    """The current request's client, as a label (the rate limit's key)."""
+    return _client()[1]
 
 
 def operators_only() -> None:
     """A 404, as for a route that does not exist, unless the client is one ``OPS_ALLOW``
     lets read the operational routes (``/stats``, ``/metrics``)."""
-    current = deps()
-    peer = request.scope.get("client")
-    headers = request.headers
-    address, _ = current.clients.resolve(
-        peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For")
-    )
-    if not allowed(address, current.settings.ops_allow):
+    if not allowed(_client()[0], deps().settings.ops_allow):
         raise ApiError(404, "not_found", "no such resource")

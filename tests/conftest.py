@@ -64,12 +64,12 @@ class LoopbackClient(QuartClient):
     """Quart's test client, its requests coming from 127.0.0.1 as a real server would say
     (Quart's own gives no peer at all), unless a test gives its own ``scope_base``."""
 
-    async def _make_request(self, *args: Any, **kwargs: Any) -> Any:
-        # Positional as QuartClient.open passes them: scope_base is the 12th.
-        arguments = list(args)
-        if arguments[11] is None:
-            arguments[11] = {"client": ("127.0.0.1", 40000)}
-        return await super()._make_request(*arguments, **kwargs)  # type: ignore[misc]
+    async def open(
+        self, *args: Any, scope_base: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        if scope_base is None:
+            scope_base = {"client": ("127.0.0.1", 40000)}
+        return await super().open(*args, scope_base=scope_base, **kwargs)
 
 
 # Every app the tests build: OPS_ALLOW's operational routes answer a loopback client.

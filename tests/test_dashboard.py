@@ -18,7 +18,7 @@ from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.plan import resolve
 from pipeline.queue import DirectQueue
-from tests.helpers import REGISTRY, RedisServer, client_commands
+from tests.helpers import REGISTRY, RedisServer, client_commands, eventually
 from tests.processes import ROOT, child_env, consumer_argv, request, start_dashboard
 
 PASSWORD = "correct horse battery"
@@ -135,3 +135,24 @@ async def test_the_command_serves_until_sigterm(spawn: Any, redis_server: RedisS
     assert PASSWORD not in child.output()
     assert await child.stop(10) == 0  # SIGTERM
     assert "dashboard stopped" in child.output()
+
+
+async def test_a_live_consumer_shows_what_its_heartbeat_says(
+    dashboard: Any, spawn: Any, redis_server: RedisServer
+) -> None:
+    worker = spawn(consumer_argv(), child_env(redis_server))
+
+    async def consumers() -> list[dict[str, Any]]:
+        answer = await dashboard.get("/api/overview", headers=GOOD)
+        found: list[dict[str, Any]] = orjson.loads(await answer.get_data())["consumers"]
+        return found
+
+    async def listed() -> bool:
+        return bool(await consumers())
+
+    await eventually(listed, what="the consumer's heartbeat")
+    (seen,) = await consumers()
+    assert seen["pid"] == worker.process.pid
+    assert seen["queues"] == dict.fromkeys(REGISTRY.queues, 16)
+    assert seen["mode"] == "at-least-once" and seen["in_flight"] == 0
+    assert seen["heartbeat_at"] >= seen["started_at"] - 1

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from devtools.embedded_redis import free_port
 from pipeline.version import __version__
 from tests.helpers import RedisServer, SmtpSink, eventually
-from tests.processes import ROOT, Child, child_env, http, server_argv
+from tests.processes import ROOT, Child, child_env, http, request, server_argv
 
 SIGNUP = {"username": "deployed", "email": "deployed@example.com"}
 #: Modules that import what only the `loadtest` extra installs (locust, psutil).
@@ -224,14 +224,25 @@ async def test_the_procfile_under_honcho_drains_both_processes_and_each_exits_0(
     status, body = await http(port, "POST", "/signup", SIGNUP)
     assert status == 201, body
     await eventually(lambda: smtp_server.started == 1, what="the email to be in flight")
+    # The Procfile's dashboard too: open, on loopback, as it runs without a password.
+    board = int(env["DASHBOARD_PORT"])
+
+    async def dashboard_answers() -> bool:
+        try:
+            return (await request(board, "GET", "/api/overview"))[0] == 200
+        except OSError:
+            return False
+
+    await eventually(dashboard_answers, timeout=30, what="the Procfile's dashboard")
     family = psutil.Process(honcho.process.pid).children(recursive=True)
-    assert len(family) >= 3  # web (hypercorn's master and worker) and the consumer
+    assert len(family) >= 4  # web (hypercorn's master and worker), the consumer, the dashboard
     honcho.signal(signal.SIGTERM)
     await honcho.wait(30)
     output = honcho.output()
     # Each line exec'd its process, so honcho waited for the process itself, which drained.
     assert "web.1 stopped (rc=0)" in output, output
     assert "worker.1 stopped (rc=0)" in output, output
+    assert "dashboard.1 stopped (rc=0)" in output, output
     assert smtp_server.recipients() == [SIGNUP["email"]]  # the in-flight email went out
     _, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, alive
