@@ -133,6 +133,8 @@ class Consumer:
         self._concurrency = dict(plan.concurrency)
         self._in_flight: dict[asyncio.Task[None], _InFlight] = {}
         self._samples: dict[str, list[tuple[float, float]]] = {q: [] for q in self._concurrency}
+        #: Jobs done and failed (retried or dead-lettered) since the history was last written.
+        self._tally = {"done": 0, "failed": 0}
         #: Per queue: finished jobs (bytes, id) whose ack goes with the fetch loop's next take.
         self._acks: dict[str, list[tuple[bytes, str]]] = {q: [] for q in self._concurrency}
         #: Per queue: set when one of its jobs finishes (or on stop), to wake a full fetch loop.
@@ -355,7 +357,7 @@ class Consumer:
         if failure is not None:
             await self._failed(queue, raw, job, *failure)
             return
-        self._metrics.finished(job.type, "succeeded")
+        self._finished(job.type, "succeeded")
         self._samples[queue].append((wait, run))
         if self._broker.mode == "at-least-once":
             self._acks[queue].append((raw, job.id))
@@ -391,7 +393,7 @@ class Consumer:
             return
         retried = dataclasses.replace(job, attempt=attempts, enqueued_at=time.time() + delay)
         if await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay)):
-            self._metrics.finished(job.type, "retried")
+            self._finished(job.type, "retried")
 
     async def _dead_letter(
         self, queue: str, raw: bytes, job: Job | None, reason: str, error: str | None = None
@@ -402,7 +404,7 @@ class Consumer:
         # An undecodable job's deliveries are counted under its delivery_id: clear that.
         job_id = job.id if job else delivery_id(raw)
         if await self._settle(job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id)):
-            self._metrics.finished(job.type if job else None, "dead_lettered")
+            self._finished(job.type if job else None, "dead_lettered")
 
     async def _settle(self, job_id: str, operation: Callable[[], Awaitable[T]]) -> T | None:
         """Run a settling operation, retrying through a Redis outage until it succeeds or the
@@ -507,8 +509,16 @@ class Consumer:
                     self._settings.max_deliveries,
                 )
 
+    def _finished(self, job_type: str | None, outcome: str) -> None:
+        """Count a job's outcome: in the metrics, and for the dashboard's history."""
+        self._metrics.finished(job_type, outcome)
+        if outcome == "succeeded":
+            self._tally["done"] += 1
+        elif outcome in ("retried", "dead_lettered"):
+            self._tally["failed"] += 1
+
     async def _maintain(self) -> None:
-        """Promote due retries; write latency samples every second."""
+        """Promote due retries; write latency samples and the history every second."""
         flushed = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -517,6 +527,7 @@ class Consumer:
                 if time.monotonic() - flushed >= LATENCY_FLUSH_INTERVAL:
                     flushed = time.monotonic()
                     await self._flush_latency()
+                    await self._flush_history()
             except RedisError as exc:
                 self._outage.failed(exc)
             await self._until(timeout=PROMOTE_INTERVAL)
@@ -530,6 +541,13 @@ class Consumer:
         except RedisError as exc:
             # Measurements, not jobs: dropping them is fine.
             logger.debug("latency samples dropped: %s", exc)
+
+    async def _flush_history(self) -> None:
+        tally, self._tally = self._tally, {"done": 0, "failed": 0}
+        try:
+            await self._broker.record_history(tally["done"], tally["failed"])
+        except RedisError as exc:
+            logger.debug("history dropped: %s", exc)  # a measurement, like the samples
 
     @staticmethod
     async def _pause(event: asyncio.Event, seconds: float) -> None:

@@ -17,6 +17,7 @@ from dashboard.guard import REALM, Guard
 from pipeline.connections import web_client
 from pipeline.keys import Keys
 from pipeline.plan import Plan
+from pipeline.queue import HISTORY_BUCKET
 from pipeline.stats import PipelineStats, read_stats
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,17 @@ _PAGE = """<!doctype html>
 {banner}
 </header>
 <main>
+<section aria-labelledby="chart-title">
+<h2 id="chart-title">Jobs per second, last 15 minutes</h2>
+<svg id="chart" viewBox="0 0 900 200" role="img" aria-label="jobs done and failed per second">
+<polyline id="done-line" class="done" points=""></polyline>
+<polyline id="failed-line" class="failed" points=""></polyline>
+</svg>
+<p class="legend"><span class="done">done</span> <strong id="done-rate">-</strong>/s ·
+<span class="failed">failed</span> <strong id="failed-rate">-</strong>/s ·
+signups in the last minute: <strong id="signups-minute">-</strong> ·
+peak <span id="chart-peak">-</span>/s</p>
+</section>
 <section aria-labelledby="queues-title">
 <h2 id="queues-title">Queues</h2>
 <table id="queues">
@@ -108,6 +120,18 @@ def overview(stats: PipelineStats, queues: tuple[str, ...]) -> dict[str, Any]:
         "dead_letter": stats.dead_letter,
         "counters": dict(stats.counters),
         "consumers": [consumer.to_json() for consumer in stats.consumers],
+        "history": {
+            "bucket_s": HISTORY_BUCKET,
+            "buckets": [
+                {
+                    "start": bucket.start,
+                    "done_per_s": bucket.done / HISTORY_BUCKET,
+                    "failed_per_s": bucket.failed / HISTORY_BUCKET,
+                    "signups": bucket.signups,
+                }
+                for bucket in stats.history
+            ],
+        },
     }
 
 
@@ -162,7 +186,7 @@ def create_dashboard(plan: Plan) -> Quart:
     @app.get("/api/overview")
     async def api_overview() -> Response:
         try:
-            stats = await read_stats(state["redis"], keys, registry)
+            stats = await read_stats(state["redis"], keys, registry, history=True)
         except RedisError as exc:
             logger.warning("the dashboard cannot read Redis: %s", exc)
             return _json({"error": "unavailable", "message": "Redis cannot be read"}, 503)

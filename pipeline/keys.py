@@ -92,6 +92,13 @@ class Keys:
         """What every lease's key starts with (a script appends the consumer's id)."""
         return f"{self.prefix}:lease:"
 
+    @property
+    def history_prefix(self) -> str:
+        """What every history bucket's key starts with (a script appends the bucket's start,
+        in Unix seconds): a hash of jobs ``done`` and ``failed`` in it, and ``users`` as
+        counted when it began."""
+        return f"{self.prefix}:history:"
+
     def rate(self, client: str) -> str:
         """The rate limit's state for one client address (as ``service.clients`` writes it,
         never raw header text): when its next signup is due, in Redis milliseconds."""

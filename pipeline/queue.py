@@ -39,6 +39,10 @@ from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
 LATENCY_SAMPLES: Final = 1000
 #: How often a consumer writes the latency samples of the jobs it finished.
 LATENCY_FLUSH_INTERVAL: Final = 1.0
+#: The history the dashboard charts: jobs done and failed, and users counted, in buckets of
+#: this many seconds, each kept for HISTORY_SECONDS plus one bucket (bounded: 91 keys).
+HISTORY_BUCKET: Final = 10
+HISTORY_SECONDS: Final = 15 * 60
 #: Due retries moved per promoter call and queue.
 PROMOTE_BATCH: Final = 100
 
@@ -153,6 +157,18 @@ redis.call('LPUSH', KEYS[2], unpack(taken))
 redis.call('LTRIM', KEYS[1], 0, -k - 1)
 table.insert(taken, 1, removed)
 return taken
+"""
+
+# Add a consumer's jobs done and failed to the current history bucket (Redis's clock), note
+# the users counted when the bucket began (the first note wins), and keep the bucket for the
+# history's length. KEYS: stats  ARGV: history prefix, bucket seconds, ttl, done, failed
+_HISTORY = """
+local now = tonumber(redis.call('TIME')[1])
+local key = ARGV[1] .. (now - now % tonumber(ARGV[2]))
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', key, 'done', ARGV[4]) end
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', key, 'failed', ARGV[5]) end
+redis.call('HSETNX', key, 'users', redis.call('HGET', KEYS[1], 'users') or 0)
+redis.call('EXPIRE', key, ARGV[3])
 """
 
 # Renew a consumer's lease and note when it was last seen (Redis time). 1 if the lease was
@@ -295,6 +311,7 @@ class Broker:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._recover = redis.register_script(_RECOVER)
         self._promote = redis.register_script(_PROMOTE)
+        self._history = redis.register_script(_HISTORY)
 
     # --- fetching and settling ----------------------------------------------------------
 
@@ -457,6 +474,15 @@ class Broker:
             keys = [self.keys.delayed(queue), self.keys.queue(queue)]
             moved += int(await self._promote(keys=keys, args=[PROMOTE_BATCH]))
         return moved
+
+    async def record_history(self, done: int, failed: int) -> None:
+        """Add this consumer's jobs done and failed since the last call to the current history
+        bucket (Redis's clock), noting the users counted when the bucket began."""
+        await self._history(
+            keys=[self.keys.stats],
+            args=[self.keys.history_prefix, HISTORY_BUCKET, HISTORY_SECONDS + HISTORY_BUCKET,
+                  done, failed],
+        )  # fmt: skip
 
     async def record_latency(self, samples: Mapping[str, Sequence[tuple[float, float]]]) -> None:
         """Keep the newest samples of (queue wait, run time) in seconds, per queue."""

@@ -3,6 +3,7 @@ letters, live consumers and recent latency percentiles."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
+from pipeline.queue import HISTORY_BUCKET, HISTORY_SECONDS
 from pipeline.registry import Registry
 
 
@@ -71,6 +73,17 @@ class LiveConsumer:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryBucket:
+    """One bucket of the dashboard's history: when it began (Unix seconds), the jobs done and
+    failed in it, and the users signed up in it (None when not known)."""
+
+    start: int
+    done: int
+    failed: int
+    signups: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineStats:
     """One snapshot of the pipeline: the stats hash's counters (the registry's, in order),
     per queue the jobs waiting, held by consumers and waiting for a retry, the dead letters,
@@ -86,6 +99,8 @@ class PipelineStats:
     #: Per queue: seconds its oldest waiting job has waited (None: none waiting). Not in
     #: ``GET /stats``; the dashboard shows it.
     oldest_wait: Mapping[str, float | None] = field(default_factory=dict)
+    #: The last 15 minutes, oldest first, when asked for (the dashboard's chart).
+    history: tuple[HistoryBucket, ...] = ()
 
     def to_json(self, consumers: Literal["count", "list"] = "list") -> dict[str, Any]:
         """The JSON of ``GET /stats`` (``consumers="count"``: hosts and pids are for
@@ -117,28 +132,40 @@ def text(value: object) -> str:
 
 # One snapshot, in one round trip (the dashboard reads it every refresh).
 # KEYS: stats, dead, consumers, then per queue: its list, its delayed set, its latency list.
-# ARGV: the lease key prefix, then per queue its processing-list prefix, then the counters.
+# ARGV: the lease key prefix, the history's key prefix, its bucket seconds and how many of the
+# newest buckets to read (0: none), then per queue its processing-list prefix, then the
+# counters.
 # Returns: counters, dead letters, consumer ids, their last heartbeats, their leases (false
-# when expired), Redis's time, then per queue: waiting, delayed, held (summed over every
-# registered consumer), the latency samples, and the oldest waiting job (false when none).
+# when expired), Redis's time, the history (per bucket, oldest first: its start, done,
+# failed, users), then per queue: waiting, delayed, held (summed over every registered
+# consumer), the latency samples, and the oldest waiting job (false when none).
 _SNAPSHOT = """
 local queues = (#KEYS - 3) / 3
 local counters = {}
-for i = queues + 2, #ARGV do counters[#counters + 1] = ARGV[i] end
+for i = queues + 5, #ARGV do counters[#counters + 1] = ARGV[i] end
 local registered = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
 local ids, beats, leases = {}, {}, {}
 for i = 1, #registered, 2 do
   ids[#ids + 1], beats[#beats + 1] = registered[i], registered[i + 1]
   leases[#leases + 1] = redis.call('GET', ARGV[1] .. registered[i])
 end
+local time = redis.call('TIME')
+local step, buckets = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = tonumber(time[1])
+local history = {}
+for b = buckets - 1, 0, -1 do
+  local start = now - now % step - b * step
+  local found = redis.call('HMGET', ARGV[2] .. start, 'done', 'failed', 'users')
+  history[#history + 1] = {start, found[1], found[2], found[3]}
+end
 local reply = {
   redis.call('HMGET', KEYS[1], unpack(counters)), redis.call('LLEN', KEYS[2]), ids, beats,
-  leases, redis.call('TIME'),
+  leases, time, history,
 }
 for q = 1, queues do
   local list, delayed, latency = KEYS[3 + 3 * q - 2], KEYS[3 + 3 * q - 1], KEYS[3 + 3 * q]
   local held = 0
-  for _, id in ipairs(ids) do held = held + redis.call('LLEN', ARGV[1 + q] .. id) end
+  for _, id in ipairs(ids) do held = held + redis.call('LLEN', ARGV[4 + q] .. id) end
   reply[#reply + 1] = {
     redis.call('LLEN', list), redis.call('ZCARD', delayed), held,
     redis.call('LRANGE', latency, 0, -1), redis.call('LINDEX', list, -1),
@@ -148,16 +175,24 @@ return reply
 """
 
 
-async def read_stats(redis: aioredis.Redis, keys: Keys, registry: Registry) -> PipelineStats:
+async def read_stats(
+    redis: aioredis.Redis, keys: Keys, registry: Registry, *, history: bool = False
+) -> PipelineStats:
     """Everything, in one round trip (one script), for the queues and counters of
-    ``registry``."""
+    ``registry``; with ``history``, the dashboard's history too (the last 15 minutes)."""
     queues, counters = registry.queues, registry.counters
     script_keys = [keys.stats, keys.dead, keys.consumers]
     for name in queues:
         script_keys += [keys.queue(name), keys.delayed(name), keys.latency(name)]
-    args = [keys.lease_prefix, *map(keys.processing_prefix, queues), *counters]
+    buckets = HISTORY_SECONDS // HISTORY_BUCKET + 1 if history else 0  # +1: the users delta
+    args: list[str | int] = [
+        keys.lease_prefix, keys.history_prefix, HISTORY_BUCKET, buckets,
+        *map(keys.processing_prefix, queues), *counters,
+    ]  # fmt: skip
     snapshot = redis.register_script(_SNAPSHOT)  # EVALSHA, loading it once if need be
-    counted, dead, ids, beats, leases, now, *per_queue = await snapshot(keys=script_keys, args=args)
+    counted, dead, ids, beats, leases, now, past, *per_queue = await snapshot(
+        keys=script_keys, args=args
+    )
     live = [
         LiveConsumer(text(consumer_id), {**orjson.loads(lease), "heartbeat_at": float(beat)})
         for consumer_id, beat, lease in zip(ids, beats, leases, strict=True)
@@ -177,7 +212,20 @@ async def read_stats(redis: aioredis.Redis, keys: Keys, registry: Registry) -> P
         oldest_wait={
             name: _waited(found[4], clock) for name, found in zip(queues, per_queue, strict=True)
         },
+        history=_history(past),
     )
+
+
+def _history(rows: Sequence[Sequence[Any]]) -> tuple[HistoryBucket, ...]:
+    """The buckets read, oldest first, but the first, which only gives the users counted
+    before the second: each with the signups since the bucket before (None when either has
+    no note of the users counted)."""
+    found = []
+    for before, (start, done, failed, users) in itertools.pairwise(rows):
+        known = users is not None and before[3] is not None
+        signups = int(users) - int(before[3]) if known else None
+        found.append(HistoryBucket(int(start), int(done or 0), int(failed or 0), signups))
+    return tuple(found)
 
 
 def _waited(raw: bytes | None, now: float) -> float | None:

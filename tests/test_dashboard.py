@@ -17,7 +17,7 @@ from dashboard.guard import MAX_FAILURES
 from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.plan import resolve
-from pipeline.queue import DirectQueue
+from pipeline.queue import HISTORY_BUCKET, HISTORY_SECONDS, Broker, DirectQueue
 from tests.helpers import REGISTRY, RedisServer, client_commands, eventually
 from tests.processes import ROOT, child_env, consumer_argv, request, start_dashboard
 
@@ -156,3 +156,35 @@ async def test_a_live_consumer_shows_what_its_heartbeat_says(
     assert seen["queues"] == dict.fromkeys(REGISTRY.queues, 16)
     assert seen["mode"] == "at-least-once" and seen["in_flight"] == 0
     assert seen["heartbeat_at"] >= seen["started_at"] - 1
+
+
+async def test_the_history_is_kept_in_bounded_buckets_and_charted(
+    dashboard: Any, redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, queues=REGISTRY.queues)
+
+    async def early_in_a_bucket() -> bool:  # so the writes below all land in one bucket
+        return int((await redis.time())[0]) % HISTORY_BUCKET < HISTORY_BUCKET - 2
+
+    await eventually(early_in_a_bucket, timeout=HISTORY_BUCKET + 1, what="a fresh bucket")
+    await redis.hset(keys.stats, "users", 100)
+    await broker.record_history(done=40, failed=3)
+    await broker.record_history(done=10, failed=2)  # the same bucket: added up
+    now = int((await redis.time())[0])
+    current = now - now % HISTORY_BUCKET
+    bucket = await redis.hgetall(f"{keys.history_prefix}{current}")
+    assert bucket == {b"done": b"50", b"failed": b"5", b"users": b"100"}
+    assert (
+        0 < await redis.ttl(f"{keys.history_prefix}{current}") <= HISTORY_SECONDS + HISTORY_BUCKET
+    )
+    # The bucket before counted 70 users: 30 signed up since.
+    await redis.hset(f"{keys.history_prefix}{current - HISTORY_BUCKET}", "users", 70)
+    answer = orjson.loads(await (await dashboard.get("/api/overview", headers=GOOD)).get_data())
+    buckets = answer["history"]["buckets"]
+    assert len(buckets) == HISTORY_SECONDS // HISTORY_BUCKET
+    assert answer["history"]["bucket_s"] == HISTORY_BUCKET
+    last = buckets[-1]
+    assert last["start"] == current or last["start"] == current + HISTORY_BUCKET  # a new bucket
+    mine = next(b for b in buckets if b["start"] == current)
+    assert (mine["done_per_s"], mine["failed_per_s"], mine["signups"]) == (5.0, 0.5, 30)
+    assert buckets[0]["signups"] is None  # nothing noted that long ago

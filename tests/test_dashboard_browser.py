@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's chromium, driven by Playwright), served by a real
-``python -m consumers dashboard``: its numbers move without a reload, markup from Redis is
-shown as text, nothing is fetched from another host, and no password means a 401."""
+``python -m consumers dashboard``: its numbers and its chart move without a reload while a
+real consumer works, markup from Redis is shown as text, nothing is fetched from another
+host, and no password means a 401."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
 from pipeline.queue import DirectQueue
-from tests.helpers import REGISTRY, RedisServer
-from tests.processes import child_env, start_dashboard
+from tests.helpers import REGISTRY, RedisServer, eventually
+from tests.processes import child_env, consumer_argv, start_dashboard
 from tests.test_docs_browser import CHROMIUM_ARGS, chromium, watch  # noqa: F401  (a fixture)
 
 PASSWORD = "correct horse battery"
@@ -66,7 +67,8 @@ async def test_the_overview_moves_live_and_shows_markup_as_text(
             # Jobs arrive: the page shows them at its next refresh, without a reload.
             queue = DirectQueue(redis, keys, REGISTRY)
             for n in range(7):
-                await queue.push("welcome_email", {"user_id": "0" * 32, "email": f"{n}@x.org"})
+                payload = {"user_id": "0" * 32, "username": f"user{n}", "email": f"{n}@x.org"}
+                await queue.push("welcome_email", payload)
             await (
                 page.locator("#queues tbody tr", has_text="email")
                 .locator("td", has_text="7")
@@ -74,6 +76,22 @@ async def test_the_overview_moves_live_and_shows_markup_as_text(
             )
             assert len([u for u in requested if u.endswith("/api/overview")]) > loaded
             assert sum(1 for u in requested if urlsplit(u).path == "/") == 1  # never reloaded
+            # A consumer starts: the jobs are done, and the chart's line rises from its floor
+            # (the history the consumer writes every second).
+            spawn(consumer_argv(), env)
+            await (
+                page.locator("#queues tbody tr", has_text="email")
+                .locator("td", has_text="0")
+                .first.wait_for(timeout=20_000)
+            )
+            line = page.locator("#done-line")
+
+            async def risen() -> bool:
+                points = (await line.get_attribute("points") or "").split()
+                return any(float(point.split(",")[1]) < 190 for point in points)
+
+            # (Polled from here: the page's policy refuses the eval a wait_for_function needs.)
+            await eventually(risen, timeout=20, what="the chart's done line to rise")
             # The hostile host is shown as its text, and ran nothing.
             host = page.locator("#consumers tbody tr", has_text=intruder).locator("td").nth(1)
             assert await host.text_content() == MARKUP

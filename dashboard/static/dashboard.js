@@ -38,7 +38,31 @@ function fill(tableId, rows, columns) {
   body.replaceWith(fresh);
 }
 
+// The history as two lines (done, failed per second), scaled to the busiest bucket.
+function chart(history) {
+  const buckets = history.buckets;
+  const width = 900, height = 200, pad = 4;
+  const peak = Math.max(1, ...buckets.map((b) => Math.max(b.done_per_s, b.failed_per_s)));
+  const step = buckets.length > 1 ? (width - 2 * pad) / (buckets.length - 1) : 0;
+  const line = (pick) => buckets
+    .map((b, i) => `${(pad + i * step).toFixed(1)},${(height - pad - (pick(b) / peak) * (height - 2 * pad)).toFixed(1)}`)
+    .join(" ");
+  document.getElementById("done-line").setAttribute("points", line((b) => b.done_per_s));
+  document.getElementById("failed-line").setAttribute("points", line((b) => b.failed_per_s));
+  // The last whole bucket, and the signups of the last whole minute.
+  const whole = buckets.slice(0, -1);
+  const last = whole[whole.length - 1];
+  document.getElementById("done-rate").textContent = last ? last.done_per_s.toFixed(1) : "-";
+  document.getElementById("failed-rate").textContent = last ? last.failed_per_s.toFixed(1) : "-";
+  const minute = whole.slice(-Math.round(60 / history.bucket_s));
+  const known = minute.filter((b) => b.signups !== null);
+  document.getElementById("signups-minute").textContent =
+    known.length ? String(known.reduce((sum, b) => sum + b.signups, 0)) : "-";
+  document.getElementById("chart-peak").textContent = peak.toFixed(1);
+}
+
 function show(overview) {
+  chart(overview.history);
   fill("queues", overview.queues, [
     (q) => q.name, (q) => q.waiting, (q) => q.held, (q) => q.retrying,
     (q) => age(q.oldest_wait_s), (q) => pair(q.wait_ms), (q) => pair(q.run_ms),
