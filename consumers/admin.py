@@ -1,4 +1,4 @@
-"""The operator's commands: ``dead list|requeue|purge``, ``stats`` and ``check``.
+"""The operator's commands: ``dead list|requeue|delete|purge``, ``stats`` and ``check``.
 
 Each prints what it did on stdout and returns the exit code; a Redis that cannot be reached is
 one line on stderr and exit 1.
@@ -41,6 +41,13 @@ async def operate(plan: Plan, options: argparse.Namespace) -> int:
             return _print_dead(await dead.list(options.limit), as_json=options.json)
         if options.dead_command == "requeue":
             return await _requeue(dead, None if options.all else options.job_id)
+        if options.dead_command == "delete":
+            if not await dead.delete(options.job_id):
+                print(f"{PROG}: error: job {options.job_id!r} is not among the dead letters",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+            print(f"deleted the dead letter of job {options.job_id}")
+            return 0
         print(f"purged {await dead.purge()} dead letters")
         return 0
     except RedisError as exc:

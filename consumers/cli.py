@@ -7,8 +7,8 @@ override the matching environment variables. SIGTERM or SIGINT stops gracefully;
 stops at once. Exit 0 after a graceful stop.
 
 ``python -m consumers dead list [--limit N] [--json]``, ``dead requeue (--all | JOB_ID)``,
-``dead purge`` and ``stats [--json]`` operate the pipeline; ``check`` exits 0 only when at least
-one consumer holds a live lease (a container health check).
+``dead delete JOB_ID``, ``dead purge`` and ``stats [--json]`` operate the pipeline; ``check``
+exits 0 only when at least one consumer holds a live lease (a container health check).
 
 Exit 2 on bad arguments or settings, 1 when Redis cannot be reached, a job id is not found or
 ``check`` finds no live consumer:
@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         help=_help("metrics_port", "serve Prometheus metrics on this port at /metrics"),
     )
     commands = parser.add_subparsers(dest="command", metavar="{dead,stats,check,dashboard}")
-    dead = commands.add_parser("dead", help="list, requeue or purge dead letters")
-    dead_commands = dead.add_subparsers(dest="dead_command", metavar="{list,requeue,purge}")
+    dead = commands.add_parser("dead", help="list, requeue, delete or purge dead letters")
+    dead_commands = dead.add_subparsers(dest="dead_command", metavar="{list,requeue,delete,purge}")
     dead_commands.required = True
     listing = dead_commands.add_parser("list", help="show dead letters, newest first")
     listing.add_argument(
@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     which = requeue.add_mutually_exclusive_group(required=True)
     which.add_argument("job_id", nargs="?", help="the id of the job to requeue")
     which.add_argument("--all", action="store_true", help="requeue every dead letter")
+    delete = dead_commands.add_parser("delete", help="delete one job's dead letter")
+    delete.add_argument("job_id", help="the id of the job whose dead letter to delete")
     dead_commands.add_parser("purge", help="delete every dead letter")
     stats = commands.add_parser(
         "stats", help="queue depths, jobs held, retries waiting, dead letters, live consumers"

@@ -33,6 +33,7 @@ class Keys:
         "_queues",
         "consumers",
         "dead",
+        "dead_by_queue",
         "deliveries",
         "email_claims",
         "prefix",
@@ -46,6 +47,9 @@ class Keys:
         self._queues: dict[str, str] = {}
         #: list of dead letters, newest first.
         self.dead = f"{prefix}:dead"
+        #: hash of queue name -> its dead letters on that list, kept by the scripts that add
+        #: and remove them (entries pushed by hand, or before 1.x, are not in it).
+        self.dead_by_queue = f"{prefix}:dead-by-queue"
         #: sorted set of consumer ids, scored by their last heartbeat (Redis time).
         self.consumers = f"{prefix}:consumers"
         #: hash of job id -> times the job was recovered from a consumer that died holding it.

@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, Protocol
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline.dead import lua_entry
+from pipeline.dead import LUA_DEAD_COUNTS, lua_entry
 from pipeline.jobs import Job, new_job
 from pipeline.keys import DEAD_LETTERS_DROPPED, Keys
 from pipeline.registry import JobType, Registry
@@ -93,10 +93,10 @@ def new_consumer_id() -> str:
 # "destination" (its queue, the delayed set or the dead list); "delay": a retry's, in s; "id":
 # the job id whose deliveries are forgotten ('' for none); "dead_max": most dead letters kept.
 _SETTLE_SIGNATURE = Signature(
-    keys=("processing", "destination", "deliveries", "stats"),
-    args=("held", "raw", "action", "put", "delay", "id", "dead_max"),
+    keys=("processing", "destination", "deliveries", "stats", "dead_by_queue"),
+    args=("held", "raw", "action", "put", "delay", "id", "dead_max", "queue"),
 )
-_SETTLE = _SETTLE_SIGNATURE.source(
+_SETTLE = LUA_DEAD_COUNTS + _SETTLE_SIGNATURE.source(
     """
 local held = $held == '1'
 if held and not redis.call('LPOS', $processing, $raw, 'RANK', -1) then
@@ -106,9 +106,10 @@ local action = $action
 if action == 'return' then
   redis.call('RPUSH', $destination, $put)
 elseif action == 'dead' then
-  local over = redis.call('LPUSH', $destination, $put) - tonumber($dead_max)
+  redis.call('LPUSH', $destination, $put)
+  redis.call('HINCRBY', $dead_by_queue, $queue, 1)
+  local over = trim_dead($destination, $dead_by_queue, tonumber($dead_max))
   if over > 0 then
-    redis.call('LTRIM', $destination, 0, tonumber($dead_max) - 1)
     redis.call('HINCRBY', $stats, $DEAD_LETTERS_DROPPED, over)
   end
 elseif action == 'retry' then
@@ -191,10 +192,10 @@ return 0
 # pair of keys and the queue's name per queue.
 # Returns {returned, dead-lettered}, or {-1, 0} if the lease is held.
 _RECOVER_SIGNATURE = Signature(
-    keys=("consumers", "lease", "deliveries", "dead", "stats"),
+    keys=("consumers", "lease", "deliveries", "dead", "stats", "dead_by_queue"),
     args=("consumer_id", "max_deliveries", "forget_after", "dead_max"),
 )
-_RECOVER = _RECOVER_SIGNATURE.source(
+_RECOVER = LUA_DEAD_COUNTS + _RECOVER_SIGNATURE.source(
     """
 if redis.call('EXISTS', $lease) == 1 then
   return {-1, 0}
@@ -230,6 +231,7 @@ for i = 1, (#KEYS - $named_keys) / 2 do
         reason="'delivered ' .. count .. ' times, each to a consumer that died holding it'",
     )
     + """)
+      redis.call('HINCRBY', $dead_by_queue, name, 1)
       redis.call('HDEL', $deliveries, id)
       dead = dead + 1
     else
@@ -242,9 +244,8 @@ for i = 1, (#KEYS - $named_keys) / 2 do
   end
 end
 if dead > 0 then
-  local over = redis.call('LLEN', $dead) - tonumber($dead_max)
+  local over = trim_dead($dead, $dead_by_queue, tonumber($dead_max))
   if over > 0 then
-    redis.call('LTRIM', $dead, 0, tonumber($dead_max) - 1)
     redis.call('HINCRBY', $stats, $DEAD_LETTERS_DROPPED, over)
   end
 end
@@ -397,6 +398,7 @@ class Broker:
                 "destination": destination,
                 "deliveries": self.keys.deliveries,
                 "stats": self.keys.stats,
+                "dead_by_queue": self.keys.dead_by_queue,
             },
             {
                 "held": "1" if self._held else "0",
@@ -406,6 +408,7 @@ class Broker:
                 "delay": repr(delay),
                 "id": job_id,
                 "dead_max": self.dead_letter_max,
+                "queue": queue,
             },
         )
         return bool(await self._settle(keys=keys, args=args))
@@ -442,6 +445,7 @@ class Broker:
                 "deliveries": self.keys.deliveries,
                 "dead": self.keys.dead,
                 "stats": self.keys.stats,
+                "dead_by_queue": self.keys.dead_by_queue,
             },
             {
                 "consumer_id": consumer_id,

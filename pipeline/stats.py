@@ -99,6 +99,9 @@ class PipelineStats:
     #: Per queue: seconds its oldest waiting job has waited (None: none waiting). Not in
     #: ``GET /stats``; the dashboard shows it.
     oldest_wait: Mapping[str, float | None] = field(default_factory=dict)
+    #: Per queue: its dead letters, as the scripts count them (entries pushed by hand, or
+    #: before the count was kept, are in ``dead_letter`` only). Not in ``GET /stats``.
+    dead_by_queue: Mapping[str, int] = field(default_factory=dict)
     #: The last 15 minutes, oldest first, when asked for (the dashboard's chart).
     history: tuple[HistoryBucket, ...] = ()
 
@@ -131,18 +134,19 @@ def text(value: object) -> str:
 
 
 # One snapshot, in one round trip (the dashboard reads it every refresh).
-# KEYS: stats, dead, consumers, then per queue: its list, its delayed set, its latency list.
+# KEYS: stats, dead, consumers, dead-by-queue, then per queue: its list, its delayed set, its
+# latency list.
 # ARGV: the lease key prefix, the history's key prefix, its bucket seconds and how many of the
 # newest buckets to read (0: none), then per queue its processing-list prefix, then the
-# counters.
+# queues' names, then the counters.
 # Returns: counters, dead letters, consumer ids, their last heartbeats, their leases (false
 # when expired), Redis's time, the history (per bucket, oldest first: its start, done,
 # failed, users), then per queue: waiting, delayed, held (summed over every registered
-# consumer), the latency samples, and the oldest waiting job (false when none).
+# consumer), the latency samples, the oldest waiting job (false when none) and its dead letters.
 _SNAPSHOT = """
-local queues = (#KEYS - 3) / 3
+local queues = (#KEYS - 4) / 3
 local counters = {}
-for i = queues + 5, #ARGV do counters[#counters + 1] = ARGV[i] end
+for i = 2 * queues + 5, #ARGV do counters[#counters + 1] = ARGV[i] end
 local registered = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
 local ids, beats, leases = {}, {}, {}
 for i = 1, #registered, 2 do
@@ -163,12 +167,13 @@ local reply = {
   leases, time, history,
 }
 for q = 1, queues do
-  local list, delayed, latency = KEYS[3 + 3 * q - 2], KEYS[3 + 3 * q - 1], KEYS[3 + 3 * q]
+  local list, delayed, latency = KEYS[4 + 3 * q - 2], KEYS[4 + 3 * q - 1], KEYS[4 + 3 * q]
   local held = 0
   for _, id in ipairs(ids) do held = held + redis.call('LLEN', ARGV[4 + q] .. id) end
   reply[#reply + 1] = {
     redis.call('LLEN', list), redis.call('ZCARD', delayed), held,
     redis.call('LRANGE', latency, 0, -1), redis.call('LINDEX', list, -1),
+    redis.call('HGET', KEYS[4], ARGV[4 + queues + q]) or 0,
   }
 end
 return reply
@@ -181,13 +186,13 @@ async def read_stats(
     """Everything, in one round trip (one script), for the queues and counters of
     ``registry``; with ``history``, the dashboard's history too (the last 15 minutes)."""
     queues, counters = registry.queues, registry.counters
-    script_keys = [keys.stats, keys.dead, keys.consumers]
+    script_keys = [keys.stats, keys.dead, keys.consumers, keys.dead_by_queue]
     for name in queues:
         script_keys += [keys.queue(name), keys.delayed(name), keys.latency(name)]
     buckets = HISTORY_SECONDS // HISTORY_BUCKET + 1 if history else 0  # +1: the users delta
     args: list[str | int] = [
         keys.lease_prefix, keys.history_prefix, HISTORY_BUCKET, buckets,
-        *map(keys.processing_prefix, queues), *counters,
+        *map(keys.processing_prefix, queues), *queues, *counters,
     ]  # fmt: skip
     snapshot = redis.register_script(_SNAPSHOT)  # EVALSHA, loading it once if need be
     counted, dead, ids, beats, leases, now, past, *per_queue = await snapshot(
@@ -205,6 +210,7 @@ async def read_stats(
         processing={name: int(found[2]) for name, found in zip(queues, per_queue, strict=True)},
         delayed={name: int(found[1]) for name, found in zip(queues, per_queue, strict=True)},
         dead_letter=int(dead),
+        dead_by_queue={name: int(found[5]) for name, found in zip(queues, per_queue, strict=True)},
         consumers=tuple(live),
         latency={
             name: QueueLatency.of(found[3]) for name, found in zip(queues, per_queue, strict=True)

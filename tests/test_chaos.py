@@ -326,6 +326,8 @@ async def test_a_job_longer_than_the_lease_on_a_live_consumer_is_not_stolen(rig:
         (["--queues", "email", "stats"], 2, "the run options apply to running consumers"),
         (["--delivery", "sometimes"], 2, "expected at-least-once or at-most-once"),
         (["dead", "requeue", "0123abcd"], 1, "job '0123abcd' is not among the dead letters"),
+        (["dead", "delete"], 2, "the following arguments are required: job_id"),
+        (["dead", "delete", "0123abcd"], 1, "job '0123abcd' is not among the dead letters"),
     ],
 )
 def test_operator_commands_reject_bad_arguments_in_one_line(

@@ -1,11 +1,14 @@
 """The dashboard in a real browser (Debian's chromium, driven by Playwright), served by a real
 ``python -m consumers dashboard``: its numbers and its chart move without a reload while a
 real consumer works, markup from Redis is shown as text, nothing is fetched from another
-host, and no password means a 401."""
+host, and no password means a 401; a dead letter and a retry are acted on from the page, each
+asked first, and another site's POST is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +18,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.dead import DeadLetter
+from pipeline.jobs import new_job
 from pipeline.keys import Keys
-from pipeline.queue import DirectQueue
-from tests.helpers import REGISTRY, RedisServer, eventually
+from pipeline.queue import Broker, DirectQueue
+from tests.helpers import REGISTRY, RedisServer, SmtpSink, eventually
 from tests.processes import child_env, consumer_argv, start_dashboard
 from tests.test_docs_browser import CHROMIUM_ARGS, chromium, watch  # noqa: F401  (a fixture)
 
@@ -108,3 +113,122 @@ async def test_the_overview_moves_live_and_shows_markup_as_text(
     hosts = {urlsplit(url).netloc for url in requested if not url.startswith("data:")}
     assert hosts == {f"127.0.0.1:{port}"}, requested
     assert not problems, problems  # no script error, nothing the page's policy blocked
+
+
+@pytest.mark.timeout(120)
+async def test_dead_letters_and_retries_are_acted_on_from_the_page(
+    chromium: str,  # noqa: F811
+    spawn: Any,
+    redis_server: RedisServer,
+    redis: aioredis.Redis,
+    keys: Keys,
+    smtp_server: SmtpSink,
+    tmp_path: Path,
+) -> None:
+    from playwright.async_api import async_playwright
+
+    env = child_env(redis_server, DASHBOARD_PASSWORD=PASSWORD, SMTP_URL=smtp_server.url)
+    port, _ = await start_dashboard(spawn, env)
+    broker = Broker(redis, keys, queues=REGISTRY.queues, mode="at-most-once")
+    # Two dead letters: one whose job and error are hostile markup, one to purge.
+    hostile = new_job("welcome_email", {"user_id": "u1", "username": MARKUP, "email": "a@x.org"})
+    other = new_job("welcome_email", {"user_id": "u2", "username": "bob", "email": "b@x.org"})
+    for job, error in ((other, "SMTPRecipientsRefused"), (hostile, MARKUP)):
+        failed = dataclasses.replace(job, attempt=2)
+        entry = DeadLetter.for_job("email", failed.encode(), "failed 3 attempts", job=failed,
+                                   error=error)  # fmt: skip
+        assert await broker.dead_letter("email", failed.encode(), entry.encode(), job.id)
+    # And a retry due in an hour.
+    later = new_job("welcome_email", {"user_id": "u3", "username": "cy", "email": "c@x.org"})
+    assert await broker.retry("email", later.encode(), dataclasses.replace(later, attempt=1), 3600)
+    origin = f"http://127.0.0.1:{port}"
+    async with async_playwright() as driver:
+        browser = await driver.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(
+                http_credentials={"username": "admin", "password": PASSWORD},
+                viewport={"width": 1280, "height": 720},
+            )
+            page = await context.new_page()
+            requested, problems = watch(page)
+            await page.goto(f"{origin}/dead")
+            rows = page.locator("#dead tbody tr")
+            await rows.nth(1).wait_for(timeout=10_000)
+            assert await rows.count() == 2
+            # The hostile one (the newest, first) is shown as its text, and ran nothing.
+            first = rows.first
+            assert await first.locator("td.error").text_content() == MARKUP
+            await first.locator("summary").click()
+            shown = orjson.loads(await first.locator("pre").text_content() or "")
+            assert shown["payload"]["username"] == MARKUP
+            assert await page.locator("#dead img, #dead script").count() == 0
+            assert await page.evaluate("window.pwned === undefined")
+            await page.screenshot(path=str(tmp_path / "dead.png"), full_page=True)
+            if os.environ.get("DASHBOARD_SCREENSHOTS"):
+                await page.screenshot(
+                    path=str(Path(os.environ["DASHBOARD_SCREENSHOTS"]) / "dashboard-dead.png"),
+                    full_page=True,
+                )
+
+            # Requeue it from the page (asked first), and a consumer runs it.
+            dialog = page.locator("#confirm")
+            await first.get_by_role("button", name="Requeue").click()
+            await dialog.wait_for(state="visible")
+            assert "Requeue job" in (await dialog.text_content() or "")
+            await page.locator("#confirm-ok").click()
+            await page.locator("#notice", has_text=f"requeued job {hostile.id}").wait_for()
+            await page.locator("#dead tbody tr").nth(1).wait_for(state="detached")
+            spawn(consumer_argv(), env)
+            await eventually(
+                lambda: smtp_server.recipients() == ["a@x.org"], what="the requeued job's email"
+            )
+
+            # A purge asks first: cancelled, nothing goes; confirmed, all go.
+            await page.locator("#purge").click()
+            await dialog.wait_for(state="visible")
+            assert "Delete all 1 dead letters" in (await dialog.text_content() or "")
+            await page.locator("#confirm-cancel").click()
+            await dialog.wait_for(state="hidden")
+            assert await redis.llen(keys.dead) == 1
+            await page.locator("#purge").click()
+            await page.locator("#confirm-ok").click()
+            await page.locator("#notice", has_text="purged 1 dead letters").wait_for()
+            assert await redis.llen(keys.dead) == 0
+            await page.locator("#dead-total", has_text="0").wait_for()
+
+            # A retry due in an hour, run now from the Retries page.
+            await page.goto(f"{origin}/retries")
+            retry = page.locator("#retries tbody tr", has_text=later.id[:12])
+            await retry.wait_for(timeout=10_000)
+            due = await retry.locator("td").first.text_content() or ""
+            assert re.search(r"\(in (59\.\d|60\.0) min\)$", due), due
+            await retry.get_by_role("button", name="Run now").click()
+            await page.locator("#confirm-ok").click()
+            await page.locator("#notice", has_text=f"job {later.id} is next in line").wait_for()
+            await eventually(
+                lambda: "c@x.org" in smtp_server.recipients(), what="the retry's email now"
+            )
+            assert not problems, problems
+
+            # Another site's page cannot act, even in a browser holding the password: its form
+            # POST is refused, and the dead letter stays.
+            entry = DeadLetter.for_job("email", other.encode(), "failed", job=other).encode()
+            await redis.lpush(keys.dead, entry)
+            evil = await context.new_page()
+            await evil.route(
+                "http://evil.test/",
+                lambda route: route.fulfill(
+                    content_type="text/html",
+                    body=f'<form method="post" action="{origin}/api/dead/purge" '
+                    'enctype="text/plain"><input name="x" value="y"></form>'
+                    "<script>document.forms[0].submit()</script>",
+                ),
+            )
+            async with evil.expect_response(f"{origin}/api/dead/purge") as refused:
+                await evil.goto("http://evil.test/")
+            assert (await refused.value).status == 403
+            assert await redis.llen(keys.dead) == 1
+        finally:
+            await browser.close()
+    hosts = {urlsplit(url).netloc for url in requested if not url.startswith("data:")}
+    assert hosts == {f"127.0.0.1:{port}"}, requested
