@@ -25,7 +25,7 @@ from pipeline.keys import Keys
 from pipeline.plan import Plan
 from pipeline.queue import HISTORY_BUCKET
 from pipeline.retries import DelayedRetries, DelayedRetry
-from pipeline.stats import PipelineStats, read_stats
+from pipeline.stats import HistoryCache, PipelineStats, read_stats
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ def create_dashboard(plan: Plan) -> Quart:
     )
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     state: dict[str, _Backend] = {}
+    history = HistoryCache()  # the closed buckets of the chart, read once
     keys = Keys(settings.key_prefix)
 
     def backend() -> _Backend:
@@ -281,7 +282,7 @@ def create_dashboard(plan: Plan) -> Quart:
 
     @app.get("/api/overview")
     async def api_overview() -> Response:
-        stats = await read_stats(backend().redis, keys, registry, history=True)
+        stats = await read_stats(backend().redis, keys, registry, history=history)
         return _json(overview(stats, registry.queues), 200)
 
     @app.get("/api/dead")

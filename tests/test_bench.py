@@ -102,3 +102,20 @@ def test_the_sizing_model_comes_from_the_one_one_runs_and_is_checked_on_the_othe
     assert "one web worker carries 2,333 signups/s, one consumer process 3,500, and one " in (
         " ".join(lines)
     )
+
+
+def test_the_dashboard_part_measures_each_read_on_a_filled_redis(
+    redis_server: RedisServer,
+) -> None:
+    from loadtest.bench.dashboard import bench_dashboard
+
+    found = bench_dashboard(redis_server.url)
+    assert list(found) == [
+        "overview, first refresh",
+        "overview, next refreshes",
+        "/stats (no history)",
+        "a page of 25 dead letters",
+    ]
+    assert all(cost > 0 for cost in found.values()), found
+    report = table(_options(), {}, {}, Cores({1}, {0}), dashboard=found)
+    assert "| overview, next refreshes |" in report and "10,000 dead letters" in report

@@ -18,6 +18,7 @@ from devtools.embedded_redis import free_port
 from pipeline.keys import Keys
 from pipeline.plan import resolve
 from pipeline.queue import HISTORY_BUCKET, HISTORY_SECONDS, Broker, DirectQueue
+from pipeline.stats import HistoryCache, read_stats
 from tests.helpers import REGISTRY, RedisServer, client_commands, eventually
 from tests.processes import ROOT, child_env, consumer_argv, request, start_dashboard
 
@@ -93,7 +94,48 @@ async def test_a_refresh_is_one_redis_round_trip(
         for _ in range(5):
             assert (await dashboard.get("/api/overview", headers=GOOD)).status_code == 200
 
-    assert await client_commands(redis_server, redis, refresh_five_times) == ["EVALSHA"] * 5
+    # What is sent: one script, and each queue's latency samples read beside it.
+    per_refresh = ["EVALSHA"] + ["LRANGE"] * len(REGISTRY.queues)
+    assert await client_commands(redis_server, redis, refresh_five_times) == per_refresh * 5
+    # And it arrives as one read per refresh: Redis counts the reads it makes from clients.
+    before = (await redis.info("stats"))["total_reads_processed"]
+    await refresh_five_times()
+    after = (await redis.info("stats"))["total_reads_processed"]
+    assert after - before == 5 + 1  # and the INFO that read ``after``
+
+
+async def test_a_refresh_reads_only_the_history_buckets_it_has_not_read(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """The chart's closed buckets are read once: a bucket the clock has left never changes."""
+    cache = HistoryCache()
+
+    async def chart() -> dict[int, int]:
+        stats = await read_stats(redis, keys, REGISTRY, history=cache)
+        return {bucket.start: bucket.done for bucket in stats.history}
+
+    async def early_in_a_bucket() -> bool:  # so the reads below all see one current bucket
+        return int((await redis.time())[0]) % HISTORY_BUCKET < HISTORY_BUCKET - 2
+
+    await eventually(early_in_a_bucket, timeout=HISTORY_BUCKET + 1, what="a fresh bucket")
+    now = int((await redis.time())[0])
+    current = now - now % HISTORY_BUCKET
+    closed = current - 3 * HISTORY_BUCKET
+    for start, done in ((closed, 5), (current, 7)):
+        await redis.hset(f"{keys.history_prefix}{start}", "done", done)
+    first = await chart()
+    assert len(first) == HISTORY_SECONDS // HISTORY_BUCKET
+    assert (first[closed], first[current]) == (5, 7)
+    assert current - HISTORY_BUCKET in cache.rows and current not in cache.rows
+    # Written behind its back (no consumer does: the clock has left it), a closed bucket is
+    # not read again; the current one is.
+    for start, done in ((closed, 500), (current, 8)):
+        await redis.hset(f"{keys.history_prefix}{start}", "done", done)
+    second = await chart()
+    assert (second[closed], second[current]) == (5, 8)
+    assert list(second) == list(first)
+    # A fresh cache reads them all.
+    assert (await read_stats(redis, keys, REGISTRY, history=True)).history[-4].done == 500
 
 
 async def test_open_only_on_loopback(make_settings: Any, redis: aioredis.Redis) -> None:

@@ -44,6 +44,8 @@ import psutil
 import redis
 
 from devtools.embedded_redis import free_port, scratch_server
+from loadtest.bench.dashboard import CALLS as DASHBOARD_CALLS
+from loadtest.bench.dashboard import DEAD_LETTERS, bench_dashboard
 from loadtest.client import Connection, HttpError
 from loadtest.drain import drain_round
 
@@ -615,6 +617,7 @@ def table(
     cores: Cores,
     pipeline: list[dict[str, Any]] | None = None,
     sizing: dict[str, list[dict[str, Any]]] | None = None,
+    dashboard: dict[str, float] | None = None,
 ) -> str:
     when = time.strftime("%Y-%m-%d %H:%M")
     lines = [f"# make bench: {platform.node()}, {os.cpu_count()} CPUs, {when}", ""]
@@ -700,6 +703,17 @@ def table(
                 f"| {_median(rows, 'rss_mb'):.1f} |"
             )
         lines.append("")
+    if dashboard:
+        lines += [
+            f"Dashboard: Redis CPU per read (`INFO cpu` over {DASHBOARD_CALLS} of each), with "
+            f"1,000 latency samples per queue, every history bucket, two live consumers and "
+            f"{DEAD_LETTERS:,} dead letters in Redis",
+            "",
+            "| read | Redis µs |",
+            "| --- | ---: |",
+            *(f"| {name} | {cost:.0f} |" for name, cost in dashboard.items()),
+            "",
+        ]
     lines.append(
         "The consumer drains share the machine's cores with Redis. Across machines, compare "
         "the ratios, not the absolute figures."
@@ -723,8 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at a time (8)")
     parser.add_argument(
         "--only",
-        choices=["signup", "pipeline", "sizing", "consumers"],
-        help="run one part of the four",
+        choices=["signup", "pipeline", "sizing", "consumers", "dashboard"],
+        help="run one part of the five",
     )
     parser.add_argument(
         "--servers",
@@ -756,7 +770,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if options.rounds < 1 or options.duration <= 0 or options.jobs < 100:
         parser.error("--rounds at least 1, --duration above 0, --jobs at least 100")
-    if options.only != "consumers" and shutil.which("wrk") is None:  # signup and pipeline
+    if (
+        options.only not in ("consumers", "dashboard") and shutil.which("wrk") is None
+    ):  # signup and pipeline
         parser.error("wrk is not installed (make bench installs it)")
     if not Path(options.bench_python).exists():
         parser.error(f"no benchmark venv at {options.bench_python} (make bench makes it)")
@@ -764,13 +780,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cores: {cores.describe()}", flush=True)
     with scratch_server(cores=cores.load) as redis_url, _replica(redis_url, options.replica):
         client = redis.Redis.from_url(redis_url)
-        wanted = {options.only} if options.only else {"signup", "pipeline", "sizing", "consumers"}
+        everything = {"signup", "pipeline", "sizing", "consumers", "dashboard"}
+        wanted = {options.only} if options.only else everything
         signup = bench_signup(options, redis_url, client, cores) if "signup" in wanted else {}
         pipeline = bench_pipeline(options, redis_url, client, cores) if "pipeline" in wanted else []
         sizing = bench_sizing(options, redis_url, client, cores) if "sizing" in wanted else {}
         consumers = bench_consumers(options, redis_url, client) if "consumers" in wanted else {}
+        dashboard = bench_dashboard(redis_url) if "dashboard" in wanted else {}
         client.close()
-    report = table(options, signup, consumers, cores, pipeline, sizing)
+    report = table(options, signup, consumers, cores, pipeline, sizing, dashboard)
     print("\n" + report)
     options.results.with_suffix(".md").write_text(report + "\n")
     options.results.with_suffix(".json").write_text(
@@ -780,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pipeline": pipeline,
                 "sizing": sizing,
                 "consumers": consumers,
+                "dashboard": dashboard,
                 "options": vars(options),
             },
             default=str,
