@@ -8,6 +8,8 @@ drop a reply the server may already have popped).
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit
 
@@ -29,6 +31,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
 )
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
     MasterDownError,
@@ -40,7 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.errors import NotReplicatedError
-from pipeline.settings import Settings
+from pipeline.settings import ClusterUrl, Settings
 
 #: Seconds a consumer connection's socket timeout exceeds the BRPOP block time.
 FETCH_SOCKET_MARGIN = 5.0
@@ -60,15 +63,26 @@ class BusyError(ResponseError):
 
 class ClusterModeError(ResponseError):
     """A Redis Cluster node's answer (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``,
-    ``CROSSSLOT``): ``REDIS_URL`` names a node of a cluster, which is not supported. The node
+    ``CROSSSLOT``) to a client of a ``redis://`` URL: it names a node of a cluster. The node
     refused the command before running it, so nothing was written; it counts as Redis being
     unavailable (a 503, a consumer's backoff), with a message that says why."""
 
     def __str__(self) -> str:
         return (
-            f"{self.status_code} {super().__str__()}: REDIS_URL points at a Redis Cluster node, "
-            "and Redis Cluster is not supported (use a standalone Redis, or Sentinel)"
+            f"{self.status_code} {super().__str__()}: REDIS_URL points at a Redis Cluster node "
+            "as if it were a standalone Redis: name the cluster with redis+cluster://host:port"
         )
+
+
+class SlotMovedError(ResponseError, RedisConnectionError):
+    """``MOVED``, from a cluster node: the keys' slot has a new owner. Nothing ran; the
+    connection forgets the owner and closes, so the next one asks the cluster again (a
+    consumer's command is retried on it at once, the web answers 503 this once)."""
+
+
+class ClusterBusyError(ResponseError):
+    """``ASK``, ``TRYAGAIN`` or ``CLUSTERDOWN``, from a cluster node: the slot is moving, or
+    the cluster is failing over. Nothing ran; an outage until it settles."""
 
 
 class _RefusalParser(DefaultParser):  # type: ignore[misc,valid-type]
@@ -82,6 +96,17 @@ class _RefusalParser(DefaultParser):  # type: ignore[misc,valid-type]
         "MISCONF": MisconfError,
         "BUSY": BusyError,
         **dict.fromkeys(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT"), ClusterModeError),
+    }
+
+
+class _ClusterParser(_RefusalParser):
+    """For a ``redis+cluster://`` URL: a cluster's redirections and refusals are expected."""
+
+    EXCEPTION_CLASSES: ClassVar[dict[str, Any]] = {
+        **_RefusalParser.EXCEPTION_CLASSES,
+        "MOVED": SlotMovedError,
+        **dict.fromkeys(("ASK", "TRYAGAIN", "CLUSTERDOWN"), ClusterBusyError),
+        "CROSSSLOT": ResponseError,  # the keys' layout broke its one-slot rule: a bug
     }
 
 
@@ -101,6 +126,7 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     BusyError,
     MasterDownError,
     ClusterModeError,
+    ClusterBusyError,
 )
 
 
@@ -134,6 +160,42 @@ class HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
     """A connection to whichever server the sentinels name as the primary. redis-py drops it
     (and asks the sentinels again on the next connect) when the server it reaches answers
     READONLY: a demoted primary."""
+
+
+class _ClusterOwner:
+    """Connects to the cluster node that owns the keys' slot, as its pool last learnt it; a
+    ``MOVED``, or an owner that cannot be reached (a failover), makes the pool forget the
+    owner, so the next connection asks the cluster again."""
+
+    host: str
+    port: int
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.connection_pool: _ClusterSlotPool = kwargs.pop("connection_pool")
+        super().__init__(**kwargs)
+
+    async def _connect(self) -> None:
+        self.host, self.port = await self.connection_pool.owner()
+        try:
+            await super()._connect()  # type: ignore[misc]
+        except (OSError, TimeoutError):  # a dead primary: ask who owns the slot now
+            self.connection_pool.forget_owner((self.host, self.port))
+            raise
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except SlotMovedError:
+            self.connection_pool.forget_owner((self.host, self.port))
+            raise
+
+
+class HiredisClusterConnection(_ClusterOwner, _HiredisPacking, Connection):
+    pass
+
+
+class HiredisClusterSSLConnection(_ClusterOwner, _HiredisPacking, SSLConnection):
+    pass
 
 
 class _Sentinels(Sentinel):
@@ -182,6 +244,80 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             await self.sentinel_manager.aclose()
 
 
+class _ClusterSlotPool(BlockingConnectionPool):
+    """Connections to the primary that owns one slot (every key's: they share a hash tag),
+    learnt by asking the URL's nodes (then any node they named) ``CLUSTER SLOTS``, and asked
+    again after a ``MOVED`` or when no connection can be made: a resharding or a failover is
+    followed without a restart. Everything else is a plain pool to one server."""
+
+    def __init__(
+        self,
+        nodes: tuple[tuple[str, int], ...],
+        slot: int,
+        node_options: dict[str, Any],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.connection_kwargs["connection_pool"] = weakref.proxy(self)
+        self._nodes = list(nodes)
+        self._slot = slot
+        self._node_options = node_options
+        self._owner: tuple[str, int] | None = None
+        self._asking: asyncio.Lock | None = None
+
+    async def owner(self) -> tuple[str, int]:
+        """The (host, port) of the slot's primary: as last learnt, or asked for now."""
+        if self._owner is None:
+            self._asking = self._asking or asyncio.Lock()
+            async with self._asking:
+                if self._owner is None:
+                    self._owner = await self._discover()
+        return self._owner
+
+    def forget_owner(self, seen: tuple[str, int] | None = None) -> None:
+        """Ask the cluster again at the next connection (``seen``: the owner a connection
+        found wrong; a newer one learnt meanwhile is kept)."""
+        if seen is None or self._owner == seen:
+            self._owner = None
+
+    async def release(self, connection: AbstractConnection) -> None:
+        # A connection to a former owner is closed rather than pooled.
+        owner = self._owner
+        if owner is not None and (connection.host, connection.port) != owner:  # type: ignore[attr-defined]
+            await connection.disconnect()
+        await super().release(connection)
+
+    async def _discover(self) -> tuple[str, int]:
+        tried = []
+        for host, port in list(self._nodes):
+            node = aioredis.Redis(host=host, port=port, **self._node_options)
+            try:
+                slots = await node.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+                tried.append(f"{host}:{port} {_reason(exc)}")
+                continue
+            finally:
+                await node.aclose()
+            owner = None
+            for first, last, primary, *replicas in slots:
+                for known in (primary, *replicas):  # every node named: asked if these fail
+                    address = (_text(known[0]) or host, int(known[1]))
+                    if address not in self._nodes:
+                        self._nodes.append(address)
+                if int(first) <= self._slot <= int(last):
+                    owner = (_text(primary[0]) or host, int(primary[1]))
+            if owner is not None:
+                return owner
+            tried.append(f"{host}:{port} knows no owner of slot {self._slot}")
+        raise RedisConnectionError(
+            f"no cluster node named the primary of slot {self._slot} ({'; '.join(tried)})"
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connection_class(url: str) -> type[AbstractConnection]:
     """The hiredis-packing connection class for the URL's scheme (what ``from_url`` would
     pick, which a ``connection_class`` argument would otherwise override)."""
@@ -210,6 +346,9 @@ def _pool(settings: Settings, **options: Any) -> BlockingConnectionPool:
     ``redis+sentinel://`` URL, to the primary its sentinels name (asked again on every new
     connection, so a failover is followed without a restart)."""
     options["parser_class"] = _RefusalParser
+    cluster = settings.cluster
+    if cluster is not None:
+        return _cluster_pool(settings, cluster, **options)
     target = settings.sentinel
     if target is None:
         return BlockingConnectionPool.from_url(
@@ -234,6 +373,33 @@ def _pool(settings: Settings, **options: Any) -> BlockingConnectionPool:
         username=target.username,
         password=target.password,
         connection_class=HiredisSentinelConnection,
+        **options,
+    )
+
+
+def _cluster_pool(settings: Settings, cluster: ClusterUrl, **options: Any) -> _ClusterSlotPool:
+    """The pool of a ``redis+cluster://`` URL: to the primary that owns the keys' slot."""
+    tls = tls_options(settings) if cluster.tls else {}
+    if cluster.tls:
+        tls["ssl_cert_reqs"] = "required"
+        tls.setdefault("ssl_check_hostname", True)
+    logins = {"username": cluster.username, "password": cluster.password}
+    node_options = {
+        **logins,
+        **tls,
+        "ssl": cluster.tls,
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "socket_timeout": max(options["socket_connect_timeout"], 1.0),
+        "retry": Retry(NoBackoff(), 0),
+    }
+    options["parser_class"] = _ClusterParser
+    return _ClusterSlotPool(
+        cluster.nodes,
+        key_slot(settings.key_prefix.encode()),
+        node_options,
+        connection_class=HiredisClusterSSLConnection if cluster.tls else HiredisClusterConnection,
+        **logins,
+        **tls,
         **options,
     )
 

@@ -17,7 +17,7 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pipeline.config import (
@@ -123,25 +123,83 @@ def parse_sentinel_url(raw: str) -> SentinelUrl:
     if scheme != SENTINEL_SCHEME or not sep:
         raise ValueError(f"expected a {SENTINEL_SCHEME}:// URL")
     netloc, _, path = rest.partition("/")
+    username, password, sentinels = _nodes(netloc, "sentinels")
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("the URL names no service (redis+sentinel://host:port/<service>/<db>)")
+    if db and not db.isdigit():
+        raise ValueError("the database (after the service name) must be a number")
+    return SentinelUrl(sentinels, unquote(service), int(db or 0), username, password)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    """``redis+cluster://[user:password@]host1:port1,host2:port2`` (``rediss+cluster://``
+    for TLS): nodes of a Redis Cluster to ask which primary owns the keys' slot (any
+    reachable ones; the rest are learnt from them), and what to log in with."""
+
+    nodes: tuple[tuple[str, int], ...]
+    tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+
+
+def parse_cluster_url(raw: str) -> ClusterUrl:
+    """Parse a ``redis+cluster://`` or ``rediss+cluster://`` URL, or raise ValueError saying
+    what is wrong."""
+    scheme, sep, rest = raw.partition("://")
+    if scheme not in CLUSTER_SCHEMES or not sep:
+        raise ValueError("expected a redis+cluster:// or rediss+cluster:// URL")
+    netloc, _, path = rest.partition("/")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError("a cluster has only database 0 (leave the URL's path empty)")
+    username, password, nodes = _nodes(netloc, "cluster nodes")
+    return ClusterUrl(nodes, scheme == "rediss+cluster", username, password)
+
+
+def _nodes(netloc: str, what: str) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
+    """``[user:password@]host1:port1,host2:port2``: the credentials and the (host, port)s."""
     userinfo, at, hosts = netloc.rpartition("@")
     username = password = None
     if at:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    sentinels = []
+    found = []
     for item in hosts.split(","):
         host, colon, port = item.strip().rpartition(":")
         host = host.strip("[]")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected sentinels as host:port[,host:port...]")
-        sentinels.append((host, int(port)))
-    service, _, db = path.strip("/").partition("/")
-    if not service:
-        raise ValueError("the URL names no service (redis+sentinel://host:port/<service>/<db>)")
-    if db and not db.isdigit():
-        raise ValueError("the database (after the service name) must be a number")
-    return SentinelUrl(tuple(sentinels), unquote(service), int(db or 0), username, password)
+            raise ValueError(f"expected {what} as host:port[,host:port...]")
+        found.append((host, int(port)))
+    return username, password, tuple(found)
+
+
+def hash_tag(key: str) -> tuple[int, int] | None:
+    """Where the hash tag of ``key`` is, as Redis Cluster finds it (the text between the first
+    ``{`` and the first ``}`` after it, if not empty): (start, end) of that text; None if the
+    whole key is hashed."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return (start + 1, end) if end > start + 1 else None
+
+
+def cluster_prefix(prefix: str) -> str:
+    """The prefix every key takes on a cluster, so that they all hash to one slot: ``prefix``
+    as its own hash tag (``signup`` -> ``{signup}``), or as given when it has a tag that ends
+    within it. ValueError if it has braces but no such tag."""
+    if "{" not in prefix and "}" not in prefix:
+        return f"{{{prefix}}}"
+    tag = hash_tag(prefix + ":")
+    if tag is None or tag[1] >= len(prefix):
+        raise ValueError(
+            "with a cluster URL every key must hash to one slot: give the prefix a non-empty "
+            "hash tag that ends within it ({signup}, app-{signup}) or no braces at all"
+        )
+    return prefix
 
 
 #: Parses ``SHUTDOWN_GRACE_PERIOD`` and the consumer's ``--grace-period``.
@@ -154,9 +212,14 @@ def _redis_url(raw: str) -> str:
     if raw.startswith(f"{SENTINEL_SCHEME}://"):
         parse_sentinel_url(raw)
         return raw
+    if raw.startswith(tuple(f"{scheme}://" for scheme in CLUSTER_SCHEMES)):
+        parse_cluster_url(raw)
+        return raw
     parts = urlsplit(raw)
     if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError(f"expected a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
+        raise ValueError(
+            f"expected a redis://, rediss://, unix://, {SENTINEL_SCHEME}:// or redis+cluster:// URL"
+        )
     if parts.scheme != "unix":
         host_port(parts)
         db = parts.path.lstrip("/")
@@ -302,8 +365,10 @@ class Settings:
         "redis://127.0.0.1:6379/0",
         kind="URL",
         read_by="both",
-        doc="Redis (`redis://`, `rediss://`, `unix://`, or `redis+sentinel://[user:password@]"
-        "host1:port1,host2:port2/<service-name>/<db>`; user and password in the URL)",
+        doc="Redis (`redis://`, `rediss://`, `unix://`, `redis+sentinel://[user:password@]"
+        "host1:port1,host2:port2/<service-name>/<db>`, or `redis+cluster://[user:password@]"
+        "host1:port1,host2:port2` (`rediss+cluster://` with TLS) for Redis Cluster; user and "
+        "password in the URL)",
         show=redact_url,
     )
     redis_ca_file: str | None = setting(
@@ -351,7 +416,8 @@ class Settings:
         "signup",
         kind="string",
         read_by="both",
-        doc="prefix of every Redis key (letters, digits, `_ . : { } -`)",
+        doc="prefix of every Redis key (letters, digits, `_ . : { } -`); on Redis Cluster "
+        "it is the keys' hash tag (`signup` becomes `{signup}`), so all of them share a slot",
     )
     redis_connect_timeout: float = setting(
         "REDIS_CONNECT_TIMEOUT",
@@ -686,6 +752,12 @@ class Settings:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.cluster is not None:
+            try:
+                tagged = cluster_prefix(self.key_prefix)
+            except ValueError as exc:
+                raise SettingsError("KEY_PREFIX", self.key_prefix, str(exc)) from None
+            object.__setattr__(self, "key_prefix", tagged)
         if self.redis_min_replicas and self.redis_replica_timeout >= self.redis_socket_timeout:
             raise SettingsError(
                 "REDIS_REPLICA_TIMEOUT",
@@ -711,6 +783,13 @@ class Settings:
         if not self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):
             return None
         return parse_sentinel_url(self.redis_url)
+
+    @property
+    def cluster(self) -> ClusterUrl | None:
+        """The parsed ``redis+cluster://`` URL, or None for any other."""
+        if not self.redis_url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
+            return None
+        return parse_cluster_url(self.redis_url)
 
     def __repr__(self) -> str:
         # Never print a password: the URL is shown with its credentials masked.

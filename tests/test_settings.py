@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.errors import SettingsError
 from pipeline.plan import Plan, resolve
-from pipeline.settings import RateLimit, SentinelUrl, Settings
+from pipeline.settings import ClusterUrl, RateLimit, SentinelUrl, Settings
 from reactions.welcome_email.settings import EmailSettings, SmtpConfig
 from tests.helpers import REGISTRY
 
@@ -118,6 +118,10 @@ def test_smtp_url(url: str, expected: SmtpConfig) -> None:
         ("REDIS_URL", "redis+sentinel://h1:26379,h2/signup/0"),
         ("REDIS_URL", "redis+sentinel://h1:70000/signup/0"),
         ("REDIS_URL", "redis+sentinel://h1:26379/signup/zero"),
+        ("REDIS_URL", "redis+cluster://"),
+        ("REDIS_URL", "redis+cluster://h1:7000,h2"),
+        ("REDIS_URL", "redis+cluster://h1:7000/1"),
+        ("REDIS_URL", "rediss+cluster://h1:0"),
         ("REDIS_MIN_REPLICAS", "-1"),
         ("REDIS_MIN_REPLICAS", "one"),
         ("REDIS_REPLICA_TIMEOUT", "0"),
@@ -209,6 +213,42 @@ def test_sentinel_url(url: str, expected: SentinelUrl) -> None:
     assert settings.sentinel == expected
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+cluster://n1:7000,n2:7001,[::1]:7002",
+            ClusterUrl((("n1", 7000), ("n2", 7001), ("::1", 7002)), tls=False),
+        ),
+        ("rediss+cluster://n1:7000/", ClusterUrl((("n1", 7000),), tls=True)),
+        (
+            "redis+cluster://app:p%40ss@n1:7000/0",
+            ClusterUrl((("n1", 7000),), False, "app", "p@ss"),
+        ),
+    ],
+)
+def test_cluster_url(url: str, expected: ClusterUrl) -> None:
+    settings = Settings.from_env({"REDIS_URL": url})
+    assert settings.cluster == expected and settings.sentinel is None
+
+
+@pytest.mark.parametrize(
+    ("prefix", "keys_under"),
+    [("signup", "{signup}"), ("{signup}", "{signup}"), ("app-{signup}", "app-{signup}")],
+)
+def test_on_a_cluster_the_prefix_is_the_keys_hash_tag(prefix: str, keys_under: str) -> None:
+    settings = Settings.from_env({"REDIS_URL": "redis+cluster://n1:7000", "KEY_PREFIX": prefix})
+    assert settings.key_prefix == keys_under
+    assert Settings.from_env({"KEY_PREFIX": prefix}).key_prefix == prefix  # not elsewhere
+
+
+@pytest.mark.parametrize("prefix", ["{}signup", "sign{up", "sign}up", "{sign{"])
+def test_on_a_cluster_a_prefix_whose_keys_would_not_share_a_slot_is_refused(prefix: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REDIS_URL": "redis+cluster://n1:7000", "KEY_PREFIX": prefix})
+    assert caught.value.variable == "KEY_PREFIX" and "one slot" in caught.value.problem
+
+
 def test_passwords_are_never_shown() -> None:
     plan = plan_of(
         {"REDIS_URL": "redis://user:hunter2@host:6379/0", "SMTP_URL": "smtp://u:hunter3@mail"}
@@ -233,6 +273,8 @@ def test_passwords_are_never_shown() -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"REDIS_URL": "redis+sentinel://app:hunter4@s1:26379/"})
     assert "hunter4" not in str(caught.value)
+    cluster = Settings.from_env({"REDIS_URL": "redis+cluster://app:hunter6@n1:7000,n2:7001"})
+    assert "hunter6" not in repr(cluster) and "***" in repr(cluster)
 
 
 def test_logging_and_metrics_settings() -> None:
