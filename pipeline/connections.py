@@ -330,9 +330,10 @@ def connection_class(url: str) -> type[AbstractConnection]:
 
 
 def tls_options(settings: Settings) -> dict[str, Any]:
-    """For ``rediss://``: verify the server's certificate (and its host name) against
-    ``REDIS_CA_FILE``, or the system's CAs when it is unset. Nothing for other schemes."""
-    if urlsplit(settings.redis_url).scheme != "rediss":
+    """For ``rediss://`` and ``rediss+cluster://``: verify the server's certificate (and its
+    host name) against ``REDIS_CA_FILE``, or the system's CAs when it is unset. Nothing for
+    other schemes."""
+    if urlsplit(settings.redis_url).scheme not in ("rediss", "rediss+cluster"):
         return {}
     return {
         "ssl_cert_reqs": "required",
@@ -379,10 +380,7 @@ def _pool(settings: Settings, **options: Any) -> BlockingConnectionPool:
 
 def _cluster_pool(settings: Settings, cluster: ClusterUrl, **options: Any) -> _ClusterSlotPool:
     """The pool of a ``redis+cluster://`` URL: to the primary that owns the keys' slot."""
-    tls = tls_options(settings) if cluster.tls else {}
-    if cluster.tls:
-        tls["ssl_cert_reqs"] = "required"
-        tls.setdefault("ssl_check_hostname", True)
+    tls = tls_options(settings)
     logins = {"username": cluster.username, "password": cluster.password}
     node_options = {
         **logins,

@@ -377,8 +377,8 @@ class Settings:
         None,
         kind="path",
         read_by="both",
-        doc="for `rediss://`: CA bundle to verify Redis's certificate (and host name) with; "
-        "unset: the system's CAs",
+        doc="for `rediss://` and `rediss+cluster://`: CA bundle to verify Redis's certificate "
+        "(and host name) with; unset: the system's CAs",
     )
     redis_sentinel_password: str | None = setting(
         "REDIS_SENTINEL_PASSWORD",

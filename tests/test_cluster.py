@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ from typing import Any
 import orjson
 import pytest
 import redis
+import trustme
 from redis.crc import key_slot
 
-from devtools.embedded_redis import free_port
-from tests.helpers import SmtpSink, eventually
+from devtools.embedded_redis import free_port, wait_until_ready
+from tests.helpers import SmtpSink, debian_redis, eventually
 from tests.processes import ROOT, child_env, consumer_argv, http, web
 from tests.servers import Scratch
 from tests.test_failover import Stream, kill, processed, report
@@ -333,3 +334,93 @@ async def test_the_slots_primary_killed_under_a_stream_loses_no_201_and_both_fol
         output = web_process.output()
         assert await worker.stop(20) == 0
     assert " 500 " not in output and "Traceback" not in output
+
+
+@dataclass
+class TlsNode:
+    plain: int
+    tls: int
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[tuple[list[TlsNode], Path]]:
+    """Three primaries of a redis-server built with TLS (``make test`` fetches Debian's),
+    serving clients and each other over TLS with a certificate from a private CA; their plain
+    ports, on loopback, are for the test's own set-up and checks. Yields them and the CA."""
+    binary = debian_redis()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    nodes: list[TlsNode] = []
+    buses = []
+    try:
+        for n in range(3):
+            directory = tmp_path / f"node-{n}"
+            directory.mkdir()
+            plain, tls, bus = free_port(), free_port(), free_port()
+            argv = [
+                binary, "--port", str(plain), "--tls-port", str(tls), "--bind", "127.0.0.1",
+                "--tls-cert-file", str(tmp_path / "cert.pem"),
+                "--tls-key-file", str(tmp_path / "key.pem"),
+                "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "no",
+                "--tls-cluster", "yes", "--tls-replication", "yes", "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus),
+                "--dir", str(directory), "--save", "", "--appendonly", "no",
+            ]  # fmt: skip
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+            nodes.append(TlsNode(plain, tls, process))
+            buses.append(bus)
+            wait_until_ready(plain, time.monotonic() + 15, process)
+        for node, (first, last) in zip(nodes, BOUNDS, strict=True):
+            redis.Redis(port=node.plain).execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+        for node, bus in zip(nodes[1:], buses[1:], strict=True):  # the bus is TLS too
+            redis.Redis(port=nodes[0].plain).execute_command(
+                "CLUSTER", "MEET", "127.0.0.1", node.tls, bus
+            )
+        deadline = time.monotonic() + 30
+        while not all(
+            b"cluster_state:ok" in redis.Redis(port=n.plain).execute_command("CLUSTER", "INFO")
+            for n in nodes
+        ):
+            assert time.monotonic() < deadline, "the TLS cluster did not form"
+            time.sleep(0.1)  # a poll with a deadline, in a sync fixture
+        yield nodes, tmp_path / "ca.pem"
+    finally:
+        for node in nodes:
+            node.process.terminate()
+            node.process.wait(10)
+
+
+async def test_the_pipeline_runs_on_a_tls_cluster(
+    spawn: Any, tls_cluster: tuple[list[TlsNode], Path]
+) -> None:
+    """``rediss+cluster://`` with ``REDIS_CA_FILE``: the nodes the URL names and the primary
+    they point to are all reached over verified TLS."""
+    nodes, ca_file = tls_cluster
+    owner, *others = sorted(nodes, key=lambda n: n is not nodes[_owner_index()])
+    url = "rediss+cluster://" + ",".join(f"127.0.0.1:{n.tls}" for n in others)
+    env = child_env(url, REDIS_CA_FILE=str(ca_file))
+    worker = spawn(consumer_argv(), env)
+    async with web(spawn, env, ready_path="/readyz") as (port, child):
+        answers = await signups(port, 10)
+        assert [status for status, _ in answers] == [201] * 10, answers
+
+        async def done() -> bool:
+            status, stats = await http(port, "GET", "/stats")
+            return status == 200 and stats["profiles_generated"] == 10
+
+        await eventually(done, timeout=30, what="every job of the signups")
+        output = child.output()
+    assert redis.Redis(port=owner.plain).hget(b"{signup}:stats", "users") == b"10"
+    assert " 500 " not in output and "Traceback" not in output
+    # Without the CA, the certificate is not trusted: refused, a 503 (never a 500).
+    untrusted = admin_command(child_env(url), "stats")
+    assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stderr
+    assert await worker.stop() == 0
+
+
+def _owner_index() -> int:
+    return next(i for i, (a, b) in enumerate(BOUNDS) if a <= _slot() <= b)
