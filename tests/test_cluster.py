@@ -11,6 +11,7 @@ outage, each saying once that the URL names a cluster node.
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +27,7 @@ from redis.crc import key_slot
 
 from devtools.embedded_redis import free_port, wait_until_ready
 from tests.helpers import SmtpSink, debian_redis, eventually
-from tests.processes import ROOT, child_env, consumer_argv, http, web
+from tests.processes import ROOT, child_env, consumer_argv, http, request, web
 from tests.servers import Scratch
 from tests.test_failover import Stream, kill, processed, report
 
@@ -424,3 +425,44 @@ async def test_the_pipeline_runs_on_a_tls_cluster(
 
 def _owner_index() -> int:
     return next(i for i, (a, b) in enumerate(BOUNDS) if a <= _slot() <= b)
+
+
+async def test_a_consumer_killed_holding_jobs_is_recovered_and_dead_letters_are_operated(
+    spawn: Any, cluster: list[Scratch], smtp_server: SmtpSink
+) -> None:
+    """The leases, the recovery script and the operator's commands on a cluster: a consumer
+    killed holding jobs has them run by another; a job that always fails is dead-lettered,
+    listed, requeued and runs; the metrics read the queues."""
+    smtp_server.delay, smtp_server.stall_at = 60, "rcpt"
+    url = cluster_url(_not_owning(cluster))
+    env = child_env(url, SMTP_URL=smtp_server.url, CONSUMER_CONCURRENCY="email=2")
+    owner = _client(_owning(cluster))
+    async with web(spawn, child_env(url), ready_path="/readyz") as (port, _):
+        first = spawn(consumer_argv(), env)
+        answers = await signups(port, 4)
+        assert [status for status, _ in answers] == [201] * 4
+        await eventually(lambda: smtp_server.started == 2, what="2 jobs held by the consumer")
+        first.signal(signal.SIGKILL)
+        assert await first.wait(5) == -signal.SIGKILL
+        smtp_server.delay = 0
+        second = spawn(consumer_argv(), env)
+        await eventually(
+            lambda: len(set(smtp_server.recipients())) == 4, timeout=20, what="every email"
+        )
+        assert "recovered consumer" in second.output()
+        # A job that always fails: dead-lettered, then requeued from the CLI, and it runs.
+        smtp_server.reject = "550 5.1.1 mailbox unavailable"
+        answers = await signups(port, 1, start=10)
+        await eventually(lambda: owner.llen(b"{signup}:dead") == 1, timeout=30, what="the dead")
+        listed = admin_command(env, "dead", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        [entry] = orjson.loads(listed.stdout)
+        smtp_server.reject = None
+        requeued = admin_command(env, "dead", "requeue", entry["id"])
+        assert (requeued.returncode, requeued.stdout.strip()) == (0, "requeued 1 jobs")
+        await eventually(
+            lambda: "clustered10@example.com" in smtp_server.recipients(), what="the requeued"
+        )
+        status, _, metrics = await request(port, "GET", "/metrics")
+        assert status == 200 and b'signup_queue_depth{queue="email"} 0.0' in metrics
+        assert await second.stop() == 0
