@@ -111,6 +111,7 @@ class Topology:
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
                 f"sentinel parallel-syncs {SERVICE} 2\n"
+                f"logfile {sentinel.directory / 'sentinel.log'}\n"
             )
             await sentinel.launch([str(config), "--sentinel"])
             self.sentinels.append(sentinel)
@@ -142,6 +143,16 @@ class Topology:
                 continue
             return next(s for s in self.servers if s.port == int(port))
         raise AssertionError("no sentinel names a primary")
+
+    def sentinel_logs(self, lines: int = 40) -> str:
+        """The last ``lines`` of each sentinel's log: what it saw of a failover that did not
+        come, for the message of a test that timed out waiting for one."""
+        tails = []
+        for sentinel in self.sentinels:
+            log = sentinel.directory / "sentinel.log"
+            text = log.read_text(errors="replace") if log.exists() else "(no log)"
+            tails.append(f"--- sentinel {sentinel.port}\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(tails)
 
     def stop(self) -> None:
         for process in (*self.sentinels, *self.servers):
