@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from consumers.admin import operate
 from consumers.metrics import ConsumerMetrics, serve_metrics
 from consumers.runner import Consumer
+from pipeline import tracing
 from pipeline.config import redact_url
 from pipeline.connections import consumer_client
 from pipeline.context import Context
@@ -186,8 +187,12 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(operate(plan, options))
     configure_logging(settings.log_level, settings.log_format)
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(plan))
+    tracing.configure("signup-consumers")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(run(plan))
+    finally:
+        tracing.shutdown()  # the spans still batched go out
     return 0
 
 

@@ -38,7 +38,7 @@ from typing import Any, Final, TypeVar
 from redis.exceptions import RedisError
 
 from consumers.metrics import ConsumerMetrics
-from pipeline import logs
+from pipeline import logs, tracing
 from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.context import Context
 from pipeline.dead import DeadLetter
@@ -316,10 +316,25 @@ class Consumer:
         # Every line logged while the job runs carries its id and its signup's request id.
         logs.job_id.set(job.id)
         logs.request_id.set(job.request_id)
+        if tracing.tracer is None:
+            await self._run(queue, raw, job)
+            return
+        # Tracing on: the attempt is a span in its signup's trace (and its lines carry it).
+        with tracing.job_span(queue, job) as span:
+            outcome, error, why = await self._run(queue, raw, job)
+            tracing.job_outcome(span, outcome, error, why)
+
+    async def _run(
+        self, queue: str, raw: bytes, job: Job
+    ) -> tuple[str, BaseException | None, str | None]:
+        """Run one attempt of ``job`` and settle it. Returns the outcome (succeeded, retried,
+        dead_lettered, returned; unsettled if settling never succeeded), and for a failure
+        the exception and why."""
         handler = self._handlers.get(job.type)
         if handler is None:
-            await self._dead_letter(queue, raw, job, f"unknown job type {job.type!r}")
-            return
+            why = f"unknown job type {job.type!r}"
+            settled = await self._dead_letter(queue, raw, job, why)
+            return "dead_lettered" if settled else "unsettled", None, why
         limit = self._plan.timeouts.get(job.type, DEFAULT_TIMEOUT)
         started, clock = time.time(), time.monotonic()
         wait = max(0.0, started - job.enqueued_at)
@@ -350,21 +365,24 @@ class Consumer:
             logger.warning(
                 "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, redis_down
             )
-            if await self._settle(job.id, lambda: self._broker.return_job(queue, raw)):
-                self._metrics.finished(job.type, "returned")
-            return
+            if not await self._settle(job.id, lambda: self._broker.return_job(queue, raw)):
+                return "unsettled", redis_down, None
+            self._metrics.finished(job.type, "returned")
+            return "returned", redis_down, None
         self._metrics.ran(job.type, run)
         if failure is not None:
-            await self._failed(queue, raw, job, *failure)
-            return
+            return await self._failed(queue, raw, job, *failure), failure[1], failure[0]
         self._finished(job.type, "succeeded")
         self._samples[queue].append((wait, run))
         if self._broker.mode == "at-least-once":
             self._acks[queue].append((raw, job.id))
+        return "succeeded", None, None
 
     async def _failed(
         self, queue: str, raw: bytes, job: Job, error: str, exc: BaseException
-    ) -> None:
+    ) -> str:
+        """Retry the job, or dead-letter it after its last attempt (or if it is invalid).
+        Returns "retried", "dead_lettered", or "unsettled" when neither could be written."""
         attempts = job.attempt + 1
         allowed = self._plan.attempts.get(job.type, DEFAULT_ATTEMPTS)
         exc_info = (type(exc), exc, exc.__traceback__)
@@ -389,22 +407,35 @@ class Consumer:
                 if isinstance(exc, InvalidJobError)
                 else f"failed {attempts} attempts; last: {error}"
             )
-            await self._dead_letter(queue, raw, job, reason, error=error)
-            return
-        retried = dataclasses.replace(job, attempt=attempts, enqueued_at=time.time() + delay)
-        if await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay)):
-            self._finished(job.type, "retried")
+            settled = await self._dead_letter(queue, raw, job, reason, error=error)
+            return "dead_lettered" if settled else "unsettled"
+        retried = dataclasses.replace(
+            job,
+            attempt=attempts,
+            enqueued_at=time.time() + delay,
+            # Tracing on: the retry's span links to the first attempt's (this one's, the first
+            # time).
+            first_attempt=job.first_attempt or tracing.current_traceparent(),
+        )
+        if not await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay)):
+            return "unsettled"
+        self._finished(job.type, "retried")
+        return "retried"
 
     async def _dead_letter(
         self, queue: str, raw: bytes, job: Job | None, reason: str, error: str | None = None
-    ) -> None:
+    ) -> bool:
         if job is None:
             logger.error("queue %s: dead-lettering a job: %s", queue, reason)
         entry = DeadLetter.for_job(queue, raw, reason, job=job, error=error).encode()
         # An undecodable job's deliveries are counted under its delivery_id: clear that.
         job_id = job.id if job else delivery_id(raw)
-        if await self._settle(job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id)):
-            self._finished(job.type if job else None, "dead_lettered")
+        if not await self._settle(
+            job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id)
+        ):
+            return False
+        self._finished(job.type if job else None, "dead_lettered")
+        return True
 
     async def _settle(self, job_id: str, operation: Callable[[], Awaitable[T]]) -> T | None:
         """Run a settling operation, retrying through a Redis outage until it succeeds or the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -43,12 +44,19 @@ HANDLERS_DESCRIBED = {
 PREFIX = "drain"
 
 
-async def _fill(redis: aioredis.Redis, keys: Keys, jobs: int) -> None:
+async def _fill(redis: aioredis.Redis, keys: Keys, jobs: int, traced: bool = False) -> None:
+    """Queue ``jobs`` jobs; ``traced``: each with a signup's trace context, as the web queues
+    them with tracing on."""
     await redis.flushall()
     batch = 1000
     for start in range(0, jobs, batch):
         encoded = [
-            new_job(JOB.name, {"email": f"u{i}@example.com", "signed_up_at": i}).encode()
+            dataclasses.replace(
+                new_job(JOB.name, {"email": f"u{i}@example.com", "signed_up_at": i}),
+                traceparent=f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+                if traced
+                else None,
+            ).encode()
             for i in range(start, min(jobs, start + batch))
         ]
         await redis.lpush(keys.queue(JOB.queue), *encoded)
@@ -65,13 +73,14 @@ async def _remaining(redis: aioredis.Redis, keys: Keys) -> int:
 
 
 async def drain_round(
-    url: str, mode: str, jobs: int, concurrency: int, handler: str
-) -> tuple[float, float]:
-    """One drain of ``jobs`` jobs: jobs/s from the first taken to the last done, and the
-    consumer's RSS (MB) at the end."""
+    url: str, mode: str, jobs: int, concurrency: int, handler: str, otlp: str | None = None
+) -> tuple[float, float, float]:
+    """One drain of ``jobs`` jobs: jobs/s from the first taken to the last done, the
+    consumer's RSS (MB) at the end, and its CPU per job (µs) over the same span. ``otlp``:
+    tracing on, exporting there (the jobs then carry a signup's trace context)."""
     redis = aioredis.Redis.from_url(url)
     keys = Keys(PREFIX)
-    await _fill(redis, keys, jobs)
+    await _fill(redis, keys, jobs, traced=otlp is not None)
     env = {
         **os.environ,
         "REDIS_URL": url,
@@ -81,9 +90,13 @@ async def drain_round(
         "CONSUMER_QUEUES": JOB.queue,
         "CONSUMER_CONCURRENCY": f"{JOB.queue}={concurrency}",
     }
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    if otlp is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
     # A blocking start is fine: nothing else runs on this loop.
     module = "consumers" if handler == "real" else "loadtest.noop_consumer"
     process = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT)  # noqa: ASYNC220
+    measured = psutil.Process(process.pid)
     try:
         deadline = time.monotonic() + 300
         while (left := await _remaining(redis, keys)) == jobs:
@@ -91,17 +104,19 @@ async def drain_round(
                 raise RuntimeError(f"the consumer exited or stalled ({mode})")
             await asyncio.sleep(0.002)
         began, first = time.perf_counter(), jobs - left
+        cpu = sum(measured.cpu_times()[:2])
         while (left := await _remaining(redis, keys)) > 0:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the consumer exited or stalled, {left} left ({mode})")
             await asyncio.sleep(0.002)
         elapsed = time.perf_counter() - began
-        rss = psutil.Process(process.pid).memory_info().rss / 2**20
+        cpu = sum(measured.cpu_times()[:2]) - cpu
+        rss = measured.memory_info().rss / 2**20
     finally:
         process.terminate()
         process.wait(30)
         await redis.aclose()
-    return (jobs - first) / elapsed, rss
+    return (jobs - first) / elapsed, rss, cpu / (jobs - first) * 1e6
 
 
 async def _rounds(
@@ -111,7 +126,7 @@ async def _rounds(
     for index in range(rounds):
         order = DELIVERY_MODES if index % 2 == 0 else DELIVERY_MODES[::-1]
         for mode in order:
-            rate, _ = await drain_round(url, mode, jobs, concurrency, handler)
+            rate, _, _ = await drain_round(url, mode, jobs, concurrency, handler)
             rates[mode].append(rate)
             print(f"round {index + 1}: {mode:<14} {rate:>8,.0f} jobs/s", flush=True)
     return rates

@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from consumers.cli import loop_factory, run
+from pipeline import tracing
 from pipeline.context import Context
 from pipeline.jobs import Job
 from pipeline.logs import configure_logging
@@ -22,8 +23,12 @@ def main() -> int:
     settings = Settings.from_env()
     plan = resolve(settings)
     configure_logging(settings.log_level, settings.log_format)
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(plan, dict.fromkeys(plan.registry.job_types, noop)))
+    tracing.configure("signup-consumers")  # as python -m consumers does
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(run(plan, dict.fromkeys(plan.registry.job_types, noop)))
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -2,8 +2,11 @@
 
 ``{"v": 1, "id": <32 random hex digits>, "type": <a declared job type>, "attempt": 0,
 "enqueued_at": <epoch s>, "payload": {...}}``, plus ``"request_id"`` when the job was queued
-while handling a request (older jobs without it still decode). Job ids are unique, so the
-encoded bytes of two jobs never compare equal.
+while handling a request, and with tracing on (``pipeline.tracing``) ``"traceparent"``, the
+W3C trace context (versioned itself: ``00-<trace id>-<span id>-<flags>``) of the signup that
+queued it, and on a retry ``"first_attempt"``, that of its first attempt's span. Each of these
+is optional: jobs without them still run, and a value that is not a version-00 traceparent is
+ignored. Job ids are unique, so the encoded bytes of two jobs never compare equal.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from pipeline import logs
+from pipeline import logs, tracing
 from pipeline.errors import JobDecodeError
 
 ENVELOPE_VERSION: Final = 1
@@ -33,6 +36,10 @@ class Job:
     attempt: int = 0
     #: The id of the request that queued the job, for joining log lines up.
     request_id: str | None = None
+    #: The W3C traceparent of the span that queued the job (tracing on), and of the span of
+    #: its first attempt (on a retry).
+    traceparent: str | None = None
+    first_attempt: str | None = None
 
     def encode(self) -> bytes:
         """The bytes that travel on the queue."""
@@ -46,6 +53,10 @@ class Job:
         }
         if self.request_id is not None:
             envelope["request_id"] = self.request_id
+        if self.traceparent is not None:
+            envelope["traceparent"] = self.traceparent
+        if self.first_attempt is not None:
+            envelope["first_attempt"] = self.first_attempt
         return orjson.dumps(envelope)
 
 
@@ -65,14 +76,24 @@ def is_id(value: str) -> bool:
 
 
 def new_job(job_type: str, payload: dict[str, Any]) -> Job:
-    """A fresh job with a new id, stamped with the current time and the request id (if any)."""
+    """A fresh job with a new id, stamped with the current time, the request id and the
+    trace context (when there are)."""
     return Job(
         id=new_id(),
         type=job_type,
         payload=payload,
         enqueued_at=time.time(),
         request_id=logs.request_id.get(),
+        traceparent=tracing.current_traceparent(),
     )
+
+
+def _traceparent(value: Any) -> str | None:
+    """An envelope's trace context if it is a version-00 traceparent; anything else is
+    ignored (a trace is an aid: it never keeps a job from running)."""
+    if isinstance(value, str) and tracing.TRACEPARENT_RE.fullmatch(value):
+        return value
+    return None
 
 
 def decode(raw: bytes) -> Job:
@@ -107,4 +128,6 @@ def decode(raw: bytes) -> Job:
         enqueued_at=float(enqueued_at),
         attempt=attempt,
         request_id=request_id,
+        traceparent=_traceparent(data.get("traceparent")),
+        first_attempt=_traceparent(data.get("first_attempt")),
     )

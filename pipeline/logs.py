@@ -4,6 +4,8 @@
 Every line logged while a request or a job is handled carries its request id (and, in a
 consumer, the job id): they live in context variables the formatters read. A job carries the
 request id of the signup that queued it, so a welcome email's lines join up with the signup's.
+With tracing on (``pipeline.tracing``), a line logged inside a span also carries its trace and
+span ids.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from contextvars import ContextVar
 from typing import Any, Final, Literal
 
 import orjson
+
+from pipeline import tracing
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
@@ -56,8 +60,8 @@ class _Seconds:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-21 10:00:00,123 INFO consumers.handlers: [req=…] message``. (Job ids are in
-    the messages themselves.)"""
+    """``2026-11-21 10:00:00,123 INFO consumers.handlers: [req=…] message``, with tracing on
+    ``[req=… trace=… span=…]`` inside a span. (Job ids are in the messages themselves.)"""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -70,7 +74,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         rid = request_id.get()
-        record.ids = "" if rid is None else f" [req={rid}]"
+        found = None if tracing.tracer is None else tracing.log_ids()
+        if found is not None:
+            record.ids = f" [req={rid or '-'} trace={found[0]} span={found[1]}]"
+        else:
+            record.ids = "" if rid is None else f" [req={rid}]"
         return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
@@ -83,7 +91,8 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
-    ``request_id`` and ``job_id`` when known, ``exc_info`` with a traceback, and the fields
+    ``request_id`` and ``job_id`` when known, ``trace_id`` and ``span_id`` inside a span
+    (tracing on), ``exc_info`` with a traceback, and the fields
     given through ``extra=``."""
 
     def __init__(self) -> None:
@@ -103,6 +112,10 @@ class JsonFormatter(logging.Formatter):
             line["request_id"] = rid
         if jid is not None:
             line["job_id"] = jid
+        if tracing.tracer is not None:
+            found = tracing.log_ids()
+            if found is not None:
+                line["trace_id"], line["span_id"] = found
         for name, value in record.__dict__.items():
             if name not in _STANDARD and name not in line:
                 line[name] = value

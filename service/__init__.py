@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from pipeline import tracing
 from pipeline.errors import ReactionError, SettingsError
 from pipeline.logs import configure_logging
 from pipeline.plan import resolve
@@ -31,6 +32,9 @@ except SettingsError as exc:
     sys.exit(f"error: {exc}")
 
 configure_logging(_settings.log_level, _settings.log_format)
+# With OTEL_EXPORTER_OTLP_ENDPOINT set (and the tracing extra installed), each worker exports
+# its spans (docs/tracing.md).
+tracing.configure("signup-web")
 if is_spawned_worker():
     if "uvicorn" not in sys.modules:  # a worker of hypercorn's master, not uvicorn's
         # hypercorn's master alone decides when its workers stop (it tells them through an

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import redis.exceptions as redis_errors
 from quart import Quart, Response, current_app
 from werkzeug.exceptions import HTTPException
 
+from pipeline import tracing
 from pipeline.connections import REDIS_UNAVAILABLE, web_client
 from pipeline.heap import freeze_heap
 from pipeline.keys import Keys
@@ -90,6 +92,9 @@ def create_app(plan: Plan) -> Quart:
         current: Deps | None = app.extensions.pop(EXTENSION, None)
         if current is not None:
             await current.redis.aclose()
+        # Tracing on: the spans still batched go out (the exporter blocks, so off the loop).
+        if tracing.tracer is not None:
+            await asyncio.to_thread(tracing.shutdown)
 
     app.register_error_handler(ApiError, _render_api_error)
     app.register_error_handler(HTTPException, _render_http_error)

@@ -1,5 +1,5 @@
 """The ASGI middleware around the app: a request id for every request, one access log line,
-and the HTTP metrics.
+the HTTP metrics, and with tracing on the request's server span.
 
 It wraps ``app.asgi_app`` rather than using Quart's request hooks so that the time measured
 and the status seen are the client's: from the first byte handed to the app to the last one
@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart import Quart
 
-from pipeline import logs
+from pipeline import logs, tracing
 
 logger = logging.getLogger("service.access")
 
@@ -81,7 +81,9 @@ Observer = Callable[[str, str, int, float], None]
 
 class RequestObserver:
     """Gives each HTTP request its id (``X-Request-ID``, echoed in the response), logs one
-    access line and hands (method, route, status, seconds) to ``observe``."""
+    access line and hands (method, route, status, seconds) to ``observe``. With tracing on,
+    the request is a server span named ``METHOD route`` (``POST /signup``), under the
+    client's ``traceparent`` if it sent one."""
 
     def __init__(
         self, app: Quart, asgi_app: ASGIApp, *, access_log: bool, observe: Observer | None = None
@@ -101,6 +103,8 @@ class RequestObserver:
         token = logs.request_id.set(rid)
         started = time.perf_counter()
         status = 500
+        span = None if tracing.tracer is None else self._server_span(scope, rid)
+        error: BaseException | None = None
 
         async def send_with_id(message: Any) -> None:
             nonlocal status
@@ -111,6 +115,9 @@ class RequestObserver:
 
         try:
             await self._asgi_app(scope, receive, send_with_id)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             seconds = time.perf_counter() - started
             method, path = scope["method"], scope["path"]
@@ -132,4 +139,21 @@ class RequestObserver:
                     extra={"method": method, "path": path, "status": status,
                            "duration_ms": round(seconds * 1000, 3)},
                 )  # fmt: skip
+            if span is not None:
+                tracing.end_server_span(span, status, error)
             logs.request_id.reset(token)
+
+    def _server_span(self, scope: HTTPScope, rid: str) -> Any:
+        method, route = scope["method"], self._routes(scope["path"])
+        client = scope.get("client")
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "http.route": route,
+            "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+            "http.request.header.x-request-id": (rid,),
+        }
+        if client:
+            attributes["client.address"] = client[0]
+        return tracing.server_span(f"{method} {route}", list(scope["headers"]), attributes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 from loadtest.bench.__main__ import Cores, pipeline_table, sizing_table, table
 from tests.helpers import RedisServer
@@ -27,7 +28,7 @@ def test_parts_reports_each_part_of_a_signup(redis_server: RedisServer) -> None:
 def _options() -> argparse.Namespace:
     return argparse.Namespace(
         threads=1, connections=32, duration=8.0, warmup=2.0, workers=1, rounds=2,
-        jobs=100, concurrency=8,
+        jobs=100, concurrency=8, baseline=Path("/tmp/base"),
     )  # fmt: skip
 
 
@@ -52,6 +53,22 @@ def test_the_table_gives_the_own_cost_and_says_how_it_was_pinned() -> None:
     assert "one core: server, wrk and Redis share it" in table(
         _options(), signup, {}, Cores(None, None)
     )
+
+
+def test_tracing_and_a_baseline_are_compared_with_the_service_round_by_round() -> None:
+    signup = {
+        "bare": [_row(200), _row(200)],
+        "service": [_row(300), _row(310)],
+        "baseline": [_row(297), _row(312)],
+        "traced": [_row(500), _row(520)],
+    }
+    text = table(_options(), signup, {}, Cores({1}, {0}))
+    assert "| this service as /tmp/base has it (baseline) |" in text
+    assert (
+        "CPU per request, service against baseline, round by round: +3.0 µs (+1.0%), "
+        "-2.0 µs (-0.6%); median +0.5 µs (+0.2%)." in text
+    )
+    assert "CPU per request, traced against service, round by round: +200.0 µs" in text
 
 
 def test_the_pipeline_table_gives_redis_per_signup_and_its_commands() -> None:

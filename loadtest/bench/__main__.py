@@ -10,9 +10,15 @@ Signup, with wrk (same threads, connections, duration and worker count for each)
     not supported);
   - ``flask``: the classic design on Flask + sync redis under gunicorn gthread (the peer);
   - ``replicated`` (with ``--replica``): this service with ``REDIS_MIN_REPLICAS=1``, its
-    Redis then having a replica (which every server of that run writes to).
+    Redis then having a replica (which every server of that run writes to);
+  - ``traced`` (with ``--servers``): this service with tracing on, exporting every span over
+    OTLP/HTTP to a receiver that discards them (``loadtest.bench.otlp_sink``, with the load);
+  - ``baseline`` (with ``--baseline PATH``): this service as another checkout has it (say
+    ``git worktree add /tmp/base main``), to measure a change side by side.
 Consumers, each draining the same number of no-op jobs with the same concurrency:
-  - ``at-least-once`` and ``at-most-once``: this project's consumer process;
+  - ``at-least-once`` and ``at-most-once``: this project's consumer process, and
+    ``at-least-once-traced`` with tracing on (jobs carrying a signup's trace context, spans
+    exported to the discarding receiver): the consumer's CPU per job is measured too;
   - ``brpop``, ``arq``, ``saq``: a hand-written BRPOP loop, arq and SAQ (benchmark-only venv).
 
 Prints one table with ratios and RSS, and writes it (and the raw figures) to the results
@@ -30,6 +36,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,7 +63,7 @@ SERVERS = ("bare", "service", "bare-uvicorn", "service-uvicorn", "flask")
 #: ``service-<server>``, the ceiling and this service on that server.
 #: granian is measured, not supported: no lock installs it (``.venv/bin/pip install granian``).
 ASGI_SERVERS = ("uvicorn", "granian")
-CONSUMERS = ("at-least-once", "at-most-once", "brpop", "arq", "saq")
+CONSUMERS = ("at-least-once", "at-most-once", "at-least-once-traced", "brpop", "arq", "saq")
 PROBE = b'{"username": "bench_probe", "email": "bench_probe@example.com"}'
 
 
@@ -99,7 +106,7 @@ def ceiling_of(server: str) -> str:
 def all_servers() -> tuple[str, ...]:
     """Every signup server ``--servers`` accepts."""
     others = [f"{app}-{asgi}" for asgi in ASGI_SERVERS for app in ("bare", "service")]
-    return tuple(dict.fromkeys([*SERVERS, "replicated", *others]))
+    return tuple(dict.fromkeys([*SERVERS, "replicated", "traced", "baseline", *others]))
 
 
 @dataclass(frozen=True)
@@ -172,11 +179,15 @@ def redis_cpu(client: redis.Redis) -> float:
 
 @contextmanager
 def _server(
-    argv: list[str], env: dict[str, str], port: int, cores: set[int] | None = None
+    argv: list[str],
+    env: dict[str, str],
+    port: int,
+    cores: set[int] | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A :func:`_server_process` answering POST /signup on ``port``. Its output, access log
     included, is written and discarded."""
-    with _server_process(argv, env, cores) as process:
+    with _server_process(argv, env, cores, cwd) as process:
         asyncio.run(_until_answering(port, process))
         yield process
 
@@ -284,40 +295,84 @@ def bench_signup(
     options: argparse.Namespace, redis_url: str, client: redis.Redis, cores: Cores
 ) -> dict[str, list[dict[str, Any]]]:
     servers = options.servers or ((*SERVERS, "replicated") if options.replica else SERVERS)
+    if options.baseline and "baseline" not in servers:
+        servers = (*servers, "baseline")
     results: dict[str, list[dict[str, Any]]] = {server: [] for server in servers}
-    # As deployed: the access log on, at INFO (written to a discarded stream).
+    # As deployed: the access log on, at INFO (written to a discarded stream); tracing off.
     env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "INFO", "ACCESS_LOG": "true"}
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env["PYTHONPATH"] = str(ROOT)
     # wrk sends every signup from 127.0.0.1: a limit that is checked, and never reached.
     env["RATE_LIMIT"] = "1000000/1"
-    for index in range(options.rounds):
-        order = servers[index % len(servers) :] + servers[: index % len(servers)]
-        for server in order:
-            port = free_port()
-            client.flushall()
-            own_env = {**env, "REDIS_MIN_REPLICAS": "1"} if server == "replicated" else env
-            argv = _argv(server, port, options.workers, options.bench_python)
-            with _server(argv, own_env, port, cores.server) as process:
-                url = f"http://127.0.0.1:{port}/signup"
-                load = (options.connections, options.threads)
-                if options.warmup:
-                    _wrk(url, *load, options.warmup, cores.load)
-                server_cpu, redis_before = _tree_cpu(process), redis_cpu(client)
-                figures = _wrk(url, *load, options.duration, cores.load)
-                served = max(1, figures["requests"])
-                figures["cpu_us"] = (_tree_cpu(process) - server_cpu) / served * 1e6
-                figures["redis_us"] = (redis_cpu(client) - redis_before) / served * 1e6
-                figures["rss_mb"] = _worker_rss(process)
-            results[server].append(figures)
-            print(
-                f"round {index + 1}  {server:<10} {figures['rps']:>8,.0f} req/s  "
-                f"p50 {figures['p50_ms']:6.2f} ms  p99 {figures['p99_ms']:6.2f} ms  "
-                f"CPU {figures['cpu_us']:5.0f} us/req  Redis {figures['redis_us']:5.1f} us/req  "
-                f"errors {figures['errors']}  worker RSS {figures['rss_mb']:.1f} MB",
-                flush=True,
-            )
+    sink = _otlp_sink(cores.load) if "traced" in servers else contextlib.nullcontext("")
+    with sink as otlp:
+        own_envs = {
+            "replicated": {**env, "REDIS_MIN_REPLICAS": "1"},
+            "traced": {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp},
+            "baseline": {**env, "PYTHONPATH": str(options.baseline)},
+        }
+        for index in range(options.rounds):
+            order = servers[index % len(servers) :] + servers[: index % len(servers)]
+            for server in order:
+                figures = _signup_round(
+                    options, server, own_envs.get(server, env), client, cores, index
+                )
+                results[server].append(figures)
     client.flushall()
     return results
+
+
+def _signup_round(
+    options: argparse.Namespace,
+    server: str,
+    env: dict[str, str],
+    client: redis.Redis,
+    cores: Cores,
+    index: int,
+) -> dict[str, Any]:
+    """One round of ``server``: warm-up, then wrk, with the server's and Redis's CPU."""
+    port = free_port()
+    client.flushall()
+    cwd = Path(options.baseline) if server == "baseline" else ROOT
+    argv = _argv(server, port, options.workers, options.bench_python)
+    with _server(argv, env, port, cores.server, cwd) as process:
+        url = f"http://127.0.0.1:{port}/signup"
+        load = (options.connections, options.threads)
+        if options.warmup:
+            _wrk(url, *load, options.warmup, cores.load)
+        server_cpu, redis_before = _tree_cpu(process), redis_cpu(client)
+        figures = _wrk(url, *load, options.duration, cores.load)
+        served = max(1, figures["requests"])
+        figures["cpu_us"] = (_tree_cpu(process) - server_cpu) / served * 1e6
+        figures["redis_us"] = (redis_cpu(client) - redis_before) / served * 1e6
+        figures["rss_mb"] = _worker_rss(process)
+    print(
+        f"round {index + 1}  {server:<10} {figures['rps']:>8,.0f} req/s  "
+        f"p50 {figures['p50_ms']:6.2f} ms  p99 {figures['p99_ms']:6.2f} ms  "
+        f"CPU {figures['cpu_us']:5.0f} us/req  Redis {figures['redis_us']:5.1f} us/req  "
+        f"errors {figures['errors']}  worker RSS {figures['rss_mb']:.1f} MB",
+        flush=True,
+    )
+    return figures
+
+
+@contextmanager
+def _otlp_sink(cores: set[int] | None) -> Iterator[str]:
+    """A discarding OTLP/HTTP receiver (``loadtest.bench.otlp_sink``) pinned to ``cores``;
+    yields its endpoint once it answers."""
+    port = free_port()
+    argv = [sys.executable, "-m", "loadtest.bench.otlp_sink", str(port)]
+    with _server_process(argv, {**os.environ, "PYTHONPATH": str(ROOT)}, cores):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the OTLP sink did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
 
 
 def bench_pipeline(
@@ -448,13 +503,13 @@ def _end_to_end(
 
 @contextmanager
 def _server_process(
-    argv: list[str], env: dict[str, str], cores: set[int] | None
+    argv: list[str], env: dict[str, str], cores: set[int] | None, cwd: Path = ROOT
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A process in its own group, pinned to ``cores``, stopped with SIGTERM (then SIGKILL)."""
     process = subprocess.Popen(
         argv,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -470,23 +525,31 @@ def bench_consumers(
     options: argparse.Namespace, redis_url: str, client: redis.Redis
 ) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in CONSUMERS}
-    for index in range(options.rounds):
-        order = CONSUMERS[index % len(CONSUMERS) :] + CONSUMERS[: index % len(CONSUMERS)]
-        for kind in order:
-            client.flushall()
-            if kind in ("at-least-once", "at-most-once"):
-                rate, rss = asyncio.run(
-                    drain_round(redis_url, kind, options.jobs, options.concurrency, "noop")
+    with _otlp_sink(None) as otlp:  # beside the consumer, as the drain's Redis is
+        for index in range(options.rounds):
+            order = CONSUMERS[index % len(CONSUMERS) :] + CONSUMERS[: index % len(CONSUMERS)]
+            for kind in order:
+                client.flushall()
+                if kind.startswith(("at-least-once", "at-most-once")):
+                    rate, rss, cpu = asyncio.run(
+                        drain_round(
+                            redis_url,
+                            kind.removesuffix("-traced"),
+                            options.jobs,
+                            options.concurrency,
+                            "noop",
+                            otlp if kind.endswith("-traced") else None,
+                        )
+                    )
+                    figures = {"jobs_per_s": rate, "rss_mb": rss, "cpu_us": cpu}
+                else:
+                    figures = _peer_drain(options, kind, redis_url)
+                results[kind].append(figures)
+                print(
+                    f"round {index + 1}  {kind:<20} {figures['jobs_per_s']:>9,.0f} jobs/s  "
+                    f"RSS {figures['rss_mb']:.1f} MB",
+                    flush=True,
                 )
-                figures = {"jobs_per_s": rate, "rss_mb": rss}
-            else:
-                figures = _peer_drain(options, kind, redis_url)
-            results[kind].append(figures)
-            print(
-                f"round {index + 1}  {kind:<14} {figures['jobs_per_s']:>9,.0f} jobs/s  "
-                f"RSS {figures['rss_mb']:.1f} MB",
-                flush=True,
-            )
     client.flushall()
     return results
 
@@ -517,6 +580,21 @@ def _peer_drain(options: argparse.Namespace, kind: str, redis_url: str) -> dict[
         raise RuntimeError(f"{kind} printed no figures:\n{result.stdout}\n{result.stderr}")
     figures = json.loads(found.group(1))
     return {"jobs_per_s": figures["jobs"] / figures["seconds"], "rss_mb": figures["rss_mb"]}
+
+
+def _paired(results: dict[str, Any], before: str, after: str, unit: str) -> str:
+    """CPU per ``unit`` of ``after`` against ``before``, round by round (each round's pair
+    measured one after the other) and the median of those differences."""
+    pairs = [
+        (a["cpu_us"], b["cpu_us"]) for a, b in zip(results[before], results[after], strict=True)
+    ]
+    diffs = [b - a for a, b in pairs]
+    ratios = [b / a for a, b in pairs]
+    return (
+        f"CPU per {unit}, {after} against {before}, round by round: "
+        + ", ".join(f"{d:+.1f} µs ({r - 1:+.1%})" for d, r in zip(diffs, ratios, strict=True))
+        + f"; median {statistics.median(diffs):+.1f} µs ({statistics.median(ratios) - 1:+.1%})."
+    )
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
@@ -642,6 +720,8 @@ def table(
             "service": "this service on hypercorn",
             "flask": f"Flask + blinker + 2 LPUSH, gunicorn gthread {threads} (peer)",
             "replicated": "this service, REDIS_MIN_REPLICAS=1 (WAIT for the replica)",
+            "traced": "this service, tracing on (OTLP/HTTP to a discarding receiver)",
+            "baseline": f"this service as {options.baseline} has it (baseline)",
         }
         for asgi in ASGI_SERVERS:
             names[f"bare-{asgi}"] = f"bare Quart on {asgi}, constant 201 (its ceiling)"
@@ -674,6 +754,9 @@ def table(
                     + ", ".join(f"{value:.0f}" for value in paired)
                     + f" µs; median {statistics.median(paired):.0f} µs."
                 )
+        for before, after in (("baseline", "service"), ("service", "traced")):
+            if before in signup and after in signup:
+                lines.append("\n" + _paired(signup, before, after, "request"))
         lines.append("")
     if pipeline:
         lines += pipeline_table(options, pipeline)
@@ -685,12 +768,13 @@ def table(
             f"Consumers: {options.jobs:,} no-op jobs, {options.concurrency} at a time, one "
             f"process, median of {options.rounds} alternating rounds",
             "",
-            "| consumer | jobs/s | vs arq | vs SAQ | RSS MB |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| consumer | jobs/s | vs arq | vs SAQ | consumer CPU µs/job | RSS MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         names = {
             "at-least-once": "this project, at-least-once",
             "at-most-once": "this project, at-most-once",
+            "at-least-once-traced": "this project, at-least-once, tracing on",
             "brpop": "hand-written loop, one BRPOP per job",
             "arq": "arq (poll_delay 0)",
             "saq": "SAQ",
@@ -698,11 +782,12 @@ def table(
         for kind in CONSUMERS:
             rows = consumers[kind]
             rate = _median(rows, "jobs_per_s")
+            per_job = f"{_median(rows, 'cpu_us'):.0f}" if "cpu_us" in rows[0] else "-"
             lines.append(
                 f"| {names[kind]} | {rate:,.0f} | {rate / arq:.1f} | {rate / saq:.1f} "
-                f"| {_median(rows, 'rss_mb'):.1f} |"
+                f"| {per_job} | {_median(rows, 'rss_mb'):.1f} |"
             )
-        lines.append("")
+        lines += ["", _paired(consumers, "at-least-once", "at-least-once-traced", "job"), ""]
     if dashboard:
         lines += [
             f"Dashboard: Redis CPU per read (`INFO cpu` over {DASHBOARD_CALLS} of each), with "
@@ -753,6 +838,12 @@ def main(argv: list[str] | None = None) -> int:
         help="give Redis a replica, and add this service with REDIS_MIN_REPLICAS=1",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (git worktree add /tmp/base main) whose service runs beside "
+        "this one, as the signup part's baseline row",
+    )
+    parser.add_argument(
         "--bench-python", default=str(ROOT / ".bench-venv" / "bin" / "python"),
         help="python of the benchmark-only venv (arq, SAQ, Flask, gunicorn)",
     )  # fmt: skip
@@ -768,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--servers: any of {','.join(all_servers())}, each with its ceiling (bare, or "
             "bare-<server>)"
         )
+    if options.baseline and not (options.baseline / "service" / "__init__.py").exists():
+        parser.error(f"--baseline: no service/ in {options.baseline}")
     if options.rounds < 1 or options.duration <= 0 or options.jobs < 100:
         parser.error("--rounds at least 1, --duration above 0, --jobs at least 100")
     if (

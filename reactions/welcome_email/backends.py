@@ -1,7 +1,8 @@
 """Sending email: over SMTP with aiosmtplib when ``SMTP_URL`` is set, else to the log.
 
 aiosmtplib is imported by the SMTP backend when it is made, in a consumer: the web imports
-the welcome email's reaction for its receiver, and with it this module, but never sends."""
+the welcome email's reaction for its receiver, and with it this module, but never sends.
+With tracing on, each SMTP send is a span under the job's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from email.message import Message
 from email.utils import parseaddr
 from typing import Protocol
 
+from pipeline import tracing
 from pipeline.logs import mask_email
 from reactions.welcome_email.settings import EmailSettings, SmtpConfig
 
@@ -50,8 +52,17 @@ class SmtpEmailBackend:
         self._config = config
         self._timeout = timeout
         self._ca_file = ca_file
+        self._span = {
+            "network.protocol.name": "smtp",
+            "server.address": config.host,
+            "server.port": config.port,
+        }
 
     async def send(self, message: Message) -> None:
+        with tracing.span("smtp send", self._span):
+            await self._send(message)
+
+    async def _send(self, message: Message) -> None:
         import aiosmtplib  # imported once, by __init__; this is a dictionary look-up
 
         config = self._config
