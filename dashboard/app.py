@@ -118,6 +118,16 @@ peak <span id="chart-peak">-</span>/s</p>
 <tbody></tbody>
 </table>
 </section>"""
+
+
+def _pager(newer: str, older: str, shown: str) -> str:
+    """The pager under a paged table: its two buttons, and which entries are shown between."""
+    return (
+        f'<p class="pager"><button type="button" id="newer">{newer}</button>\n'
+        f'<span id="{shown}">-</span>\n<button type="button" id="older">{older}</button></p>'
+    )
+
+
 _DEAD = """<section aria-labelledby="dead-title">
 <h2 id="dead-title">Dead letters, newest first</h2>
 <p class="actions"><span id="dead-total">-</span> in all ·
@@ -128,9 +138,7 @@ _DEAD = """<section aria-labelledby="dead-title">
 <th>reason</th><th>error</th><th>job</th><th></th></tr></thead>
 <tbody></tbody>
 </table>
-<p class="pager"><button type="button" id="newer">Newer</button>
-<span id="dead-range">-</span>
-<button type="button" id="older">Older</button></p>
+{pager}
 </section>"""
 _RETRIES = """<section aria-labelledby="retries-title">
 <h2 id="retries-title">Retries waiting, soonest first</h2>
@@ -141,9 +149,7 @@ _RETRIES = """<section aria-labelledby="retries-title">
 </thead>
 <tbody></tbody>
 </table>
-<p class="pager"><button type="button" id="newer">Sooner</button>
-<span id="retries-range">-</span>
-<button type="button" id="older">Later</button></p>
+{pager}
 </section>"""
 
 _OPEN_BANNER = (
@@ -271,14 +277,17 @@ def create_dashboard(plan: Plan) -> Quart:
 
     @app.get("/dead")
     async def dead_page() -> Response:
-        return render("dead", "Dead letters", _DEAD)
+        return render(
+            "dead", "Dead letters", _DEAD.format(pager=_pager("Newer", "Older", "dead-range"))
+        )
 
     @app.get("/retries")
     async def retries_page() -> Response:
         options = "".join(
             f'<option value="{html.escape(q)}">{html.escape(q)}</option>' for q in registry.queues
         )
-        return render("retries", "Retries", _RETRIES.format(options=options))
+        pager = _pager("Sooner", "Later", "retries-range")
+        return render("retries", "Retries", _RETRIES.format(options=options, pager=pager))
 
     @app.get("/api/overview")
     async def api_overview() -> Response:

@@ -84,7 +84,7 @@ def new_job(job_type: str, payload: dict[str, Any]) -> Job:
         payload=payload,
         enqueued_at=time.time(),
         request_id=logs.request_id.get(),
-        traceparent=tracing.current_traceparent(),
+        traceparent=None if tracing.tracer is None else tracing.current_traceparent(),
     )
 
 

@@ -102,12 +102,22 @@ def current_traceparent() -> str | None:
 
 
 def context_of(traceparent: str | None) -> Context | None:
-    """The context whose parent is the span ``traceparent`` names (None for none)."""
+    """The context whose parent is the span ``traceparent`` (a version-00 traceparent, as
+    the envelope's decoding checked) names; None for none. Read here rather than by the
+    propagator, which costs four times as much for the same answer."""
     if traceparent is None:
         return None
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry import trace
 
-    return TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    remote = trace.SpanContext(
+        trace_id=int(traceparent[3:35], 16),
+        span_id=int(traceparent[36:52], 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(traceparent[53:55], 16)),
+    )
+    if not remote.is_valid:  # an all-zero id
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(remote))
 
 
 def log_ids() -> tuple[str, str] | None:

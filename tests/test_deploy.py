@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from devtools.embedded_redis import free_port
 from pipeline.version import __version__
 from tests.helpers import RedisServer, SmtpSink, eventually
+from tests.otlp import otlp_receiver
 from tests.processes import ROOT, Child, child_env, http, request, server_argv
 
 SIGNUP = {"username": "deployed", "email": "deployed@example.com"}
@@ -142,7 +143,11 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
             subprocess.run, [python, "-c", f"import {dev_tool}"], capture_output=True
         )
         assert found.returncode != 0, f"{dev_tool} is in the production install"
-    env = _production_env(redis_server, production_venv)
+    # An OTLP endpoint set without the tracing extra installed: one warning, tracing off,
+    # everything else as usual.
+    env = _production_env(
+        redis_server, production_venv, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
     # Every module imports with what the lock installed (all but those that need the
     # `loadtest` extra, and uvicorn's protocol without uvicorn), so no code path meets a
     # missing dependency later.
@@ -207,6 +212,50 @@ async def test_a_production_install_serves_a_signup_through_to_its_three_jobs(
     )  # fmt: skip
     assert metadata.stdout.split() == [__version__, "MIT"]
     assert await worker.stop(20) == 0, worker.output()
+    for process in (web, worker):
+        assert process.output().count("the tracing extra is not installed") == 1, process.output()
+
+
+@pytest.mark.timeout(300)
+async def test_a_production_install_with_the_tracing_extra_exports_one_trace_per_signup(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    spawn: Any,
+    tmp_path: Path,
+) -> None:
+    """``requirements-tracing.lock`` and the wheel, as docs/tracing.md installs them: the
+    web and a consumer, run from outside the source tree, export one trace per signup."""
+    venv = await asyncio.to_thread(_production_venv, tmp_path_factory, "requirements-tracing.lock")
+    python = str(venv / "bin" / "python")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with otlp_receiver() as receiver:
+        env = _production_env(
+            redis_server,
+            venv,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+        port = free_port()
+        web = spawn([str(venv / "bin" / "hypercorn"), "--bind", f"127.0.0.1:{port}",
+                     "service:app"], env, cwd=elsewhere)  # fmt: skip
+        worker = spawn([python, "-m", "consumers"], env, cwd=elsewhere)
+        await eventually(lambda: _answers(port, web), timeout=30, what="hypercorn to answer")
+        traced_signup = {"username": "deployed_traced", "email": "deployed_traced@example.com"}
+        status, body = await http(port, "POST", "/signup", traced_signup)
+        assert status == 201, (body, web.output())
+
+        def traced() -> bool:
+            signups = receiver.named("POST /signup")
+            if not signups:
+                return False
+            trace = receiver.trace(signups[0].trace_id)
+            jobs = [s for s in trace if s.service == "signup-consumers"]
+            return len(jobs) >= 3 and {s.parent_id for s in jobs} >= {signups[0].span_id}
+
+        await eventually(traced, timeout=30, what="one trace across both processes")
+        assert await worker.stop(20) == 0, worker.output()
+    assert "tracing extra" not in web.output() + worker.output()
 
 
 @pytest.mark.timeout(120)

@@ -582,6 +582,16 @@ def _peer_drain(options: argparse.Namespace, kind: str, redis_url: str) -> dict[
     return {"jobs_per_s": figures["jobs"] / figures["seconds"], "rss_mb": figures["rss_mb"]}
 
 
+def _sampler() -> str:
+    """The sampler the traced rows ran with, if the environment names one (the SDK reads
+    ``OTEL_TRACES_SAMPLER``; its default keeps every trace)."""
+    sampler = os.environ.get("OTEL_TRACES_SAMPLER")
+    if not sampler:
+        return ""
+    argument = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
+    return f", {sampler}" + (f" {argument}" if argument else "")
+
+
 def _paired(results: dict[str, Any], before: str, after: str, unit: str) -> str:
     """CPU per ``unit`` of ``after`` against ``before``, round by round (each round's pair
     measured one after the other) and the median of those differences."""
@@ -720,7 +730,9 @@ def table(
             "service": "this service on hypercorn",
             "flask": f"Flask + blinker + 2 LPUSH, gunicorn gthread {threads} (peer)",
             "replicated": "this service, REDIS_MIN_REPLICAS=1 (WAIT for the replica)",
-            "traced": "this service, tracing on (OTLP/HTTP to a discarding receiver)",
+            "traced": "this service, tracing on (OTLP/HTTP to a discarding receiver"
+            + _sampler()
+            + ")",
             "baseline": f"this service as {options.baseline} has it (baseline)",
         }
         for asgi in ASGI_SERVERS:
