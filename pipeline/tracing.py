@@ -135,15 +135,44 @@ def log_ids() -> tuple[str, str] | None:
 # --- spans and events -----------------------------------------------------------------------
 
 
-def span(name: str, attributes: Mapping[str, Any], *, client: bool = True) -> Any:
-    """A context manager: a child span of the current one (a CLIENT span unless ``client`` is
-    false), which records an exception leaving it; nothing when tracing is off."""
+def span(name: str, attributes: Mapping[str, Any]) -> Any:
+    """A context manager: a CLIENT span, a child of the current one, around a call that makes
+    no spans of its own (a Redis round trip, an SMTP send); nothing when tracing is off or
+    the current span is not sampled."""
     if tracer is None:
         return _NO_SPAN
-    from opentelemetry.trace import SpanKind
+    return _Child(name, attributes)
 
-    kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
-    return tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+
+class _Child:
+    """What :func:`span` returns with tracing on. The span is not made current: nothing runs
+    under it, and attaching a context costs as much again as the span."""
+
+    __slots__ = ("_attributes", "_name", "_span")
+
+    def __init__(self, name: str, attributes: Mapping[str, Any]) -> None:
+        self._name, self._attributes = name, attributes
+        self._span: Span | None = None
+
+    def __enter__(self) -> None:
+        from opentelemetry.trace import SpanKind, get_current_span
+
+        assert tracer is not None
+        if get_current_span().is_recording():
+            self._span = tracer.start_span(
+                self._name, kind=SpanKind.CLIENT, attributes=self._attributes
+            )
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        child = self._span
+        if child is None:
+            return
+        if isinstance(error, Exception):
+            child.record_exception(error)
+            child.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        child.end()
 
 
 def event(name: str, attributes: Mapping[str, Any]) -> None:

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -749,7 +750,8 @@ def table(
                 else f"{cpu - _median(bare, 'cpu_us'):.0f}"
             )
             lines.append(
-                f"| {names[server]} | {rps:,.0f} | {rps / ceiling:.2f} | {rps / peer:.2f} "
+                f"| {names[server]} | {rps:,.0f} | {rps / ceiling:.2f} "
+                f"| {'-' if math.isnan(peer) else format(rps / peer, '.2f')} "
                 f"| {_median(rows, 'p50_ms'):.2f} | {p99:.2f} | {p99 / ceiling_p99:.2f} "
                 f"| {cpu:.0f} | {own} | {_median(rows, 'redis_us'):.1f} "
                 f"| {sum(r['errors'] for r in rows)} | {_median(rows, 'rss_mb'):.1f} |"
