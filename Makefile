@@ -38,7 +38,7 @@ $(DEBIAN_REDIS):
 ## audit: pip-audit over the lock files; fails on a known vulnerability, and lists what it
 ## could not audit (AUDIT_STRICT=1: fail on those too).
 audit: $(STAMP)
-	$(BIN)/python .ci/audit.py requirements.lock requirements-uvicorn.lock requirements-dev.lock
+	$(BIN)/python .ci/audit.py requirements.lock requirements-uvicorn.lock requirements-tracing.lock requirements-dev.lock
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline service consumers reactions loadtest devtools tests
@@ -73,14 +73,16 @@ $(BENCH_STAMP): loadtest/bench/requirements.txt
 bench-drain: $(STAMP)
 	$(BIN)/python -m loadtest.drain
 
-## lock: re-pin requirements.lock, requirements-uvicorn.lock and requirements-dev.lock from
+## lock: re-pin requirements.lock, requirements-uvicorn.lock, requirements-tracing.lock and requirements-dev.lock from
 ## pyproject.toml.
 lock:
 	$(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet pip-tools
 	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
-	# The uvicorn lock starts from the base lock's pins, so the two differ only by uvicorn's.
+	# The uvicorn and tracing locks start from the base lock's pins, so each differs only by its extra's.
 	cp requirements.lock requirements-uvicorn.lock
 	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --extra uvicorn --output-file requirements-uvicorn.lock pyproject.toml
+	cp requirements.lock requirements-tracing.lock
+	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --extra tracing --output-file requirements-tracing.lock pyproject.toml
 	.lockenv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --extra dev --output-file requirements-dev.lock pyproject.toml
 	rm -rf .lockenv
 

@@ -16,6 +16,7 @@ process pinned to one core (the last), in alternating rounds;
 the report gives the median per level and the difference each part makes. ``--root`` points
 at another checkout of the project to measure its code (say, before a change) the same way.
 It needs a Redis: ``--redis-url``, else a scratch server is started on the other cores.
+With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, the levels run with tracing on, as served.
 """
 
 from __future__ import annotations
@@ -141,8 +142,16 @@ def _child(level: str, redis_url: str, requests: int) -> None:
     configure_logging("INFO")  # the access line on, as served, written to /dev/null
     handler = cast(logging.StreamHandler[Any], logging.getLogger().handlers[0])
     handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
+    try:  # as service:app does: tracing on with OTEL_EXPORTER_OTLP_ENDPOINT set
+        from pipeline import tracing
+    except ImportError:  # a checkout from before tracing
+        tracing = None  # type: ignore[assignment]
+    if tracing is not None:
+        tracing.configure("signup-web")
     app = _build(level, redis_url)
     figures = uvloop.run(_measure(app, requests, rounds=3))
+    if tracing is not None:
+        tracing.shutdown()  # its export counted: the CPU is the process's, threads included
     print(f"PARTS {statistics.median(figures):.2f}")
 
 
