@@ -21,16 +21,32 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from pipeline.jobs import Job
-
 logger = logging.getLogger(__name__)
+
+
+class TracedJob(Protocol):
+    """What a job span reads of a job (``pipeline.jobs.Job``, which imports this module)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def traceparent(self) -> str | None: ...
+    @property
+    def first_attempt(self) -> str | None: ...
+
 
 #: The tracer, when tracing is on; None when it is off (the default).
 tracer: Tracer | None = None
@@ -218,7 +234,7 @@ def end_server_span(token: Any, status: int, error: BaseException | None = None)
 
 
 @contextlib.contextmanager
-def job_span(queue: str, job: Job) -> Iterator[Span]:
+def job_span(queue: str, job: TracedJob) -> Iterator[Span]:
     """Run one attempt of ``job`` in a CONSUMER span: a child of the signup's span (the
     envelope's ``traceparent``), linked to the job's first attempt if this is a retry.
     Tracing must be on. A cancelled job (a stop) is marked so."""

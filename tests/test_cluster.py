@@ -155,6 +155,21 @@ async def signups(port: int, count: int, start: int = 0) -> list[tuple[int, Any]
     return answers
 
 
+async def signed_up_and_done(port: int, count: int) -> list[tuple[int, Any]]:
+    """``count`` signups, each a 201, then every one's jobs done (emails sent, profiles
+    generated); their answers."""
+    answers = await signups(port, count)
+    assert [status for status, _ in answers] == [201] * count, answers
+
+    async def done() -> bool:
+        status, stats = await http(port, "GET", "/stats")
+        assert status == 200
+        return all(stats[c] == count for c in ("emails_sent", "profiles_generated"))
+
+    await eventually(done, timeout=30, what="every job of the signups")
+    return answers
+
+
 async def test_the_pipeline_runs_on_a_cluster_through_a_node_that_does_not_own_the_slot(
     spawn: Any, cluster: list[Scratch]
 ) -> None:
@@ -163,15 +178,7 @@ async def test_the_pipeline_runs_on_a_cluster_through_a_node_that_does_not_own_t
     env = child_env(cluster_url(_not_owning(cluster)))
     worker = spawn(consumer_argv(), env)
     async with web(spawn, env, ready_path="/readyz") as (port, child):
-        answers = await signups(port, 20)
-        assert [status for status, _ in answers] == [201] * 20, answers
-
-        async def done() -> bool:
-            status, stats = await http(port, "GET", "/stats")
-            assert status == 200
-            return all(stats[c] == 20 for c in ("emails_sent", "profiles_generated"))
-
-        await eventually(done, timeout=30, what="every job of the signups")
+        answers = await signed_up_and_done(port, 20)
         user_id = answers[0][1]["user_id"]
         status, user = await http(port, "GET", f"/users/{user_id}")
         assert status == 200 and user["profile"] is not None
@@ -406,14 +413,7 @@ async def test_the_pipeline_runs_on_a_tls_cluster(
     env = child_env(url, REDIS_CA_FILE=str(ca_file))
     worker = spawn(consumer_argv(), env)
     async with web(spawn, env, ready_path="/readyz") as (port, child):
-        answers = await signups(port, 10)
-        assert [status for status, _ in answers] == [201] * 10, answers
-
-        async def done() -> bool:
-            status, stats = await http(port, "GET", "/stats")
-            return status == 200 and stats["profiles_generated"] == 10
-
-        await eventually(done, timeout=30, what="every job of the signups")
+        await signed_up_and_done(port, 10)
         output = child.output()
     assert redis.Redis(port=owner.plain).hget(b"{signup}:stats", "users") == b"10"
     assert " 500 " not in output and "Traceback" not in output
