@@ -9,6 +9,8 @@ Recording a request costs two label lookups in a dict and three increments: no R
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 from collections.abc import Iterable, Mapping
 
@@ -105,9 +107,29 @@ class WebMetrics:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if directory:
             merged = CollectorRegistry(auto_describe=True)
-            MultiProcessCollector(merged, directory)  # type: ignore[no-untyped-call]
+            WorkersCollector(merged, directory)  # type: ignore[no-untyped-call]
             return [merged]
         return [self.registry]
+
+
+class WorkersCollector(MultiProcessCollector):
+    """Every worker's counts, from the files of the multiprocess directory. A worker creates
+    its file empty and sizes it a moment later (prometheus_client's ``MmapedDict``), and
+    prometheus_client fails the whole scrape on a file read in between (a 500 from
+    ``/metrics`` as a worker records its first request: prometheus/client_python#1199).
+    A file with no header yet holds no counts, so it is left out."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's, just removed
+                if os.path.getsize(path) >= _HEADER_BYTES:
+                    files.append(path)
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call, no-any-return]
+
+
+#: What a metrics file holds before its first count: its used size and padding (8 bytes).
+_HEADER_BYTES = 8
 
 
 def web_metrics() -> WebMetrics:

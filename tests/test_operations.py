@@ -27,6 +27,7 @@ from pipeline.logs import JsonFormatter, TextFormatter
 from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
+from service.metrics import WorkersCollector
 from service.multiprocess import use_multiprocess_dir
 from tests.helpers import RedisServer, Samples, eventually, parse_metrics, scrape
 from tests.processes import (
@@ -411,6 +412,22 @@ def test_metrics_dirs_of_masters_that_are_gone_are_removed(tmp_path: Path) -> No
     assert mine.parent == tmp_path and mine.name.startswith(f"web-{os.getpid()}-")
     assert mine != reused
     assert sorted(tmp_path.iterdir()) == [mine]
+
+
+def test_a_worker_file_not_yet_sized_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    """A worker creates its metrics file empty, then sizes it: a scrape that reads it in
+    between still sums the others (prometheus_client alone raises struct.error: a 500)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    counted = MmapedDict(str(tmp_path / "counter_101.db"))
+    key = mmap_key("signup_test", "signup_test_total", [], [], "a test counter")
+    counted.write_value(key, 3.0, 0.0)
+    counted.close()
+    (tmp_path / "counter_102.db").touch()  # the other worker, between create and size
+    merged = CollectorRegistry(auto_describe=True)
+    WorkersCollector(merged, str(tmp_path))  # type: ignore[no-untyped-call]
+    assert "signup_test_total 3.0" in generate_latest(merged).decode()
 
 
 def test_a_metrics_port_in_use_is_one_line(redis_server: RedisServer) -> None:
