@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, SpanContext, Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +104,21 @@ def shutdown() -> None:
 # --- the trace context, as text -------------------------------------------------------------
 
 
-def current_traceparent() -> str | None:
-    """The current span's W3C ``traceparent`` (for a job's envelope); None when tracing is
-    off or no span is recording."""
+def _current() -> SpanContext | None:
+    """The current span's context, if tracing is on and there is one (sampled or not)."""
     if tracer is None:
         return None
     from opentelemetry import trace
 
     context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
+    return context if context.is_valid else None
+
+
+def current_traceparent() -> str | None:
+    """The current span's W3C ``traceparent`` (for a job's envelope); None when tracing is
+    off or there is no span."""
+    context = _current()
+    if context is None:
         return None
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
@@ -138,12 +144,8 @@ def context_of(traceparent: str | None) -> Context | None:
 
 def log_ids() -> tuple[str, str] | None:
     """The current trace and span ids (hex), for a log line; None outside a span."""
-    if tracer is None:
-        return None
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
+    context = _current()
+    if context is None:
         return None
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
