@@ -243,15 +243,16 @@ async def run(plan: Plan, handlers: Mapping[str, Handler] | None = None) -> None
         settings, max_connections=len(concurrency) + sum(concurrency.values()) + 4
     )
     keys = Keys(settings.key_prefix)
+    ctx = Context(redis, settings, plan.reaction_settings)
     broker = Broker(
         redis,
         keys,
         mode=settings.delivery_mode,
         dead_letter_max=settings.dead_letter_max,
         queues=registry.queues,
+        pipeline=ctx.pipeline,  # takes share their round trips with the effects
     )
     metrics = ConsumerMetrics(registry)
-    ctx = Context(redis, settings, plan.reaction_settings)
     server = None
     if settings.metrics_port is not None:
         try:

@@ -212,13 +212,18 @@ class Consumer:
         suspect = False
         loop = asyncio.get_running_loop()
         linger_until: float | None = None
+        woke = False  # a blocking fetch has just returned a job
         while not self._stop.is_set():
             free = limit - len(running)
             if free <= 0:
                 freed.clear()
                 await freed.wait()  # a job finished, or the stop (run() sets it)
                 continue
-            if running:  # some slots still busy: let more of them finish (TAKE_LINGER)
+            # Some slots still busy: let more of them finish (TAKE_LINGER). Not just after
+            # a blocking fetch woke with one job: the rest of its signups' batch came with it
+            # (one commit pushes them together), so take them at once, and their effects
+            # share round trips.
+            if running and not woke:
                 linger_until = linger_until or loop.time() + self.take_linger
                 if loop.time() < linger_until:
                     freed.clear()
@@ -241,10 +246,11 @@ class Consumer:
                         queue,
                         len(acks) - found,
                     )
-                acks = []
+                acks, woke = [], False
                 if not raws:
                     raw = await self._broker.fetch(queue, self._settings.fetch_timeout)
                     raws = [] if raw is None else [raw]
+                    woke = raw is not None
             except RedisError as exc:
                 self._acks[queue][:0] = acks  # not sent: they go with the next round trip
                 suspect = True

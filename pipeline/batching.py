@@ -10,8 +10,14 @@ the same connection and in the same round trip, the batch's writes are confirmed
 replicas, or every write of the batch fails with :class:`NotReplicatedError` (a read keeps its
 answer).
 
-A consumer shares one :class:`AutoPipeline` between every effect script of its reactions and
-their reads, so the jobs finishing in one tick cost one round trip, not one per script.
+A consumer shares one :class:`AutoPipeline` between every effect script of its reactions,
+their reads and its fetch loops' takes, so the jobs finishing in one tick, and the queues
+taking in one tick, cost one round trip, not one per script.
+
+At most one round trip per pipeline is out at a time: the calls made while it is out go
+together in the next, as soon as it is back (a group commit). Under load that makes batches
+as large as the load makes them, at the price of waiting for the round trip before; when
+idle, a call goes at the end of its tick, as before.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class AutoPipeline:
         self._replicas = replicas
         self._replica_timeout_ms = max(1, round(replica_timeout * 1000))
         self._pending: list[_Call] = []
+        self._flush_due = False
         self._flushing: set[asyncio.Task[None]] = set()
         self._scripts: dict[str, ScriptBatcher] = {}
 
@@ -71,16 +78,27 @@ class AutoPipeline:
         runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
+        if not self._flush_due and not self._flushing:
+            self._flush_due = True
             loop.call_soon(self._flush)
         self._pending.append(_Call(command, future, script, writes))
         return future
 
     def _flush(self) -> None:
+        """Send what is pending, unless a round trip is still out: then its end sends it.
+        So under load the calls made while one batch is out all go in the next (a group
+        commit), one round trip for many, and an idle moment adds no wait."""
+        self._flush_due = False
+        if not self._pending or self._flushing:
+            return
         batch, self._pending = self._pending, []
         task = asyncio.ensure_future(self._run(batch))
         self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        self._flush()
 
     async def _run(self, batch: list[_Call]) -> None:
         try:
@@ -169,7 +187,11 @@ class ScriptBatcher:
         self._script = redis.register_script(source)
         self._pipeline = pipeline or AutoPipeline(redis, replicas, replica_timeout)
 
-    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queue one call; its future resolves to the script's reply (or its error)."""
+    def __call__(
+        self, keys: Sequence[Any], args: Sequence[Any], *, confirmed: bool = True
+    ) -> asyncio.Future[Any]:
+        """Queue one call; its future resolves to the script's reply (or its error).
+        ``confirmed=False``: a write that a ``WAIT`` need not confirm (its reply stands
+        whatever the replicas say), such as a consumer's take."""
         command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
-        return self._pipeline.queue(command, self._script, writes=True)
+        return self._pipeline.queue(command, self._script, writes=confirmed)

@@ -56,7 +56,8 @@ class Context:
         #: How long a job's done-marker lives (``IDEMPOTENCY_TTL``), in seconds.
         self.done_ttl = settings.idempotency_ttl
         self._resources: dict[Resource[Any], Any] = {}
-        self._pipeline = AutoPipeline(
+        #: The round trips the effects and reads share (and the consumer's takes).
+        self.pipeline = AutoPipeline(
             redis, settings.redis_min_replicas, settings.redis_replica_timeout
         )
 
@@ -90,9 +91,9 @@ class Context:
 
     def effect(self, source: str) -> ScriptBatcher:
         """The batched caller of the Lua script ``source`` (one per script and context)."""
-        return self._pipeline.script(source)
+        return self.pipeline.script(source)
 
     def read(self, *command: Any) -> asyncio.Future[Any]:
         """A read-only command (``"EXISTS", key``), sent with this tick's effects; its raw
         reply. Not confirmed by replicas (it writes nothing)."""
-        return self._pipeline.read(*command)
+        return self.pipeline.read(*command)

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal, Protocol
 import orjson
 import redis.asyncio as aioredis
 
+from pipeline.batching import AutoPipeline
 from pipeline.dead import LUA_DEAD_COUNTS, lua_entry
 from pipeline.jobs import Job, new_job
 from pipeline.keys import DEAD_LETTERS_DROPPED, Keys
@@ -298,6 +299,7 @@ class Broker:
         consumer_id: str | None = None,
         dead_letter_max: int = DEAD_LETTER_MAX,
         queues: Sequence[str],
+        pipeline: AutoPipeline | None = None,
     ) -> None:
         self.redis = redis
         #: Every queue of the registry: what recovery looks for in a dead consumer's lists.
@@ -307,8 +309,11 @@ class Broker:
         self.dead_letter_max = dead_letter_max
         self.consumer_id = consumer_id or new_consumer_id()
         self._held = mode == "at-least-once"
+        #: Where takes go: shared with the handlers' effects (``Context.pipeline``), the
+        #: takes of every queue and the effects of one tick share a round trip.
+        self._pipeline = pipeline or AutoPipeline(redis)
         self._settle = redis.register_script(_SETTLE)
-        self._ack_and_take = redis.register_script(_ACK_AND_TAKE)
+        self._ack_and_take = self._pipeline.script(_ACK_AND_TAKE)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._recover = redis.register_script(_RECOVER)
         self._promote = redis.register_script(_PROMOTE)
@@ -342,7 +347,7 @@ class Broker:
             if count < 1:
                 return [], len(acks)
             # With a count, RPOP answers a list (or nil when the queue is empty).
-            found: list[bytes] | None = await self.redis.rpop(self.keys.queue(queue), count)  # type: ignore[assignment]
+            found = await self._pipeline.read("RPOP", self.keys.queue(queue), count)
             return [_bytes(raw) for raw in found or ()], len(acks)
         keys = [
             self.keys.queue(queue),
@@ -352,7 +357,8 @@ class Broker:
         args: list[bytes | str | int] = [count, len(acks)]
         args += [raw for raw, _ in acks]
         args += [job_id for _, job_id in acks]
-        removed, *taken = await self._ack_and_take(keys=keys, args=args)
+        # Not confirmed by replicas: a take a failover loses is recovered like any delivery.
+        removed, *taken = await self._ack_and_take(keys, args, confirmed=False)
         return [_bytes(raw) for raw in taken], int(removed)
 
     async def held(self, queue: str) -> list[bytes]:

@@ -80,10 +80,13 @@ end
 """
     + RATE_LIMIT_PART
     + """\
-if redis.call('HEXISTS', $username_claims, $username_claim) == 1 then return 'username' end
-if redis.call('HEXISTS', $email_claims, $email_claim) == 1 then return 'email' end
-redis.call('HSET', $username_claims, $username_claim, $user_id)
-redis.call('HSET', $email_claims, $email_claim, $user_id)
+if redis.call('HSETNX', $username_claims, $username_claim, $user_id) == 0 then
+  return 'username'
+end
+if redis.call('HSETNX', $email_claims, $email_claim, $user_id) == 0 then
+  redis.call('HDEL', $username_claims, $username_claim)  -- its claim, just made: undone
+  return 'email'
+end
 redis.call('HSET', $user, 'id', $user_id, 'username', $username, 'email', $email,
            'created_at', $created_at)
 redis.call('HINCRBY', $stats, $USERS, 1)

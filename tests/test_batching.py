@@ -51,6 +51,42 @@ async def test_calls_in_one_tick_share_one_round_trip_and_get_their_own_answers(
     assert pipeline.trips == 2
 
 
+class HeldPipeline(CountingPipeline):
+    """Holds each round trip until ``release`` is set, noting each batch's size."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        super().__init__(redis)
+        self.release = asyncio.Event()
+        self.out = asyncio.Event()
+        self.sizes: list[int] = []
+
+    async def _round_trip(self, commands):  # type: ignore[no-untyped-def]
+        self.sizes.append(len(commands))
+        self.out.set()
+        await self.release.wait()
+        return await super()._round_trip(commands)
+
+
+async def test_calls_made_while_a_round_trip_is_out_go_together_in_the_next(
+    redis: aioredis.Redis,
+) -> None:
+    await redis.script_load(ECHO)
+    pipeline = HeldPipeline(redis)
+    batcher = pipeline.script(ECHO)
+    first = batcher(["count"], ["first"])
+    await pipeline.out.wait()  # the first round trip is out, and held
+    later = []
+    for i in range(5):  # each in a tick of its own
+        later.append(batcher(["count"], [f"v{i}"]))
+        await asyncio.sleep(0)
+    assert pipeline.sizes == [1]  # nothing more sent while it is out
+    pipeline.release.set()
+    assert await first == b"first"
+    assert await asyncio.gather(*later) == [f"v{i}".encode() for i in range(5)]
+    assert pipeline.sizes == [1, 5]
+    assert await redis.get("count") == b"6"
+
+
 async def test_other_scripts_and_reads_of_the_tick_ride_the_same_round_trip(
     redis: aioredis.Redis,
 ) -> None:
@@ -110,3 +146,31 @@ async def test_a_cancelled_caller_does_not_stop_the_batch(
         first.cancel()
     assert await second == b"b"
     assert await redis.get("count") == b"2"  # the cancelled caller's script ran too
+
+
+async def test_a_brokers_takes_of_several_queues_share_a_round_trip_with_effects(
+    redis: aioredis.Redis,
+) -> None:
+    from pipeline.keys import Keys
+    from pipeline.queue import Broker
+
+    keys = Keys("signup")
+    for queue in ("email", "marketing"):
+        await redis.lpush(keys.queue(queue), f"{queue}-1", f"{queue}-2")
+    await redis.script_load(ECHO)
+    pipeline = CountingPipeline(redis)
+    broker = Broker(redis, keys, queues=("email", "marketing"), pipeline=pipeline)
+    await broker.take("email", 0)  # its script loaded: no NOSCRIPT round below
+    trips = pipeline.trips
+    assert trips >= 1  # the take went through the pipeline
+
+    async def effect_of_a_job() -> bytes:
+        return bytes(await pipeline.script(ECHO)(["n"], ["x"]))
+
+    email, marketing, effect = await asyncio.gather(
+        broker.take("email", 5), broker.take("marketing", 1), effect_of_a_job()
+    )
+    assert email == ([b"email-1", b"email-2"], 0)
+    assert marketing == ([b"marketing-1"], 0)
+    assert effect == b"x"
+    assert pipeline.trips == trips + 1

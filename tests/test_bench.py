@@ -78,12 +78,31 @@ def test_the_pipeline_table_gives_redis_per_signup_and_its_commands() -> None:
         {"signups": 120, "rps": 1.0, "redis_us": 60.0, "reads": 3.0,
          "commands": {"evalsha": {"calls": 5.0, "us": 40.0}, "lpush": {"calls": 3.0, "us": 2.0}}},
     ]  # fmt: skip
-    lines = pipeline_table(_options(), rounds)
+    lines = pipeline_table(_options(), {"service": rounds})
     assert (
         "**70.0 µs of Redis CPU per signup** (rounds: 80.0, 60.0; 110 signups a round). "
         "Redis read 2.50 times per signup" in (lines[0])
     )
+    assert "baseline" not in lines[0]
     assert lines[4:6] == ["| EVALSHA | 5.00 | 45.0 |", "| LPUSH | 3.00 | 2.5 |"]
+
+
+def test_a_pipeline_baseline_is_compared_round_by_round_and_command_by_command() -> None:
+    def row(redis_us: float, evalsha: float) -> dict[str, object]:
+        return {"signups": 100, "rps": 1.0, "redis_us": redis_us, "reads": 1.0,
+                "commands": {"evalsha": {"calls": evalsha, "us": 10.0 * evalsha}}}  # fmt: skip
+
+    pipeline = {"service": [row(60.0, 3.0), row(90.0, 3.0)], "baseline": [row(80.0, 5.0),
+                row(100.0, 5.0)]}  # fmt: skip
+    lines = pipeline_table(_options(), pipeline)
+    assert (
+        "The baseline (/tmp/base), in alternating rounds: **90.0 µs** (rounds: 80.0, 100.0), "
+        "read 1.00 times per signup; this one against it, round by round: -25%, -10%, "
+        "median **-18%**." in lines[0]
+    )
+    assert lines[2].startswith("| command | calls per signup | µs per signup | calls per signup "
+                               "(baseline) |")  # fmt: skip
+    assert lines[4] == "| EVALSHA | 3.00 | 30.0 | 5.00 | 50.0 |"
 
 
 def test_a_service_on_another_server_is_measured_against_the_bare_app_on_that_server() -> None:

@@ -95,7 +95,9 @@ def build_consumer(
     plan = resolve(settings)
     ctx = Context(client, settings, plan.reaction_settings)
     ctx[EMAIL] = ConsoleEmailBackend()
-    broker = Broker(client, keys, queues=REGISTRY.queues, mode=settings.delivery_mode)
+    broker = Broker(
+        client, keys, queues=REGISTRY.queues, mode=settings.delivery_mode, pipeline=ctx.pipeline
+    )
     return Consumer(broker, handlers or plan.registry.handlers(), ctx, plan), client
 
 

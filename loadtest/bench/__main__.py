@@ -172,6 +172,13 @@ def _reads(client: redis.Redis) -> int:
     return int(client.info("stats")["total_reads_processed"])
 
 
+def _flush(client: redis.Redis) -> None:
+    """Empty Redis synchronously: Valkey 8 and later free a plain FLUSHALL's data in a
+    background thread (``lazyfree-lazy-user-flush yes``), whose CPU would be counted in the
+    next round's Redis CPU."""
+    client.execute_command("FLUSHALL", "SYNC")  # type: ignore[no-untyped-call]
+
+
 def redis_cpu(client: redis.Redis) -> float:
     """CPU seconds (user + system) the Redis server has used since it started."""
     info = client.info("cpu")
@@ -319,7 +326,7 @@ def bench_signup(
                     options, server, own_envs.get(server, env), client, cores, index
                 )
                 results[server].append(figures)
-    client.flushall()
+    _flush(client)
     return results
 
 
@@ -333,7 +340,7 @@ def _signup_round(
 ) -> dict[str, Any]:
     """One round of ``server``: warm-up, then wrk, with the server's and Redis's CPU."""
     port = free_port()
-    client.flushall()
+    _flush(client)
     cwd = Path(options.baseline) if server == "baseline" else ROOT
     argv = _argv(server, port, options.workers, options.bench_python)
     with _server(argv, env, port, cores.server, cwd) as process:
@@ -378,20 +385,27 @@ def _otlp_sink(cores: set[int] | None) -> Iterator[str]:
 
 def bench_pipeline(
     options: argparse.Namespace, redis_url: str, client: redis.Redis, cores: Cores
-) -> list[dict[str, Any]]:
+) -> dict[str, list[dict[str, Any]]]:
     """Redis's CPU per signup end to end: the service (2 workers) and one consumer process
     with the real handlers (console email) on the server core, wrk on the other,
-    ``INFO cpu`` and ``INFO commandstats`` from before the load until every job is done."""
-    results = []
+    ``INFO cpu`` and ``INFO commandstats`` from before the load until every job is done.
+    With ``--baseline``, rounds of the other checkout's service and consumer alternate with
+    this one's ("service" and "baseline")."""
+    roots = {"service": ROOT}
+    if options.baseline:
+        roots["baseline"] = Path(options.baseline)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in roots}
+    names = list(roots)
     for index in range(options.rounds):
-        row = _end_to_end(options, redis_url, client, cores, workers=2, consumers=1)
-        results.append(row)
-        print(
-            f"round {index + 1}  pipeline   {row['signups']:>8,} signups  Redis "
-            f"{row['redis_us']:5.1f} us/signup end to end, {row['reads']:.2f} reads/signup",
-            flush=True,
-        )
-    client.flushall()
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            row = _end_to_end(options, redis_url, client, cores, 2, 1, roots[name])
+            results[name].append(row)
+            print(
+                f"round {index + 1}  pipeline {name:<9} {row['signups']:>8,} signups  Redis "
+                f"{row['redis_us']:5.1f} us/signup end to end, {row['reads']:.2f} reads/signup",
+                flush=True,
+            )
+    _flush(client)
     return results
 
 
@@ -418,7 +432,7 @@ def bench_sizing(
                 f"{row['consumer_us']:5.0f}  Redis {row['redis_us']:5.1f} us/signup",
                 flush=True,
             )
-    client.flushall()
+    _flush(client)
     return results
 
 
@@ -433,6 +447,7 @@ def _end_to_end(
     cores: Cores,
     workers: int,
     consumers: int,
+    root: Path = ROOT,
 ) -> dict[str, Any]:
     """One round: the service with ``workers`` workers and ``consumers`` consumer processes
     (real handlers, console email) on the server core, wrk on the other for the duration,
@@ -442,20 +457,20 @@ def _end_to_end(
 
     stats_key = Keys("signup").stats
     counters = load_registry().effect_counters
-    env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(root)}
     env["RATE_LIMIT"] = "1000000/1"
-    client.flushall()
+    _flush(client)
     port = free_port()
     argv = _argv("service", port, workers, options.bench_python)
     with contextlib.ExitStack() as stack:
-        web = stack.enter_context(_server(argv, env, port, cores.server))
+        web = stack.enter_context(_server(argv, env, port, cores.server, root))
         consumer_processes = [
             stack.enter_context(
-                _server_process([sys.executable, "-m", "consumers"], env, cores.server)
+                _server_process([sys.executable, "-m", "consumers"], env, cores.server, root)
             )
             for _ in range(consumers)
         ]
-        client.flushall()  # the probe signup of start-up
+        _flush(client)  # the probe signup of start-up
         client.config_resetstat()
         web_before = _tree_cpu(web)
         consumer_before = sum(_tree_cpu(w) for w in consumer_processes)
@@ -530,7 +545,7 @@ def bench_consumers(
         for index in range(options.rounds):
             order = CONSUMERS[index % len(CONSUMERS) :] + CONSUMERS[: index % len(CONSUMERS)]
             for kind in order:
-                client.flushall()
+                _flush(client)
                 if kind.startswith(("at-least-once", "at-most-once")):
                     rate, rss, cpu = asyncio.run(
                         drain_round(
@@ -551,7 +566,7 @@ def bench_consumers(
                     f"RSS {figures['rss_mb']:.1f} MB",
                     flush=True,
                 )
-    client.flushall()
+    _flush(client)
     return results
 
 
@@ -612,8 +627,13 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(float(row[key]) for row in rows))
 
 
-def pipeline_table(options: argparse.Namespace, rounds: list[dict[str, Any]]) -> list[str]:
-    """Redis CPU per signup end to end, and the commands behind it."""
+def pipeline_table(
+    options: argparse.Namespace, pipeline: dict[str, list[dict[str, Any]]]
+) -> list[str]:
+    """Redis CPU per signup end to end, and the commands behind it; with a baseline, its
+    commands beside this one's, and the two compared round by round."""
+    rounds = pipeline["service"]
+    baseline = pipeline.get("baseline")
     lines = [
         f"Redis per signup, end to end: this service (2 workers) and one consumer process "
         f"(real handlers, console email), wrk -t{options.threads} -c{options.connections} "
@@ -625,27 +645,45 @@ def pipeline_table(options: argparse.Namespace, rounds: list[dict[str, Any]]) ->
         f"{_median(rounds, 'reads'):.2f} times per signup (`total_reads_processed`: about "
         "one a round trip).",
         "",
-        "| command | calls per signup | µs per signup (Redis's own count) |",
-        "| --- | ---: | ---: |",
     ]
-    names = sorted({name for r in rounds for name in r["commands"]})
-    medians = {
-        name: (
-            statistics.median(r["commands"].get(name, {"calls": 0})["calls"] for r in rounds),
-            statistics.median(r["commands"].get(name, {"us": 0})["us"] for r in rounds),
+    if baseline:
+        pairs = list(zip(baseline, rounds, strict=True))
+        ratios = [after["redis_us"] / before["redis_us"] for before, after in pairs]
+        lines[0] += (
+            f" The baseline ({options.baseline}), in alternating rounds: "
+            f"**{_median(baseline, 'redis_us'):.1f} µs** (rounds: "
+            f"{', '.join(format(r['redis_us'], '.1f') for r in baseline)}), read "
+            f"{_median(baseline, 'reads'):.2f} times per signup; this one against it, round by "
+            f"round: {', '.join(format(r - 1, '+.0%') for r in ratios)}, median "
+            f"**{statistics.median(ratios) - 1:+.0%}**."
         )
-        for name in names
-    }
-    for name, (calls, us) in sorted(medians.items(), key=lambda item: -item[1][1]):
-        if calls >= 0.01:
-            lines.append(f"| {name.upper()} | {calls:.2f} | {us:.1f} |")
+    columns = [("", rounds)] + ([(" (baseline)", baseline)] if baseline else [])
+    lines += [
+        "| command | "
+        + " | ".join(f"calls per signup{c} | µs per signup{c}" for c, _ in columns)
+        + " |",
+        "| --- |" + " ---: | ---: |" * len(columns),
+    ]
+    names = sorted({name for _, rows in columns for r in rows for name in r["commands"]})
+    medians = {name: [_command(rows, name) for _, rows in columns] for name in names}
+    for name, figures in sorted(medians.items(), key=lambda item: -item[1][0][1]):
+        if any(calls >= 0.01 for calls, _ in figures):
+            cells = " | ".join(f"{calls:.2f} | {us:.1f}" for calls, us in figures)
+            lines.append(f"| {name.upper()} | {cells} |")
     lines += [
         "",
-        "A script's commands are counted on their own lines and again in the time of the "
-        "EVALSHA that ran them.",
+        "µs per signup are Redis's own count of each command's time. A script's commands are "
+        "counted on their own lines and again in the time of the EVALSHA that ran them.",
         "",
     ]
     return lines
+
+
+def _command(rows: list[dict[str, Any]], name: str) -> tuple[float, float]:
+    """Median calls and µs per signup of command ``name`` over ``rows`` (0 where absent)."""
+    calls = statistics.median(r["commands"].get(name, {"calls": 0})["calls"] for r in rows)
+    us = statistics.median(r["commands"].get(name, {"us": 0})["us"] for r in rows)
+    return float(calls), float(us)
 
 
 #: How busy the model lets each part run, leaving room for bursts and failover.
@@ -704,7 +742,7 @@ def table(
     signup: dict[str, Any],
     consumers: dict[str, Any],
     cores: Cores,
-    pipeline: list[dict[str, Any]] | None = None,
+    pipeline: dict[str, list[dict[str, Any]]] | None = None,
     sizing: dict[str, list[dict[str, Any]]] | None = None,
     dashboard: dict[str, float] | None = None,
 ) -> str:
@@ -890,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         everything = {"signup", "pipeline", "sizing", "consumers", "dashboard"}
         wanted = {options.only} if options.only else everything
         signup = bench_signup(options, redis_url, client, cores) if "signup" in wanted else {}
-        pipeline = bench_pipeline(options, redis_url, client, cores) if "pipeline" in wanted else []
+        pipeline = bench_pipeline(options, redis_url, client, cores) if "pipeline" in wanted else {}
         sizing = bench_sizing(options, redis_url, client, cores) if "sizing" in wanted else {}
         consumers = bench_consumers(options, redis_url, client) if "consumers" in wanted else {}
         dashboard = bench_dashboard(redis_url) if "dashboard" in wanted else {}
