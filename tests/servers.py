@@ -54,13 +54,21 @@ class Scratch:
     async def launch(self, args: list[str], ready: bytes = b"+PONG") -> None:
         """Start the run's server binary with ``args`` (a sentinel's config file, say)."""
         argv = [REDIS_BINARY, *args]
-        self.process = await asyncio.to_thread(subprocess.Popen, argv, stdout=subprocess.DEVNULL)
+        # Its output is kept, so a server that never answers says why (a port taken, say).
+        output = self.directory / "server.out"
+        with output.open("ab") as sink:
+            self.process = await asyncio.to_thread(subprocess.Popen, argv, stdout=sink)
         try:
             await eventually(
-                lambda: answers(self.port, ready), what=f"the server to answer {ready!r}"
+                lambda: answers(self.port, ready) or self.process.poll() is not None,
+                what=f"the server to answer {ready!r}",
             )
-        except BaseException:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server on port {self.port} exited")
+        except BaseException as exc:
             self.stop()  # a server that never became ready is not left running
+            tail = output.read_text(errors="replace").splitlines()[-15:]
+            exc.add_note(f"{' '.join(argv)}\n" + "\n".join(tail))
             raise
 
     def stop(self) -> None:
