@@ -89,19 +89,31 @@ def production_venv(tmp_path_factory: pytest.TempPathFactory, asgi_server: str) 
     return _VENVS[asgi_server]
 
 
+_WHEEL: dict[str, Path] = {}
+
+
+def _build_wheel(tmp_path_factory: pytest.TempPathFactory, pip: list[str]) -> Path:
+    """The project's wheel, built (with ``pip``) from a copy of the checkout, so the build
+    leaves nothing (build/, *.egg-info) in the source tree."""
+    root = tmp_path_factory.mktemp("wheel")
+    dist, source = root / "dist", root / "source"
+    skip = (".venv", ".bench-venv", ".redis-*", ".run", ".git", "build", "__pycache__", "site")
+    caches = (".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "*.egg-info")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip, *caches))
+    _run([*pip, "wheel", "--no-deps", "-w", str(dist), str(source)], root)
+    (wheel,) = dist.glob("signup_pipeline-*.whl")
+    return wheel
+
+
 def _production_venv(tmp_path_factory: pytest.TempPathFactory, lock: str) -> Path:
     root = tmp_path_factory.mktemp("production")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], root)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
     _run([*pip, "install", "-r", str(ROOT / lock)], root)
-    dist = root / "dist"
-    # Built from a copy, so the build leaves nothing (build/, *.egg-info) in the source tree.
-    source = root / "source"
-    skip = (".venv", ".bench-venv", ".redis-*", ".run", ".git", "build", "__pycache__")
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip, "*.egg-info"))
-    _run([*pip, "wheel", "--no-deps", "-w", str(dist), str(source)], root)
-    (wheel,) = dist.glob("signup_pipeline-*.whl")
+    if "wheel" not in _WHEEL:  # one build serves every production venv of the session
+        _WHEEL["wheel"] = _build_wheel(tmp_path_factory, pip)
+    wheel = _WHEEL["wheel"]
     # The product's packages, and none of the tools for working on it.
     names = zipfile.ZipFile(wheel).namelist()
     packages = {name.split("/")[0] for name in names}
