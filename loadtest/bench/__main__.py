@@ -42,11 +42,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import redis
@@ -57,6 +57,7 @@ from loadtest.bench.dashboard import DEAD_LETTERS, bench_dashboard
 from loadtest.client import Connection, HttpError
 from loadtest.drain import drain_round
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("signup.lua")
 SERVERS = ("bare", "service", "bare-uvicorn", "service-uvicorn", "flask")
@@ -96,6 +97,13 @@ def _argv(server: str, port: int, workers: int, bench_python: str) -> list[str]:
         sys.executable, "-m", "hypercorn", app, "--worker-class", "uvloop",
         "--workers", str(workers), "--bind", bind,
     ]  # fmt: skip
+
+
+def _in_turn(items: Sequence[T], index: int) -> list[T]:
+    """``items`` starting at round ``index``'s turn: each round begins one further on, so
+    every item is measured first, last and between in turn."""
+    start = index % len(items)
+    return [*items[start:], *items[:start]]
 
 
 def ceiling_of(server: str) -> str:
@@ -320,8 +328,7 @@ def bench_signup(
             "baseline": {**env, "PYTHONPATH": str(options.baseline)},
         }
         for index in range(options.rounds):
-            order = servers[index % len(servers) :] + servers[: index % len(servers)]
-            for server in order:
+            for server in _in_turn(servers, index):
                 figures = _signup_round(
                     options, server, own_envs.get(server, env), client, cores, index
                 )
@@ -395,9 +402,8 @@ def bench_pipeline(
     if options.baseline:
         roots["baseline"] = Path(options.baseline)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in roots}
-    names = list(roots)
     for index in range(options.rounds):
-        for name in names[index % len(names) :] + names[: index % len(names)]:
+        for name in _in_turn(list(roots), index):
             row = _end_to_end(options, redis_url, client, cores, 2, 1, roots[name])
             results[name].append(row)
             print(
@@ -422,8 +428,7 @@ def bench_sizing(
     were taken and done (from the load's start until the last job)."""
     results: dict[str, list[dict[str, Any]]] = {_sizing(*s): [] for s in SIZINGS}
     for index in range(options.rounds):
-        order = SIZINGS[index % len(SIZINGS) :] + SIZINGS[: index % len(SIZINGS)]
-        for workers, consumers in order:
+        for workers, consumers in _in_turn(SIZINGS, index):
             row = _end_to_end(options, redis_url, client, cores, workers, consumers)
             results[_sizing(workers, consumers)].append(row)
             print(
@@ -543,8 +548,7 @@ def bench_consumers(
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in CONSUMERS}
     with _otlp_sink(None) as otlp:  # beside the consumer, as the drain's Redis is
         for index in range(options.rounds):
-            order = CONSUMERS[index % len(CONSUMERS) :] + CONSUMERS[: index % len(CONSUMERS)]
-            for kind in order:
+            for kind in _in_turn(CONSUMERS, index):
                 _flush(client)
                 if kind.startswith(("at-least-once", "at-most-once")):
                     rate, rss, cpu = asyncio.run(
