@@ -55,8 +55,8 @@ class AutoPipeline:
         self._replicas = replicas
         self._replica_timeout_ms = max(1, round(replica_timeout * 1000))
         self._pending: list[_Call] = []
-        self._flush_due = False
-        self._flushing: set[asyncio.Task[None]] = set()
+        #: The round trip out, if any: while it is, calls wait in _pending and its end sends them.
+        self._out: asyncio.Task[None] | None = None
         self._scripts: dict[str, ScriptBatcher] = {}
 
     def script(self, source: str) -> ScriptBatcher:
@@ -78,9 +78,8 @@ class AutoPipeline:
         runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._flush_due and not self._flushing:
-            self._flush_due = True
-            loop.call_soon(self._flush)
+        if not self._pending and self._out is None:
+            loop.call_soon(self._flush)  # else one is due already, or the round trip's end
         self._pending.append(_Call(command, future, script, writes))
         return future
 
@@ -88,16 +87,14 @@ class AutoPipeline:
         """Send what is pending, unless a round trip is still out: then its end sends it.
         So under load the calls made while one batch is out all go in the next (a group
         commit), one round trip for many, and an idle moment adds no wait."""
-        self._flush_due = False
-        if not self._pending or self._flushing:
+        if not self._pending:
             return
         batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._run(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._sent)
+        self._out = asyncio.ensure_future(self._run(batch))
+        self._out.add_done_callback(self._sent)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._flushing.discard(task)
+    def _sent(self, _: asyncio.Task[None]) -> None:
+        self._out = None
         self._flush()
 
     async def _run(self, batch: list[_Call]) -> None:

@@ -346,8 +346,11 @@ class Broker:
         if not self._held:
             if count < 1:
                 return [], len(acks)
-            # With a count, RPOP answers a list (or nil when the queue is empty).
-            found = await self._pipeline.read("RPOP", self.keys.queue(queue), count)
+            # With a count, RPOP answers a list (or nil when the queue is empty). A write, but
+            # like a take not one a WAIT need confirm.
+            found = await self._pipeline.queue(
+                ("RPOP", self.keys.queue(queue), count), None, writes=False
+            )
             return [_bytes(raw) for raw in found or ()], len(acks)
         keys = [
             self.keys.queue(queue),
