@@ -200,7 +200,8 @@ async def test_an_unconfirmed_batch_fails_its_writes_and_keeps_its_reads(
 ) -> None:
     """A consumer's effects and reads share a round trip ending in WAIT: with no replica to
     confirm, each write fails with NotReplicatedError (its job is put back); a read in the
-    same round trip wrote nothing to confirm, and keeps its answer."""
+    same round trip wrote nothing to confirm, and keeps its answer, as does a take (a write
+    queued as unconfirmed), so no job it moved is left unknown in a processing list."""
     from pipeline.batching import AutoPipeline
     from pipeline.errors import NotReplicatedError
 
@@ -210,9 +211,13 @@ async def test_an_unconfirmed_batch_fails_its_writes_and_keeps_its_reads(
     await client.set("seen", "1")
     pipeline = AutoPipeline(client, replicas=1, replica_timeout=0.05)
     effect = pipeline.script("return redis.call('INCR', KEYS[1])")
-    write, read = await asyncio.gather(
-        effect(["count"], []), pipeline.read("EXISTS", "seen"), return_exceptions=True
+    write, read, take = await asyncio.gather(
+        effect(["count"], []),
+        pipeline.read("EXISTS", "seen"),
+        effect(["count"], [], confirmed=False),  # as a consumer's take is queued
+        return_exceptions=True,
     )
     assert isinstance(write, NotReplicatedError)
     assert read == 1
-    assert await client.get("count") == b"1"  # it ran: only the confirmation is missing
+    assert take == 2  # a write no WAIT need confirm keeps its answer: the jobs it took
+    assert await client.get("count") == b"2"  # both ran: only the confirmation is missing

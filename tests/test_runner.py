@@ -892,3 +892,36 @@ async def test_jobs_recovered_from_a_dead_consumer_are_counted(
     consumer = running.consumer
     assert _count(consumer, "signup_jobs_recovered_total", outcome="returned") == 1
     assert _count(consumer, "signup_jobs_recovered_total", outcome="dead_lettered") == 0
+
+
+async def test_a_loop_woken_by_its_blocking_fetch_takes_the_rest_of_the_batch_at_once(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """One commit pushes a signup batch's jobs together: the blocking fetch wakes with one of
+    them, and the loop takes the others at once rather than after its linger (made long here:
+    the code that lingered would run one job for 60 s)."""
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def gated(ctx: Context, job: Job) -> None:
+        started.append(job.payload["email"])
+        await release.wait()
+
+    running = await start_consumer(  # type: ignore[operator]
+        handlers={"welcome_email": gated}, concurrency={"email": 3}
+    )
+    running.consumer.take_linger = 60.0
+
+    async def blocked() -> bool:
+        return int((await redis.info("clients"))["blocked_clients"]) >= 1
+
+    await eventually(blocked, what="the fetch loop blocking on its empty queue")
+    jobs = [
+        new_job("welcome_email", {"user_id": "u", "username": "u", "email": f"b{i}@example.com"})
+        for i in range(3)
+    ]
+    await redis.lpush(keys.queue("email"), *(job.encode() for job in jobs))  # as a commit does
+    await eventually(lambda: len(started) == 3, what="all three started, the first still running")
+    release.set()
+    await eventually(lambda: _llen(redis, keys.processing("email", running.consumer.consumer_id), 0),
+                     what="all three acked")  # fmt: skip
