@@ -923,5 +923,5 @@ async def test_a_loop_woken_by_its_blocking_fetch_takes_the_rest_of_the_batch_at
     await redis.lpush(keys.queue("email"), *(job.encode() for job in jobs))  # as a commit does
     await eventually(lambda: len(started) == 3, what="all three started, the first still running")
     release.set()
-    await eventually(lambda: _llen(redis, keys.processing("email", running.consumer.consumer_id), 0),
-                     what="all three acked")  # fmt: skip
+    held = keys.processing("email", running.consumer.consumer_id)
+    await eventually(lambda: _llen(redis, held, 0), what="all three acked")
