@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
+import redis.asyncio as aioredis
+
 from consumers.admin import operate
 from consumers.metrics import ConsumerMetrics, serve_metrics
 from consumers.runner import Consumer
@@ -204,6 +206,23 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def consumer_parts(redis: aioredis.Redis, plan: Plan) -> tuple[Context, Broker]:
+    """A consumer's handler context and its broker, on ``redis``: the broker's takes share
+    the context's auto-pipeline with the handlers' effects and reads, so a tick's takes and
+    effects cost one round trip."""
+    settings = plan.settings
+    ctx = Context(redis, settings, plan.reaction_settings)
+    broker = Broker(
+        redis,
+        Keys(settings.key_prefix),
+        mode=settings.delivery_mode,
+        dead_letter_max=settings.dead_letter_max,
+        queues=plan.registry.queues,
+        pipeline=ctx.pipeline,
+    )
+    return ctx, broker
+
+
 async def run(plan: Plan, handlers: Mapping[str, Handler] | None = None) -> None:
     """Consume the configured queues until SIGTERM or SIGINT, then drain and close Redis.
 
@@ -242,16 +261,7 @@ async def run(plan: Plan, handlers: Mapping[str, Handler] | None = None) -> None
     redis = consumer_client(
         settings, max_connections=len(concurrency) + sum(concurrency.values()) + 4
     )
-    keys = Keys(settings.key_prefix)
-    ctx = Context(redis, settings, plan.reaction_settings)
-    broker = Broker(
-        redis,
-        keys,
-        mode=settings.delivery_mode,
-        dead_letter_max=settings.dead_letter_max,
-        queues=registry.queues,
-        pipeline=ctx.pipeline,  # takes share their round trips with the effects
-    )
+    ctx, broker = consumer_parts(redis, plan)
     metrics = ConsumerMetrics(registry)
     server = None
     if settings.metrics_port is not None:

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from consumers.cli import consumer_parts
 from consumers.runner import Consumer, retry_delay
 from pipeline.connections import consumer_client
 from pipeline.context import Context
@@ -91,13 +92,9 @@ def build_consumer(
     """A consumer (and its client, for the caller to close) on ``settings`` and ``overrides``."""
     settings = dataclasses.replace(settings, **overrides)
     client = consumer_client(settings, max_connections=32)
-    keys = Keys(settings.key_prefix)
     plan = resolve(settings)
-    ctx = Context(client, settings, plan.reaction_settings)
+    ctx, broker = consumer_parts(client, plan)  # as the consumer process builds them
     ctx[EMAIL] = ConsoleEmailBackend()
-    broker = Broker(
-        client, keys, queues=REGISTRY.queues, mode=settings.delivery_mode, pipeline=ctx.pipeline
-    )
     return Consumer(broker, handlers or plan.registry.handlers(), ctx, plan), client
 
 
