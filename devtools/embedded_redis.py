@@ -64,11 +64,22 @@ def server_version(binary: str) -> str:
     return f"{words[0] if words else '?'} {version}"
 
 
+#: The ports :func:`free_port` has given this process.
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process has
+    not been given before. The kernel may hand a port it just freed out again, so two ports
+    asked for before either is listened on (a cluster node's and its bus's) could otherwise
+    be one, and the second server fails to start."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def server_args(

@@ -18,18 +18,27 @@ At most one round trip per pipeline is out at a time: the calls made while it is
 together in the next, as soon as it is back (a group commit). Under load that makes batches
 as large as the load makes them, at the price of waiting for the round trip before; when
 idle, a call goes at the end of its tick, as before.
+
+So a pipeline needs one connection at a time. It borrows one from the client's pool for a
+busy spell (its round trips back to back, while callers keep queueing) and gives it back
+when nothing is pending, rather than once per round trip: the pool's locks, timer and
+bookkeeping cost about as much as the round trip's own client work. A round trip's replies
+are read under one timeout (the connection's socket timeout), not a timer per reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.errors import NotReplicatedError
 
@@ -84,36 +93,56 @@ class AutoPipeline:
         return future
 
     def _flush(self) -> None:
-        """Send what is pending, unless a round trip is still out: then its end sends it.
-        So under load the calls made while one batch is out all go in the next (a group
-        commit), one round trip for many, and an idle moment adds no wait."""
-        if not self._pending:
+        """Start sending what is pending, unless a round trip is still out: then the busy
+        spell it belongs to sends it next. So under load the calls made while one batch is
+        out all go in the next (a group commit), one round trip for many, and an idle moment
+        adds no wait."""
+        if not self._pending or self._out is not None:
             return
-        batch, self._pending = self._pending, []
-        self._out = asyncio.ensure_future(self._run(batch))
+        self._out = asyncio.ensure_future(self._send())
         self._out.add_done_callback(self._sent)
 
     def _sent(self, _: asyncio.Task[None]) -> None:
         self._out = None
-        self._flush()
+        self._flush()  # anything queued while the connection went back
 
-    async def _run(self, batch: list[_Call]) -> None:
+    async def _send(self) -> None:
+        """One busy spell: round trips back to back on one borrowed connection while calls
+        are pending, each batch what was queued during the one before."""
+        pool = self._redis.connection_pool
         try:
-            results = await self._execute(batch)
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:  # none to be had (the pool's timeout): the batch fails
+            batch, self._pending = self._pending, []
+            _fail(batch, exc)
+            return
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._run(connection, batch)
+                # The callers just answered run now; what they queue goes in the next batch.
+                await asyncio.sleep(0)
+        finally:
+            await pool.release(connection)
+
+    async def _run(self, connection: AbstractConnection, batch: list[_Call]) -> None:
+        try:
+            results = await self._execute(connection, batch)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
-                # Redis lost its script cache (a restart, SCRIPT FLUSH): load them, go again.
+                # Redis lost its script cache (a restart, SCRIPT FLUSH): load them, go again,
+                # on the same connection (the pool may have no other), in one round trip.
                 lost = {id(batch[i].script): batch[i].script for i in missing}
-                for script in lost.values():
-                    assert script is not None
-                    await self._redis.script_load(script.script)
-                retried = await self._execute([batch[i] for i in missing])
+                loads = [("SCRIPT", "LOAD", s.script) for s in lost.values() if s is not None]
+                loaded = await self._round_trip(connection, loads)
+                failed = next((r for r in loaded if isinstance(r, Exception)), None)
+                if failed is not None:
+                    raise failed
+                retried = await self._execute(connection, [batch[i] for i in missing])
                 for index, result in zip(missing, retried, strict=True):
                     results[index] = result
         except Exception as exc:  # the round trip failed: every call fails with it
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc)
+            _fail(batch, exc)
             return
         for call, result in zip(batch, results, strict=True):
             if call.future.done():
@@ -123,12 +152,12 @@ class AutoPipeline:
             else:
                 call.future.set_result(result)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
+    async def _execute(self, connection: AbstractConnection, batch: list[_Call]) -> list[Any]:
         commands = [call.command for call in batch]
         waits = bool(self._replicas) and any(call.writes for call in batch)
         if waits:
             commands.append(("WAIT", self._replicas, self._replica_timeout_ms))
-        results = await self._round_trip(commands)
+        results = await self._round_trip(connection, commands)
         if waits:
             acknowledged = results.pop()
             if isinstance(acknowledged, Exception):
@@ -143,29 +172,43 @@ class AutoPipeline:
                 ]
         return results
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write on one pooled connection and read every reply: a
-        reply that is an error is returned in its place, as a pipeline without a transaction
+    async def _round_trip(
+        self, connection: AbstractConnection, commands: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Send ``commands`` in one write on ``connection`` and read every reply: a reply
+        that is an error is returned in its place, as a pipeline without a transaction
         does. (redis-py's Pipeline does the same with several times the CPU per command:
         command stacks, response callbacks and its retry and bookkeeping layers, which the
-        web client does not use: it never retries.) A failure of the connection itself
-        raises, and the connection is dropped rather than returned half-read."""
-        pool = self._redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        web client does not use: it never retries.) The replies are read under one timeout,
+        the connection's socket timeout (``math.inf`` asks redis-py for no timer of its own
+        per reply). A failure of the connection itself raises, and the connection is
+        dropped rather than left half-read: the next round trip connects again."""
         try:
             await connection.send_packed_command(connection.pack_commands(commands))
             results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as exc:
-                    results.append(exc)
-        except BaseException:
+            async with asyncio.timeout(connection.socket_timeout):
+                for _ in commands:
+                    try:
+                        results.append(await connection.read_response(timeout=math.inf))
+                    except ResponseError as exc:
+                        results.append(exc)
+        except BaseException as exc:
             await connection.disconnect()
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"Timeout reading from {_where(connection)}") from None
             raise
-        finally:
-            await pool.release(connection)
         return results
+
+
+def _fail(batch: list[_Call], exc: BaseException) -> None:
+    for call in batch:
+        if not call.future.done():
+            call.future.set_exception(exc)
+
+
+def _where(connection: AbstractConnection) -> str:
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return f"{host}:{port}" if host is not None else repr(connection)
 
 
 class ScriptBatcher:

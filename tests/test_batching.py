@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devtools.embedded_redis import free_port
 from pipeline.batching import AutoPipeline, ScriptBatcher
@@ -32,9 +33,9 @@ class CountingPipeline(AutoPipeline):
 
     trips = 0
 
-    async def _round_trip(self, commands):  # type: ignore[no-untyped-def]
+    async def _round_trip(self, connection, commands):  # type: ignore[no-untyped-def]
         self.trips += 1
-        return await super()._round_trip(commands)
+        return await super()._round_trip(connection, commands)
 
 
 async def test_calls_in_one_tick_share_one_round_trip_and_get_their_own_answers(
@@ -61,11 +62,11 @@ class HeldPipeline(CountingPipeline):
         self.out = asyncio.Event()
         self.sizes: list[int] = []
 
-    async def _round_trip(self, commands):  # type: ignore[no-untyped-def]
+    async def _round_trip(self, connection, commands):  # type: ignore[no-untyped-def]
         self.sizes.append(len(commands))
         self.out.set()
         await self.release.wait()
-        return await super()._round_trip(commands)
+        return await super()._round_trip(connection, commands)
 
 
 async def test_calls_made_while_a_round_trip_is_out_go_together_in_the_next(
@@ -135,6 +136,62 @@ async def test_a_failed_round_trip_fails_every_call_of_the_batch() -> None:
     )
     assert all(isinstance(r, RedisConnectionError) for r in results), results
     await client.aclose()
+
+
+async def test_a_busy_spell_borrows_one_connection_and_gives_it_back(
+    redis_server: Any,
+) -> None:
+    """Round trips back to back (each caller asking again as soon as it is answered) share
+    one connection from the pool, which goes back when nothing is pending: with a pool of
+    one, a plain command still gets it, and a lost script cache is loaded again on it."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_server.url, max_connections=1, timeout=0.5
+    )
+    client = aioredis.Redis.from_pool(pool)
+    borrowed = 0
+    get_connection = pool.get_connection
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal borrowed
+        borrowed += 1
+        return await get_connection(*args, **kwargs)
+
+    pool.get_connection = counting  # type: ignore[method-assign]
+    try:
+        await client.flushall()
+        borrowed = 0
+        pipeline = CountingPipeline(client)
+        batcher = pipeline.script(ECHO)
+
+        async def caller(name: str) -> list[bytes]:
+            return [await batcher(["count"], [f"{name}{i}"]) for i in range(5)]
+
+        answers = await asyncio.gather(caller("a"), caller("b"))
+        assert answers == [[f"{n}{i}".encode() for i in range(5)] for n in "ab"]
+        assert pipeline.trips >= 5 and borrowed == 1
+        assert await asyncio.wait_for(client.get("count"), 5) == b"10"  # the pool's one is back
+        await client.script_flush()
+        borrowed = 0
+        assert await batcher(["count"], ["again"]) == b"again"
+        assert borrowed == 1  # the script loaded again on the connection its spell holds
+    finally:
+        await client.aclose()
+
+
+async def test_a_reply_late_past_the_socket_timeout_fails_its_batch_and_the_next_connects(
+    redis_server: Any,
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.2)
+    try:
+        pipeline = AutoPipeline(client)
+        late = await asyncio.gather(
+            pipeline.read("BLPOP", "nothing-here", 2), pipeline.read("PING"),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert all(isinstance(r, RedisTimeoutError) for r in late), late
+        assert await pipeline.read("PING") in (b"PONG", True)
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("cancelled", [True, False])

@@ -170,6 +170,14 @@ async def signed_up_and_done(port: int, count: int) -> list[tuple[int, Any]]:
     return answers
 
 
+def test_the_ports_given_for_nodes_and_their_buses_never_repeat() -> None:
+    """A node's port and a bus port are asked for before either is listened on: the kernel
+    hands a port it just freed out again often enough (a node once got its own bus port and
+    could not start), so free_port never gives one port twice."""
+    ports = [free_port() for _ in range(1000)]
+    assert len(set(ports)) == len(ports)
+
+
 async def test_the_pipeline_runs_on_a_cluster_through_a_node_that_does_not_own_the_slot(
     spawn: Any, cluster: list[Scratch]
 ) -> None:
