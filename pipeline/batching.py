@@ -180,9 +180,10 @@ class AutoPipeline:
         does. (redis-py's Pipeline does the same with several times the CPU per command:
         command stacks, response callbacks and its retry and bookkeeping layers, which the
         web client does not use: it never retries.) The replies are read under one timeout,
-        the connection's socket timeout (``math.inf`` asks redis-py for no timer of its own
-        per reply). A failure of the connection itself raises, and the connection is
-        dropped rather than left half-read: the next round trip connects again."""
+        the connection's socket timeout (``math.inf`` asks redis-py 8.0.1 and later for no
+        timer of its own per reply; earlier ones arm one that never fires, as before). A
+        failure of the connection itself raises, and the connection is dropped rather than
+        left half-read: the next round trip connects again."""
         try:
             await connection.send_packed_command(connection.pack_commands(commands))
             results: list[Any] = []
