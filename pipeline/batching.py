@@ -21,9 +21,9 @@ idle, a call goes at the end of its tick, as before.
 
 So a pipeline needs one connection at a time. It borrows one from the client's pool for a
 busy spell (its round trips back to back, while callers keep queueing) and gives it back
-when nothing is pending, rather than once per round trip: the pool's locks, timer and
-bookkeeping cost about as much as the round trip's own client work. A round trip's replies
-are read under one timeout (the connection's socket timeout), not a timer per reply.
+when nothing is pending, rather than once per round trip, whose pool locks, timer and
+bookkeeping were a good part of its client work. A round trip's replies are read under one
+timeout (the connection's socket timeout), not a timer per reply.
 """
 
 from __future__ import annotations
