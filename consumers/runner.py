@@ -2,10 +2,11 @@
 graceful drain.
 
 Each queue has one fetch loop. Per round trip it acknowledges the jobs finished since the last
-one and takes up to the free slots' worth of new ones (blocking only when the queue is empty),
-and starts each job as a task, so a slow job never blocks fetching. A job runs under its
-type's timeout. A failed one is then settled in one script: scheduled for a retry with
-exponential backoff and jitter, or dead-lettered after its last attempt.
+one, counting each under its type's stats counter, and takes up to the free slots' worth of new
+ones (blocking only when the queue is empty), and starts each job as a task, so a slow job
+never blocks fetching. A job runs under its type's timeout. A failed one is then settled in one
+script: scheduled for a retry with exponential backoff and jitter, or dead-lettered after its
+last attempt.
 
 Beside the fetch loops: the heartbeat renews this consumer's lease (from before the first
 fetch until the last job is settled), the watchdog cancels handlers past their timeout, the
@@ -46,7 +47,7 @@ from pipeline.errors import InvalidJobError, JobDecodeError
 from pipeline.jobs import Job, decode
 from pipeline.outage import Outage
 from pipeline.plan import Plan
-from pipeline.queue import LATENCY_FLUSH_INTERVAL, Broker, delivery_id
+from pipeline.queue import LATENCY_FLUSH_INTERVAL, Ack, Broker, delivery_id
 from pipeline.registry import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, Handler
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,12 @@ class Consumer:
         self._samples: dict[str, list[tuple[float, float]]] = {q: [] for q in self._concurrency}
         #: Jobs done and failed (retried or dead-lettered) since the history was last written.
         self._tally = {"done": 0, "failed": 0}
-        #: Per queue: finished jobs (bytes, id) whose ack goes with the fetch loop's next take.
-        self._acks: dict[str, list[tuple[bytes, str]]] = {q: [] for q in self._concurrency}
+        #: Per queue: jobs done whose ack (and count) goes with the fetch loop's next take.
+        self._acks: dict[str, list[Ack]] = {q: [] for q in self._concurrency}
+        #: Each job type's stats counter ('' for none), added to when one of its jobs is acked.
+        self._counters = {
+            name: job_type.counter or "" for name, job_type in plan.registry.job_types.items()
+        }
         #: Per queue: set when one of its jobs finishes (or on stop), to wake a full fetch loop.
         self._freed = {q: asyncio.Event() for q in self._concurrency}
         #: Running handlers' deadlines (monotonic), and those the watchdog cancelled for it.
@@ -263,7 +268,7 @@ class Consumer:
                 running.add(task)
                 task.add_done_callback(finished)
 
-    async def _reconcile(self, queue: str, acks: list[tuple[bytes, str]]) -> None:
+    async def _reconcile(self, queue: str, acks: list[Ack]) -> None:
         """Return held jobs this consumer is not running. A fetch whose reply was lost (the
         connection dropped after Redis moved the job; the client's retry then fetched again)
         leaves one behind in the processing list. Only the queue's fetch loop calls this,
@@ -272,7 +277,7 @@ class Consumer:
         if self._broker.mode != "at-least-once":
             return
         known = {job.raw for job in self._in_flight.values() if job.queue == queue}
-        known.update(raw for raw, _ in acks)
+        known.update(ack.raw for ack in acks)
         orphans = [raw for raw in await self._broker.held(queue) if raw not in known]
         for raw in orphans:
             await self._broker.return_job(queue, raw)
@@ -380,8 +385,8 @@ class Consumer:
             return await self._failed(queue, raw, job, *failure), failure[1], failure[0]
         self._finished(job.type, "succeeded")
         self._samples[queue].append((wait, run))
-        if self._broker.mode == "at-least-once":
-            self._acks[queue].append((raw, job.id))
+        # Counted when acknowledged (at-most-once too: the count goes with the next take).
+        self._acks[queue].append(Ack(raw, job.id, self._counters.get(job.type, "")))
         return "succeeded", None, None
 
     async def _failed(

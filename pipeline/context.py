@@ -37,11 +37,11 @@ class Context:
     settings (the shared ones, and each reaction's own: :meth:`settings_of`), the resources
     the reactions' start-up hooks opened, and the effect scripts.
 
-    :meth:`effect` and :meth:`read` share one auto-pipeline: the effects and reads of the
-    jobs finishing in the same loop tick, whatever their scripts, go to Redis in one round
-    trip. With ``REDIS_MIN_REPLICAS`` that round trip ends with ``WAIT``, so an effect a
-    failover could still lose raises :class:`NotReplicatedError` and its job is put back
-    rather than acknowledged."""
+    :meth:`write`, :meth:`effect` and :meth:`read` share one auto-pipeline: the effects and
+    reads of the jobs finishing in the same loop tick, whatever their commands or scripts, go
+    to Redis in one round trip. With ``REDIS_MIN_REPLICAS`` that round trip ends with ``WAIT``,
+    so an effect a failover could still lose raises :class:`NotReplicatedError` and its job is
+    put back rather than acknowledged."""
 
     def __init__(
         self,
@@ -89,9 +89,24 @@ class Context:
         value: T | None = self._resources.pop(resource, None)
         return value
 
+    def write(self, *command: Any) -> asyncio.Future[Any]:
+        """A write command (``"ZADD", key, "NX", score, member``), sent with this tick's
+        effects; its raw reply. Confirmed by replicas with ``REDIS_MIN_REPLICAS``."""
+        return self.pipeline.queue(command, None, writes=True)
+
     def effect(self, source: str) -> ScriptBatcher:
-        """The batched caller of the Lua script ``source`` (one per script and context)."""
+        """The batched caller of the Lua script ``source`` (one per script and context), for
+        an effect no single command makes."""
         return self.pipeline.script(source)
+
+    def is_done(self, job_id: str) -> asyncio.Future[Any]:
+        """Whether the done-marker of ``job_id`` is set (a :meth:`read`): for an effect that
+        cannot say itself whether it is done, such as an email."""
+        return self.read("EXISTS", self.keys.done(job_id))
+
+    def mark_done(self, job_id: str) -> asyncio.Future[Any]:
+        """Set the done-marker of ``job_id`` (a :meth:`write`), expiring after ``done_ttl``."""
+        return self.write("SET", self.keys.done(job_id), "1", "NX", "EX", self.done_ttl)
 
     def read(self, *command: Any) -> asyncio.Future[Any]:
         """A read-only command (``"EXISTS", key``), sent with this tick's effects; its raw

@@ -1,31 +1,18 @@
-"""What handlers share: the done-marker script, and payload fields checked before use.
+"""What handlers share: payload fields checked before use.
 
 Every handler is idempotent: a job delivered twice (recovered from a consumer that died, or
 retried after a failure) takes effect once. An effect in Redis that can say itself whether it
-is done (an address already on a list, a profile already written) checks that in its own
-script, counting only when it wrote. One that cannot, or one outside Redis (an email), keeps a
-done-marker per job: :func:`once` wraps the effect in a script that sets it.
+is done makes it with a command that does nothing the second time (``ZADD NX``, ``SET NX``:
+:meth:`Context.write`). One that cannot, or one outside Redis (an email), keeps a done-marker
+per job: checked first (:meth:`Context.is_done`), set once the effect is made
+(:meth:`Context.mark_done`). Counting is not the handler's: the consumer adds one to the job
+type's counter when it acknowledges the job, which happens once per job.
 """
 
 from __future__ import annotations
 
 from pipeline.errors import InvalidJobError
 from pipeline.jobs import Job, is_id
-
-
-def once(effect: str) -> str:
-    """A script doing ``effect`` only if job KEYS[1]'s done-marker was not set yet, and setting
-    it (expiring after ARGV[1] s) in the same step. Returns 1 if it ran, 0 if already done.
-    The effect's own keys and arguments start at KEYS[2] and ARGV[2]."""
-    return (
-        "if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end\n"
-        f"{effect}\nreturn 1"
-    )
-
-
-def count(counter: str, key: str) -> str:
-    """The Lua line adding one to ``counter`` of the stats hash at ``key`` (``KEYS[n]``)."""
-    return f"redis.call('HINCRBY', {key}, '{counter}', 1)"
 
 
 def payload_text(job: Job, name: str, max_length: int = 254) -> str:

@@ -18,12 +18,13 @@ moves due jobs to the head of their queue.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -57,6 +58,16 @@ class JobSink(Protocol):
         """Queue one job of ``job_type`` (a declared type, or its name); return it. A type no
         reaction declares raises :class:`UnknownJobTypeError`."""
         ...
+
+
+class Ack(NamedTuple):
+    """A job done, acknowledged with its fetch loop's next take: its bytes as fetched, its id
+    (whose deliveries are forgotten) and the stats counter its type keeps ('' for none), to
+    which the acknowledgement adds one."""
+
+    raw: bytes
+    job_id: str
+    counter: str = ""
 
 
 class DirectQueue:
@@ -130,18 +141,36 @@ return 1
 )
 
 # Acknowledge finished jobs and take up to ARGV[1] more without blocking, in one step: under
-# load a consumer makes one round trip per batch, not two per job. The batch moves as a whole
-# (three commands, not an LMOVE per job), leaving both lists as that many LMOVEs would: the
-# head of the queue first in the reply and nearest the processing list's pop end. The copy
-# comes before the trim, so an OOM refusal (at LPUSH) leaves the acks done and nothing taken.
-# KEYS: queue, processing list, deliveries hash
-# ARGV: how many to take, how many acks n, then n job bytes, then their n ids
+# load a consumer makes one round trip per batch, not two per job. Each ack that still finds
+# its job adds one to its type's counter (one HINCRBY per counter and batch): a job is
+# acknowledged once, however often it was delivered, so it counts once. The counts come
+# first, as if every ack found its job, and are taken back for any that did not (one whose
+# job was recovered from this consumer: the consumer now holding it counts it): an OOM
+# refusal, which hits a script at its first memory-growing write, then refuses the whole
+# step. The batch moves as a whole (three commands, not an LMOVE per job), leaving both lists
+# as that many LMOVEs would: the head of the queue first in the reply and nearest the
+# processing list's pop end. The copy comes before the trim, so an OOM refusal there (at
+# LPUSH) leaves the acks done and nothing taken.
+# KEYS: queue, processing list, deliveries hash, stats hash
+# ARGV: how many to take, how many acks n, then n job bytes, their n ids, their n counters
+# ('' for none)
 # Returns {acks that found their job, taken job bytes...}
 _ACK_AND_TAKE = """
 local n = tonumber(ARGV[2])
+local counted = {}
+for i = 3 + 2 * n, 2 + 3 * n do
+  if ARGV[i] ~= '' then counted[ARGV[i]] = (counted[ARGV[i]] or 0) + 1 end
+end
+for counter, k in pairs(counted) do
+  redis.call('HINCRBY', KEYS[4], counter, k)
+end
 local removed = 0
 for i = 3, 2 + n do
-  removed = removed + redis.call('LREM', KEYS[2], -1, ARGV[i])
+  if redis.call('LREM', KEYS[2], -1, ARGV[i]) == 1 then
+    removed = removed + 1
+  elseif ARGV[i + 2 * n] ~= '' then
+    redis.call('HINCRBY', KEYS[4], ARGV[i + 2 * n], -1)
+  end
 end
 if n > 0 then
   redis.call('HDEL', KEYS[3], unpack(ARGV, 3 + n, 2 + 2 * n))
@@ -338,31 +367,48 @@ class Broker:
         return None if raw is None else _bytes(raw)
 
     async def take(
-        self, queue: str, count: int, acks: Sequence[tuple[bytes, str]] = ()
+        self, queue: str, count: int, acks: Sequence[Ack] = ()
     ) -> tuple[list[bytes], int]:
-        """Acknowledge ``acks`` (job bytes and id) and take up to ``count`` more jobs of
-        ``queue`` without blocking, in one round trip. Returns the jobs taken and how many acks
-        still found their job (fewer: some were recovered from this consumer meanwhile)."""
+        """Acknowledge ``acks``, counting each under its counter, and take up to ``count``
+        more jobs of ``queue`` without blocking, in one round trip. Returns the jobs taken and
+        how many acks still found their job (fewer: some were recovered from this consumer
+        meanwhile, and are counted by the consumer that holds them now)."""
         if not self._held:
-            if count < 1:
-                return [], len(acks)
-            # With a count, RPOP answers a list (or nil when the queue is empty). A write, but
-            # like a take not one a WAIT need confirm.
-            found = await self._pipeline.queue(
-                ("RPOP", self.keys.queue(queue), count), None, writes=False
-            )
-            return [_bytes(raw) for raw in found or ()], len(acks)
+            return await self._pop(queue, count, acks), len(acks)
         keys = [
             self.keys.queue(queue),
             self.keys.processing(queue, self.consumer_id),
             self.keys.deliveries,
+            self.keys.stats,
         ]
         args: list[bytes | str | int] = [count, len(acks)]
-        args += [raw for raw, _ in acks]
-        args += [job_id for _, job_id in acks]
+        args += [ack.raw for ack in acks]
+        args += [ack.job_id for ack in acks]
+        args += [ack.counter for ack in acks]
         # Not confirmed by replicas: a take a failover loses is recovered like any delivery.
         removed, *taken = await self._ack_and_take(keys, args, confirmed=False)
         return [_bytes(raw) for raw in taken], int(removed)
+
+    async def _pop(self, queue: str, count: int, acks: Sequence[Ack]) -> list[bytes]:
+        """At-most-once: count ``acks`` (one HINCRBY per counter) and pop up to ``count``
+        jobs, in one round trip. Nothing is held, so nothing is removed."""
+        counted: dict[str, int] = {}
+        for ack in acks:
+            if ack.counter:
+                counted[ack.counter] = counted.get(ack.counter, 0) + 1
+        # Writes, but like a take not ones a WAIT need confirm.
+        calls = [
+            self._pipeline.queue(("HINCRBY", self.keys.stats, name, k), None, writes=False)
+            for name, k in counted.items()
+        ]
+        if count > 0:
+            # With a count, RPOP answers a list (or nil when the queue is empty).
+            calls.append(
+                self._pipeline.queue(("RPOP", self.keys.queue(queue), count), None, writes=False)
+            )
+        replies = await asyncio.gather(*calls)
+        found = replies[-1] if count > 0 else None
+        return [_bytes(raw) for raw in found or ()]
 
     async def held(self, queue: str) -> list[bytes]:
         """The jobs of ``queue`` in this consumer's processing list."""

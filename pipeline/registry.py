@@ -52,7 +52,8 @@ _REACTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 class JobType:
     """One kind of job: its name (in the envelope), the queue it travels on, how many attempts
     it gets and how long each may run, the handler that does it (None: something outside this
-    project consumes its queue) and the stats counter that handler adds to."""
+    project consumes its queue) and the stats counter of its jobs done (the consumer adds one
+    when it acknowledges a job)."""
 
     name: str
     queue: str
@@ -200,7 +201,7 @@ class Registry:
         reaction_counters = [t.counter for t in self.job_types.values() if t.counter is not None]
         first, *rest = CORE_COUNTERS
         self.counters: tuple[str, ...] = (first, *reaction_counters, *rest)
-        #: The counters the reactions' handlers keep (what a drained signup adds to).
+        #: The counters of the reactions' job types (what a drained signup adds to).
         self.effect_counters: tuple[str, ...] = tuple(reaction_counters)
         #: Job type name -> the queue it travels on (the hot path of every push).
         self.routes: Mapping[str, str] = {name: t.queue for name, t in self.job_types.items()}

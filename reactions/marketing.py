@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from pipeline.context import Context
-from pipeline.handling import count, payload_text
+from pipeline.handling import payload_text
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
 from pipeline.registry import JobType, Reaction
@@ -13,27 +13,15 @@ from pipeline.signals import user_signed_up
 
 #: The sorted set of subscribed addresses (``<prefix>:marketing``), scored by signup time.
 LIST: Final = "marketing"
-#: The stats counter of addresses added.
+#: The stats counter of jobs done: addresses added.
 COUNTER: Final = "marketing_list_updates"
-
-# Once per address without a done-marker: ZADD NX adds it only if it is not on the list yet,
-# and only an addition is counted, so a job delivered twice counts once.
-# KEYS: marketing set, stats  ARGV: address, signed-up time
-_ADD = (
-    "if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1]) == 1 then\n"
-    f"  {count(COUNTER, 'KEYS[2]')}\n"
-    "end"
-)
 
 
 async def add_to_marketing_list(ctx: Context, job: Job) -> None:
-    """Add the address to the marketing list (scored by signup time) and count it, once per
-    address: the list itself says whether it is done."""
+    """Add the address to the marketing list, scored by signup time, once per address without
+    a done-marker: ``ZADD NX`` adds it only if it is not on the list yet."""
     signed_up_at = float(job.payload.get("signed_up_at", job.enqueued_at))
-    await ctx.effect(_ADD)(
-        keys=[ctx.keys.of(LIST), ctx.keys.stats],
-        args=[payload_text(job, "email"), repr(signed_up_at)],
-    )
+    await ctx.write("ZADD", ctx.keys.of(LIST), "NX", repr(signed_up_at), payload_text(job, "email"))
 
 
 MARKETING_SIGNUP: Final = JobType(

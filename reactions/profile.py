@@ -11,13 +11,13 @@ import msgspec
 import orjson
 
 from pipeline.context import Context
-from pipeline.handling import count, payload_text, payload_user_id
+from pipeline.handling import payload_text, payload_user_id
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
 from pipeline.registry import JobType, Reaction, UserField
 from pipeline.signals import user_signed_up
 
-#: The stats counter of profiles generated.
+#: The stats counter of jobs done: profiles generated.
 COUNTER: Final = "profiles_generated"
 
 
@@ -34,11 +34,6 @@ class Profile(msgspec.Struct):
 PROFILE: Final = UserField(
     "profile", Profile, description="Null until a consumer has generated it."
 )
-
-# Once per user without a done-marker: SET NX writes the profile only if the user has none
-# yet, and only a write is counted, so a job delivered twice keeps the first profile and
-# counts once.  KEYS: profile, stats  ARGV: profile JSON
-_SAVE = f"if redis.call('SET', KEYS[1], ARGV[1], 'NX') then\n  {count(COUNTER, 'KEYS[2]')}\nend"
 
 
 def build_profile(username: str, email: str, now: datetime | None = None) -> dict[str, Any]:
@@ -57,14 +52,11 @@ def build_profile(username: str, email: str, now: datetime | None = None) -> dic
 
 
 async def generate_profile(ctx: Context, job: Job) -> None:
-    """Write the user's generated profile and count it, once per user: the profile's key
-    itself says whether it is done."""
+    """Write the user's generated profile, once per user without a done-marker: ``SET NX``
+    writes it only if the user has none yet, so a job delivered twice keeps the first."""
     user_id = payload_user_id(job)
     profile = build_profile(payload_text(job, "username"), payload_text(job, "email"))
-    await ctx.effect(_SAVE)(
-        keys=[PROFILE.key(ctx.keys, user_id), ctx.keys.stats],
-        args=[orjson.dumps(profile)],
-    )
+    await ctx.write("SET", PROFILE.key(ctx.keys, user_id), orjson.dumps(profile), "NX")
 
 
 GENERATE_PROFILE: Final = JobType(

@@ -29,10 +29,10 @@ from redis.exceptions import (
 from devtools.embedded_redis import free_port
 from pipeline.connections import REDIS_UNAVAILABLE, BusyError, MisconfError, NoReplicasError
 from pipeline.context import Context
-from pipeline.jobs import Job
+from pipeline.jobs import Job, decode
 from pipeline.keys import Keys
 from pipeline.plan import resolve
-from pipeline.queue import DirectQueue
+from pipeline.queue import Ack, Broker, DirectQueue
 from pipeline.settings import Settings
 from service.app import create_app
 from tests.helpers import REGISTRY, eventually
@@ -256,3 +256,25 @@ async def test_a_refusal_inside_a_job_returns_it_untried_and_it_runs_once_redis_
         stop.set()
         await asyncio.wait_for(task, 30)
         await client.aclose()
+
+
+async def test_an_ack_refused_for_memory_changes_nothing_and_counts_once_when_sent_again(
+    scratch: Scratch, admin: aioredis.Redis
+) -> None:
+    # The ack's count is its script's first memory-growing write: an OOM refusal comes before
+    # the job leaves the processing list, so the runner's second try finds it and counts it.
+    keys = Keys("signup")
+    broker = Broker(admin, keys, queues=REGISTRY.queues, consumer_id="c1")
+    await DirectQueue(admin, keys, REGISTRY).push("welcome_email", {"email": "a@example.com"})
+    [raw], _ = await broker.take("email", 1)
+    ack = Ack(raw, decode(raw).id, "emails_sent")
+    await admin.hset(keys.stats, "emails_sent", 0)  # the hash exists before the refusal
+    await _oom(scratch, admin)
+    with pytest.raises(OutOfMemoryError):
+        await broker.take("email", 1, [ack])
+    assert await admin.lrange(keys.processing("email", "c1"), 0, -1) == [raw]
+    assert await admin.hget(keys.stats, "emails_sent") == b"0"
+    await _oom_lift(scratch, admin)
+    assert await broker.take("email", 1, [ack]) == ([], 1)
+    assert await admin.llen(keys.processing("email", "c1")) == 0
+    assert await admin.hget(keys.stats, "emails_sent") == b"1"

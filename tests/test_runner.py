@@ -21,7 +21,7 @@ from pipeline.context import Context
 from pipeline.jobs import Job, decode, new_job
 from pipeline.keys import Keys
 from pipeline.plan import resolve
-from pipeline.queue import Broker, DirectQueue
+from pipeline.queue import Ack, Broker, DirectQueue
 from pipeline.registry import Handler
 from pipeline.settings import Settings
 from pipeline.stats import read_stats
@@ -383,7 +383,9 @@ async def test_settling_a_job_no_longer_held_does_nothing(
     await redis.delete(keys.processing("email", "c1"))  # as a recovery would
     assert await broker.return_job("email", raw) is False
     assert await broker.retry("email", raw, job, 1.0) is False
-    assert await broker.take("email", 0, [(raw, job.id)]) == ([], 0)
+    assert await broker.take("email", 0, [Ack(raw, job.id, "emails_sent")]) == ([], 0)
+    # Not counted here: the consumer that holds the job now counts it when it acks it.
+    assert int(await redis.hget(keys.stats, "emails_sent") or 0) == 0
     assert await redis.llen(keys.queue("email")) == 0
     assert await redis.zcard(keys.delayed("email")) == 0
 
@@ -693,13 +695,49 @@ async def test_take_acks_finished_jobs_and_takes_a_batch_oldest_first(
     ids = [decode(raw).id for raw in await redis.lrange(keys.queue("email"), 0, -1)]
     assert ids == [jobs[4].id, jobs[3].id]
     # Two finished: acked in the same round trip that takes the rest.
-    acks = [(raw, decode(raw).id) for raw in taken[:2]]
+    acks = [Ack(raw, decode(raw).id, "emails_sent") for raw in taken[:2]]
     await redis.hset(keys.deliveries, jobs[0].id, 1)  # as if it had been recovered once
     taken, found = await broker.take("email", 10, acks)
     assert ([decode(raw).id for raw in taken], found) == ([j.id for j in jobs[3:]], 2)
     assert await redis.llen(held) == 3  # the third of the first batch and the last two
     assert await redis.hget(keys.deliveries, jobs[0].id) is None
+    assert await redis.hget(keys.stats, "emails_sent") == b"2"  # each ack counted
     assert await broker.take("email", 10) == ([], 0)
+
+
+async def test_an_ack_counts_its_job_once_however_often_it_is_sent(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1")
+    queue = DirectQueue(redis, keys, REGISTRY)
+    for i in range(3):
+        await queue.push("welcome_email", {"email": f"u{i}@example.com"})
+    taken, _ = await broker.take("email", 3)
+    done = [Ack(raw, decode(raw).id, "emails_sent") for raw in taken]
+    # Two kinds of job on one queue: each ack counts under its own counter, or none.
+    done[1] = done[1]._replace(counter="other_jobs")
+    done[2] = done[2]._replace(counter="")
+    assert await broker.take("email", 0, done) == ([], 3)
+    # Sent again (a round trip whose reply was lost, so the runner sends its acks again):
+    # they find nothing to remove, and count nothing more.
+    assert await broker.take("email", 0, done) == ([], 0)
+    assert await redis.hgetall(keys.stats) == {b"emails_sent": b"1", b"other_jobs": b"1"}
+
+
+async def test_at_most_once_acks_count_with_the_next_pop(redis: aioredis.Redis, keys: Keys) -> None:
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1", mode="at-most-once")
+    queue = DirectQueue(redis, keys, REGISTRY)
+    pushed = [
+        await queue.push("marketing_signup", {"email": f"u{i}@example.com"}) for i in range(2)
+    ]
+    taken, _ = await broker.take("marketing", 1)
+    acks = [Ack(raw, decode(raw).id, "marketing_list_updates") for raw in taken]
+    taken, found = await broker.take("marketing", 5, acks)
+    assert ([decode(raw).id for raw in taken], found) == ([pushed[1].id], 1)
+    assert await redis.hget(keys.stats, "marketing_list_updates") == b"1"
+    # Nothing to take: the count still goes (a stop's last acks).
+    await broker.take("marketing", 0, [Ack(taken[0], pushed[1].id, "marketing_list_updates")])
+    assert await redis.hget(keys.stats, "marketing_list_updates") == b"2"
 
 
 async def test_take_at_most_once_pops_a_batch_and_holds_nothing(

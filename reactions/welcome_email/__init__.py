@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.context import Context, Resource
-from pipeline.handling import count, once, payload_text
+from pipeline.handling import payload_text
 from pipeline.jobs import Job
 from pipeline.logs import mask_email
 from pipeline.queue import JobSink
@@ -34,11 +34,8 @@ EMAIL: Final = Resource[EmailBackend]("email")
 #: SMTP server accepted it (beyond the client's own retries): a lost marker means a second email.
 MARK_RETRY_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
 
-#: The stats counter of emails sent.
+#: The stats counter of jobs done: emails sent.
 COUNTER: Final = "emails_sent"
-
-# KEYS: done, stats
-_MARK_SENT = once(count(COUNTER, "KEYS[2]"))
 
 
 def welcome_message(sender: str, to: str, username: str) -> Message:
@@ -75,12 +72,11 @@ def welcome_message(sender: str, to: str, username: str) -> Message:
 
 
 async def send_welcome_email(ctx: Context, job: Job) -> None:
-    """Email the new user unless this job already did, then mark it done and count it.
+    """Email the new user unless this job already did, then mark it done.
 
     The marker is written right after the SMTP server accepts the message; a crash between
     the two is the one window in which the email can go out twice."""
-    done = ctx.keys.done(job.id)
-    if await ctx.read("EXISTS", done):
+    if await ctx.is_done(job.id):
         logger.info("job %s: welcome email already sent; skipping", job.id)
         return
     email, username = payload_text(job, "email"), payload_text(job, "username")
@@ -92,10 +88,9 @@ async def send_welcome_email(ctx: Context, job: Job) -> None:
         job.payload.get("user_id"),
         mask_email(email),
     )
-    mark = ctx.effect(_MARK_SENT)
     for delay in (*MARK_RETRY_DELAYS, None):
         try:
-            await mark(keys=[done, ctx.keys.stats], args=[ctx.done_ttl])
+            await ctx.mark_done(job.id)
             return
         except REDIS_UNAVAILABLE:
             if delay is None:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pipeline.config import setting, url
 from pipeline.context import Context, Resource
-from pipeline.handling import count, once, payload_text
+from pipeline.handling import payload_text
 from pipeline.jobs import Job
 from pipeline.queue import JobSink
 from pipeline.registry import JobType, Reaction
@@ -62,19 +62,16 @@ class Gateway:
 
 
 GATEWAY: Final = Resource[Gateway]("sms gateway")
-# One script: the count and the job's done-marker, so a job delivered twice counts once.
-# KEYS: done-marker, stats hash.
-_MARK_SENT = once(count(COUNTER, "KEYS[2]"))
 
 
 async def send_welcome_sms(ctx: Context, job: Job) -> None:
-    """Text the new user, once: skip a job already done."""
-    done = ctx.keys.done(job.id)
-    if await ctx.read("EXISTS", done):
+    """Text the new user, once: skip a job already done, mark it done once sent. (The
+    consumer counts it in `sms_sent` when it acknowledges the job.)"""
+    if await ctx.is_done(job.id):
         return
     text = f"Welcome, {payload_text(job, 'username')}!"
     await ctx[GATEWAY].send(payload_text(job, "user_id"), text)
-    await ctx.effect(_MARK_SENT)(keys=[done, ctx.keys.stats], args=[ctx.done_ttl])
+    await ctx.mark_done(job.id)
 
 
 WELCOME_SMS: Final = JobType(
