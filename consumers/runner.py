@@ -68,6 +68,11 @@ WATCHDOG_INTERVAL: Final = 0.1
 #: for fewer, fuller takes (and effects that share their round trips). A loop with nothing
 #: running takes at once, and jobs finishing together are taken together without waiting.
 TAKE_LINGER: Final = 0.002
+#: How long a fetch loop woken by its blocking fetch (its queue was empty: the consumer keeps
+#: up) waits before it takes the rest and starts them all: the commits of that moment's
+#: signups, together rather than one chain of round trips each (take, effects, acks). Only an
+#: idle loop waits, so it costs queue wait, never throughput.
+WAKE_LINGER: Final = 0.005
 #: A dead consumer is forgotten this many lease periods after it was last seen (until then
 #: the sweeper still looks at its processing lists).
 FORGET_AFTER_LEASES: Final = 12
@@ -155,6 +160,8 @@ class Consumer:
         self._deadline: float | None = None
         #: How long a fetch loop waits for busy slots to free before taking (TAKE_LINGER).
         self.take_linger = TAKE_LINGER
+        #: How long a fetch loop woken by its blocking fetch waits to take more (WAKE_LINGER).
+        self.wake_linger = WAKE_LINGER
 
     @property
     def consumer_id(self) -> str:
@@ -217,18 +224,14 @@ class Consumer:
         suspect = False
         loop = asyncio.get_running_loop()
         linger_until: float | None = None
-        woke = False  # a blocking fetch has just returned a job
         while not self._stop.is_set():
             free = limit - len(running)
             if free <= 0:
                 freed.clear()
                 await freed.wait()  # a job finished, or the stop (run() sets it)
                 continue
-            # Some slots still busy: let more of them finish (TAKE_LINGER). Not just after
-            # a blocking fetch woke with one job: the rest of its signups' batch came with it
-            # (one commit pushes them together), so take them at once, and their effects
-            # share round trips.
-            if running and not woke:
+            # Some slots still busy: let more of them finish (TAKE_LINGER).
+            if running:
                 linger_until = linger_until or loop.time() + self.take_linger
                 if loop.time() < linger_until:
                     freed.clear()
@@ -237,47 +240,65 @@ class Consumer:
                             await freed.wait()
                     continue
             linger_until = None
-            # Finished jobs' acks ride along with the next take: one round trip per batch.
-            acks, self._acks[queue] = self._acks[queue], []
+            woken: bytes | None = None
             try:
                 if suspect or time.monotonic() - reconciled >= self._settings.lease_ttl:
-                    await self._reconcile(queue, acks)
+                    await self._reconcile(queue)
                     reconciled, suspect = time.monotonic(), False
-                raws, found = await self._broker.take(queue, free, acks)
-                if found < len(acks):
-                    logger.warning(
-                        "queue %s: %d jobs finished after being recovered from this consumer "
-                        "(its lease lapsed); another delivery will find them done",
-                        queue,
-                        len(acks) - found,
-                    )
-                acks, woke = [], False
+                raws = await self._take(queue, free)
                 if not raws:
-                    raw = await self._broker.fetch(queue, self._settings.fetch_timeout)
-                    raws = [] if raw is None else [raw]
-                    woke = raw is not None
+                    woken = await self._broker.fetch(queue, self._settings.fetch_timeout)
+                    if woken is not None:
+                        # Woken with one job of a commit: the rest of it came at the same
+                        # moment, and more may follow (WAKE_LINGER); all start together, so
+                        # their effects and acks share round trips.
+                        if self.wake_linger > 0:
+                            await self._until(timeout=self.wake_linger)
+                        raws = [woken]
+                        if not self._stop.is_set():
+                            raws += await self._take(queue, free - 1)
             except RedisError as exc:
-                self._acks[queue][:0] = acks  # not sent: they go with the next round trip
                 suspect = True
                 await backoff.failed(exc, lambda delay: self._until(timeout=delay))
-                continue
-            backoff.ok()
+                if woken is None:
+                    continue
+                raws = [woken]  # fetched before the failure: it runs
+            else:
+                backoff.ok()
             for raw in raws:
                 task = asyncio.create_task(self._process(queue, raw))
                 self._in_flight[task] = _InFlight(queue, raw)
                 running.add(task)
                 task.add_done_callback(finished)
 
-    async def _reconcile(self, queue: str, acks: list[Ack]) -> None:
+    async def _take(self, queue: str, count: int) -> list[bytes]:
+        """Acknowledge the jobs of ``queue`` done since the last take and take up to ``count``
+        more, in one round trip. If it fails, the acks go with the next one."""
+        acks, self._acks[queue] = self._acks[queue], []
+        try:
+            raws, found = await self._broker.take(queue, count, acks)
+        except RedisError:
+            self._acks[queue][:0] = acks
+            raise
+        if found < len(acks):
+            logger.warning(
+                "queue %s: %d jobs finished after being recovered from this consumer (its "
+                "lease lapsed); another delivery will find them done",
+                queue,
+                len(acks) - found,
+            )
+        return raws
+
+    async def _reconcile(self, queue: str) -> None:
         """Return held jobs this consumer is not running. A fetch whose reply was lost (the
         connection dropped after Redis moved the job; the client's retry then fetched again)
         leaves one behind in the processing list. Only the queue's fetch loop calls this,
         between fetches, so no fetch into the list is under way; finished jobs whose ack is
-        not sent yet (``acks``) are not orphans."""
+        not sent yet are not orphans."""
         if self._broker.mode != "at-least-once":
             return
         known = {job.raw for job in self._in_flight.values() if job.queue == queue}
-        known.update(ack.raw for ack in acks)
+        known.update(ack.raw for ack in self._acks[queue])
         orphans = [raw for raw in await self._broker.held(queue) if raw not in known]
         for raw in orphans:
             await self._broker.return_job(queue, raw)

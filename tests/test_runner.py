@@ -929,12 +929,17 @@ async def test_jobs_recovered_from_a_dead_consumer_are_counted(
     assert _count(consumer, "signup_jobs_recovered_total", outcome="dead_lettered") == 0
 
 
-async def test_a_loop_woken_by_its_blocking_fetch_takes_the_rest_of_the_batch_at_once(
+async def _blocked(redis: aioredis.Redis, count: int) -> bool:
+    return int((await redis.info("clients"))["blocked_clients"]) == count
+
+
+async def test_a_loop_woken_by_its_blocking_fetch_waits_its_linger_then_starts_all_together(
     start_consumer: object, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    """One commit pushes a signup batch's jobs together: the blocking fetch wakes with one of
-    them, and the loop takes the others at once rather than after its linger (made long here:
-    the code that lingered would run one job for 60 s)."""
+    """An idle loop's blocking fetch wakes with the first job of a commit. It waits its wake
+    linger (made long here, so the test does not depend on this machine's speed), then takes
+    the rest of that commit and of the commits that came meanwhile, in one take, and starts
+    them all together, oldest first."""
     started: list[str] = []
     release = asyncio.Event()
 
@@ -943,20 +948,52 @@ async def test_a_loop_woken_by_its_blocking_fetch_takes_the_rest_of_the_batch_at
         await release.wait()
 
     running = await start_consumer(  # type: ignore[operator]
-        handlers={"welcome_email": gated}, concurrency={"email": 3}
+        handlers={"welcome_email": gated}, concurrency={"email": 5}
     )
     running.consumer.take_linger = 60.0
+    running.consumer.wake_linger = 1.0
+    broker = running.consumer._broker
+    takes: list[tuple[int, int]] = []
+    real_take = broker.take
 
-    async def blocked() -> bool:
-        return int((await redis.info("clients"))["blocked_clients"]) >= 1
+    async def take(queue: str, count: int, acks: Any = ()) -> Any:
+        takes.append((count, len(acks)))
+        return await real_take(queue, count, acks)
 
-    await eventually(blocked, what="the fetch loop blocking on its empty queue")
-    jobs = [
-        new_job("welcome_email", {"user_id": "u", "username": "u", "email": f"b{i}@example.com"})
-        for i in range(3)
-    ]
-    await redis.lpush(keys.queue("email"), *(job.encode() for job in jobs))  # as a commit does
-    await eventually(lambda: len(started) == 3, what="all three started, the first still running")
+    broker.take = take
+    await eventually(lambda: _blocked(redis, 1), what="the fetch loop blocking on its empty queue")
+    takes.clear()
+    emails = [f"b{i}@example.com" for i in range(5)]
+    jobs = [new_job("welcome_email", {"user_id": "u", "username": "u", "email": e}) for e in emails]
+    await redis.lpush(keys.queue("email"), *(job.encode() for job in jobs[:3]))  # one commit
+    await eventually(lambda: _blocked(redis, 0), what="the fetch to wake")
+    await redis.lpush(keys.queue("email"), *(job.encode() for job in jobs[3:]))  # the next
+    assert started == []  # the woken job waits for the linger
+    await eventually(lambda: len(started) == 5, what="all five started")
+    assert started == emails
+    assert takes == [(4, 0)]  # the rest of both commits in one take
     release.set()
     held = keys.processing("email", running.consumer.consumer_id)
-    await eventually(lambda: _llen(redis, held, 0), what="all three acked")
+    await eventually(lambda: _llen(redis, held, 0), what="all five acked")
+
+
+async def test_a_stop_during_the_wake_linger_runs_the_job_fetched(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    ran: list[str] = []
+
+    async def record(ctx: Context, job: Job) -> None:
+        ran.append(job.id)
+
+    running = await start_consumer(  # type: ignore[operator]
+        handlers={"welcome_email": record}, concurrency={"email": 2}
+    )
+    running.consumer.wake_linger = 60.0
+    await eventually(lambda: _blocked(redis, 1), what="the fetch loop blocking on its empty queue")
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@x.org"})
+    await eventually(lambda: _blocked(redis, 0), what="the fetch to wake")
+    running.stop.set()
+    await asyncio.wait_for(running.task, 10)  # not the linger's 60 s
+    assert ran == [job.id]
+    assert await redis.llen(keys.processing("email", running.consumer.consumer_id)) == 0
+    assert await redis.llen(keys.queue("email")) == 0
