@@ -138,9 +138,12 @@ async def start_consumer(
         await client.aclose()
 
 
-async def test_processes_every_job_type(
-    start_consumer: object, redis: aioredis.Redis, keys: Keys
+@pytest.mark.parametrize("mode", ["at-least-once", "at-most-once"])
+async def test_processes_every_job_type_and_counts_each_once(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys, mode: str
 ) -> None:
+    # The counters are the consumer's: each job done counts once, with its acknowledgement
+    # (at-most-once, with the next pop).
     queue = DirectQueue(redis, keys, REGISTRY)
     for i in range(5):
         await queue.push(
@@ -160,7 +163,7 @@ async def test_processes_every_job_type(
                 "created_at": i,
             },
         )
-    running = await start_consumer()  # type: ignore[operator]
+    running = await start_consumer(env={"DELIVERY_MODE": mode})  # type: ignore[operator]
 
     async def all_done() -> bool:
         stats = await read_stats(redis, keys, REGISTRY)
@@ -174,6 +177,7 @@ async def test_processes_every_job_type(
     assert await redis.zcard(keys.of(LIST)) == 5
     running.stop.set()
     await asyncio.wait_for(running.task, 5)
+    assert await all_done()  # and not one more on the way out
 
 
 @pytest.mark.parametrize(
