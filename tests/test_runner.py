@@ -660,15 +660,7 @@ async def test_jobs_finishing_apart_are_acked_by_one_take_and_an_idle_loop_takes
         handlers={"welcome_email": gated}, concurrency={"email": 3}
     )
     running.consumer.take_linger = 60.0
-    broker = running.consumer._broker
-    takes: list[tuple[int, int]] = []
-    real_take = broker.take
-
-    async def take(queue: str, count: int, acks: Any = ()) -> Any:
-        takes.append((count, len(acks)))
-        return await real_take(queue, count, acks)
-
-    broker.take = take
+    takes = _record_takes(running.consumer)
     held = keys.processing("email", running.consumer.consumer_id)
     await eventually(lambda: _llen(redis, held, 3), what="three jobs taken")
     assert takes == [(3, 0)]
@@ -933,6 +925,20 @@ async def test_jobs_recovered_from_a_dead_consumer_are_counted(
     assert _count(consumer, "signup_jobs_recovered_total", outcome="dead_lettered") == 0
 
 
+def _record_takes(consumer: Consumer) -> list[tuple[int, int]]:
+    """Each take the consumer's broker makes from now on, as (count asked, acks sent)."""
+    broker = consumer._broker
+    takes: list[tuple[int, int]] = []
+    real_take = broker.take
+
+    async def take(queue: str, count: int, acks: Any = ()) -> Any:
+        takes.append((count, len(acks)))
+        return await real_take(queue, count, acks)
+
+    broker.take = take
+    return takes
+
+
 async def _blocked(redis: aioredis.Redis, count: int) -> bool:
     return int((await redis.info("clients"))["blocked_clients"]) == count
 
@@ -956,15 +962,7 @@ async def test_a_loop_woken_by_its_blocking_fetch_waits_its_linger_then_starts_a
     )
     running.consumer.take_linger = 60.0
     running.consumer.wake_linger = 1.0
-    broker = running.consumer._broker
-    takes: list[tuple[int, int]] = []
-    real_take = broker.take
-
-    async def take(queue: str, count: int, acks: Any = ()) -> Any:
-        takes.append((count, len(acks)))
-        return await real_take(queue, count, acks)
-
-    broker.take = take
+    takes = _record_takes(running.consumer)
     await eventually(lambda: _blocked(redis, 1), what="the fetch loop blocking on its empty queue")
     takes.clear()
     emails = [f"b{i}@example.com" for i in range(5)]
