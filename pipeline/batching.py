@@ -10,9 +10,9 @@ the same connection and in the same round trip, the batch's writes are confirmed
 replicas, or every write of the batch fails with :class:`NotReplicatedError` (a read keeps its
 answer).
 
-A consumer shares one :class:`AutoPipeline` between every effect script of its reactions,
-their reads and its fetch loops' takes, so the jobs finishing in one tick, and the queues
-taking in one tick, cost one round trip, not one per script.
+A consumer shares one :class:`AutoPipeline` between every effect of its reactions (a
+command or a script), their reads and its fetch loops' takes, so the jobs finishing in one
+tick, and the queues taking in one tick, cost one round trip, not one per call.
 
 At most one round trip per pipeline is out at a time: the calls made while it is out go
 together in the next, as soon as it is back (a group commit). Under load that makes batches

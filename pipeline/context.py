@@ -35,7 +35,7 @@ class Resource(Generic[T]):
 class Context:
     """What handlers get with each job (arq's and SAQ's ``ctx``): Redis, the key names, the
     settings (the shared ones, and each reaction's own: :meth:`settings_of`), the resources
-    the reactions' start-up hooks opened, and the effect scripts.
+    the reactions' start-up hooks opened, and the calls that send their effects and reads.
 
     :meth:`write`, :meth:`effect` and :meth:`read` share one auto-pipeline: the effects and
     reads of the jobs finishing in the same loop tick, whatever their commands or scripts, go
