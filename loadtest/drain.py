@@ -35,10 +35,10 @@ from pipeline.settings import DELIVERY_MODES
 from reactions.marketing import MARKETING_SIGNUP
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The job drained: the marketing-list update (its handler is one script).
+#: The job drained: the marketing-list update (its handler is one command, ZADD NX).
 JOB = MARKETING_SIGNUP
 HANDLERS_DESCRIBED = {
-    "real": f"{JOB} (one script: ZADD NX, HINCRBY when added)",
+    "real": f"{JOB} (one ZADD NX; counted with its acknowledgement)",
     "noop": "a no-op handler (the queue machinery alone)",
 }
 PREFIX = "drain"

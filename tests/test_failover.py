@@ -19,11 +19,13 @@ import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
 from pipeline.plan import resolve
-from tests.helpers import SmtpSink, eventually
+from tests.helpers import REGISTRY, SmtpSink, eventually
 from tests.processes import ROOT, child_env, consumer_argv, http, request, web
 from tests.servers import SERVICE, Scratch, Topology, raw_all
 
 KEYS = Keys("signup")
+#: The default reactions' counters: one job of each per signup.
+EFFECT_COUNTERS = REGISTRY.effect_counters
 
 
 @pytest.fixture
@@ -151,6 +153,14 @@ async def test_a_primary_killed_under_a_stream_loses_no_201_and_both_processes_f
         first_after = min(o.accepted_at for o in accepted if o.sent_at > killed_at)
         # Every signup that got a 201 is there after the failover, and all its jobs ran.
         await processed(port, smtp_server, accepted, worker)
+
+        # And each job of every signup there is counted once, an email sent twice included:
+        # a count goes or stays with the acknowledgement that made it.
+        async def counted_once() -> bool:
+            _, stats = await http(port, "GET", "/stats")
+            return all(stats[c] == stats["users"] for c in EFFECT_COUNTERS)
+
+        await eventually(counted_once, timeout=30, what="every signup's jobs counted once")
         assert set(statuses) <= {201, 503}, statuses  # no 500, nothing but a retryable 503
         assert first_after - killed_at < 15
         # Neither process was restarted.

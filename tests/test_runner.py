@@ -999,3 +999,43 @@ async def test_a_stop_during_the_wake_linger_runs_the_job_fetched(
     assert ran == [job.id]
     assert await redis.llen(keys.processing("email", running.consumer.consumer_id)) == 0
     assert await redis.llen(keys.queue("email")) == 0
+
+
+async def test_a_take_failing_after_a_wake_still_runs_the_job_fetched(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """The blocking fetch moved a job into the processing list; the take after the wake
+    linger fails. The job fetched runs, once, and is acknowledged: it is neither dropped nor
+    returned to its queue as an orphan."""
+    ran: list[str] = []
+
+    async def record(ctx: Context, job: Job) -> None:
+        ran.append(job.id)
+
+    running = await start_consumer(  # type: ignore[operator]
+        handlers={"welcome_email": record}, concurrency={"email": 2}
+    )
+    running.consumer.wake_linger = 0.05
+    broker = running.consumer._broker
+    real_take, real_return = broker.take, broker.return_job
+    failing, returned = [False], []
+
+    async def take(queue: str, count: int, acks: Any = ()) -> Any:
+        if failing[0]:
+            failing[0] = False
+            raise RedisConnectionError("Redis went away")
+        return await real_take(queue, count, acks)
+
+    async def return_job(queue: str, raw: bytes) -> bool:
+        returned.append(raw)
+        return await real_return(queue, raw)
+
+    broker.take, broker.return_job = take, return_job
+    await eventually(lambda: _blocked(redis, 1), what="the fetch loop blocking on its empty queue")
+    failing[0] = True  # the next take: the one after the wake
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@x.org"})
+    await eventually(lambda: ran == [job.id], what="the job fetched to run")
+    held = keys.processing("email", running.consumer.consumer_id)
+    await eventually(lambda: _llen(redis, held, 0), what="its acknowledgement")
+    assert not failing[0]  # the take did fail
+    assert ran == [job.id] and returned == []
