@@ -23,6 +23,7 @@ import hashlib
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, NamedTuple, Protocol
 
@@ -392,10 +393,7 @@ class Broker:
     async def _pop(self, queue: str, count: int, acks: Sequence[Ack]) -> list[bytes]:
         """At-most-once: count ``acks`` (one HINCRBY per counter) and pop up to ``count``
         jobs, in one round trip. Nothing is held, so nothing is removed."""
-        counted: dict[str, int] = {}
-        for ack in acks:
-            if ack.counter:
-                counted[ack.counter] = counted.get(ack.counter, 0) + 1
+        counted = Counter(ack.counter for ack in acks if ack.counter)
         # Writes, but like a take not ones a WAIT need confirm.
         calls = [
             self._pipeline.queue(("HINCRBY", self.keys.stats, name, k), None, writes=False)
