@@ -979,9 +979,8 @@ async def test_a_loop_woken_by_its_blocking_fetch_waits_its_linger_then_starts_a
     await eventually(lambda: _llen(redis, held, 0), what="all five acked")
 
 
-async def test_a_stop_during_the_wake_linger_runs_the_job_fetched(
-    start_consumer: object, redis: aioredis.Redis, keys: Keys
-) -> None:
+async def _recording_consumer(start_consumer: object, wake_linger: float) -> tuple[Any, list[str]]:
+    """A consumer of the email queue whose handler notes each job id it runs, in order."""
     ran: list[str] = []
 
     async def record(ctx: Context, job: Job) -> None:
@@ -990,7 +989,14 @@ async def test_a_stop_during_the_wake_linger_runs_the_job_fetched(
     running = await start_consumer(  # type: ignore[operator]
         handlers={"welcome_email": record}, concurrency={"email": 2}
     )
-    running.consumer.wake_linger = 60.0
+    running.consumer.wake_linger = wake_linger
+    return running, ran
+
+
+async def test_a_stop_during_the_wake_linger_runs_the_job_fetched(
+    start_consumer: object, redis: aioredis.Redis, keys: Keys
+) -> None:
+    running, ran = await _recording_consumer(start_consumer, wake_linger=60.0)
     await eventually(lambda: _blocked(redis, 1), what="the fetch loop blocking on its empty queue")
     job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@x.org"})
     await eventually(lambda: _blocked(redis, 0), what="the fetch to wake")
@@ -1007,15 +1013,7 @@ async def test_a_take_failing_after_a_wake_still_runs_the_job_fetched(
     """The blocking fetch moved a job into the processing list; the take after the wake
     linger fails. The job fetched runs, once, and is acknowledged: it is neither dropped nor
     returned to its queue as an orphan."""
-    ran: list[str] = []
-
-    async def record(ctx: Context, job: Job) -> None:
-        ran.append(job.id)
-
-    running = await start_consumer(  # type: ignore[operator]
-        handlers={"welcome_email": record}, concurrency={"email": 2}
-    )
-    running.consumer.wake_linger = 0.05
+    running, ran = await _recording_consumer(start_consumer, wake_linger=0.05)
     broker = running.consumer._broker
     real_take, real_return = broker.take, broker.return_job
     failing, returned = [False], []
