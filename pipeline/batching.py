@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -46,12 +47,15 @@ from pipeline.errors import NotReplicatedError
 @dataclass(slots=True)
 class _Call:
     """One caller's command, and where its answer goes. ``script``: the script an EVALSHA
-    runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it."""
+    runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it;
+    ``build``: makes the command when its round trip goes (then ``command`` is empty until
+    then)."""
 
     command: tuple[Any, ...]
     future: asyncio.Future[Any]
     script: AsyncScript | None
     writes: bool
+    build: Callable[[], tuple[Any, ...]] | None = None
 
 
 class AutoPipeline:
@@ -85,12 +89,24 @@ class AutoPipeline:
     ) -> asyncio.Future[Any]:
         """Queue ``command`` for this tick's round trip; ``script``: the script an EVALSHA
         runs (loaded again if Redis lost it); ``writes``: whether WAIT must confirm it."""
+        return self._append(
+            _Call(command, asyncio.get_running_loop().create_future(), script, writes)
+        )
+
+    def queue_built(
+        self, build: Callable[[], tuple[Any, ...]], script: AsyncScript | None, *, writes: bool
+    ) -> asyncio.Future[Any]:
+        """Queue the command ``build()`` makes when its round trip goes (not now), so that
+        whatever its maker gathers until then goes in it; otherwise as :meth:`queue`."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        return self._append(_Call((), loop.create_future(), script, writes, build))
+
+    def _append(self, call: _Call) -> asyncio.Future[Any]:
         if not self._pending and self._out is None:
-            loop.call_soon(self._flush)  # else one is due already, or the round trip's end
-        self._pending.append(_Call(command, future, script, writes))
-        return future
+            # Else one is due already, or the round trip's end.
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(call)
+        return call.future
 
     def _flush(self) -> None:
         """Start sending what is pending, unless a round trip is still out: then the busy
@@ -127,6 +143,9 @@ class AutoPipeline:
 
     async def _run(self, connection: AbstractConnection, batch: list[_Call]) -> None:
         try:
+            for call in batch:
+                if call.build is not None:
+                    call.command, call.build = call.build(), None
             results = await self._execute(connection, batch)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
@@ -236,3 +255,88 @@ class ScriptBatcher:
         whatever the replicas say), such as a consumer's take."""
         command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
         return self._pipeline.queue(command, self._script, writes=confirmed)
+
+
+P = TypeVar("P")
+
+
+@dataclass(slots=True)
+class _Group(Generic[P]):
+    """The parts of one merged call, and their callers' futures; ``whole``: the call's."""
+
+    whole: asyncio.Future[Any] | None = None
+    parts: list[P] = field(default_factory=list)
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+class MergedScript(Generic[P]):
+    """Calls a Lua script that serves many callers in one call, through an
+    :class:`AutoPipeline` (its own, or ``pipeline=``). Each caller gives its part
+    (whatever ``build`` takes); the parts given while the script's call waits for its round
+    trip all go in that call, whose ``KEYS`` and ``ARGV`` ``build(parts)`` makes when the
+    round trip goes. The script answers a list, one entry per part in order, and each caller
+    gets its own. A failure of the call (an error reply, ``NotReplicatedError``, the round
+    trip's) fails every part of it.
+
+    So a script's fixed cost, and whatever it does once for all its parts (one push per
+    queue, one read of shared state), is paid once per round trip, not once per caller. The
+    script is atomic as a whole: no other client's command runs between its parts.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        source: str,
+        build: Callable[[list[P]], tuple[list[Any], list[Any]]],
+        replicas: int = 0,
+        replica_timeout: float = 0.0,
+        *,
+        pipeline: AutoPipeline | None = None,
+    ) -> None:
+        self._script = redis.register_script(source)
+        self._pipeline = pipeline or AutoPipeline(redis, replicas, replica_timeout)
+        self._build = build
+        #: The call still gathering parts (its round trip has not gone), if any.
+        self._open: _Group[P] | None = None
+
+    def __call__(self, part: P) -> asyncio.Future[Any]:
+        """Queue one part; its future resolves to its entry of the reply (or the error)."""
+        group = self._open
+        if group is None or group.whole is None or group.whole.done():
+            group = self._open = _Group()
+            group.whole = self._pipeline.queue_built(
+                partial(self._command, group), self._script, writes=True
+            )
+            group.whole.add_done_callback(partial(_answer, group))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        group.parts.append(part)
+        group.futures.append(future)
+        return future
+
+    def _command(self, group: _Group[P]) -> tuple[Any, ...]:
+        if self._open is group:
+            self._open = None  # parts from now on go in the next call
+        keys, args = self._build(group.parts)
+        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+
+def _answer(group: _Group[Any], whole: asyncio.Future[Any]) -> None:
+    """Give each part of a merged call its entry of the reply, or the call's error."""
+    if whole.cancelled():
+        for future in group.futures:
+            future.cancel()
+        return
+    error = whole.exception()
+    if error is None:
+        reply = whole.result()
+        if isinstance(reply, list) and len(reply) == len(group.futures):
+            for future, entry in zip(group.futures, reply, strict=True):
+                if not future.done():
+                    future.set_result(entry)
+            return
+        error = ResponseError(
+            f"the merged script answered {reply!r} for {len(group.futures)} parts"
+        )
+    for future in group.futures:
+        if not future.done():
+            future.set_exception(error)

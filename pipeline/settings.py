@@ -693,7 +693,7 @@ class Settings:
         kind="`COUNT/SECONDS`, or `off`",
         read_by="web",
         doc="signups per client address: `COUNT` at once, then one every `SECONDS/COUNT`; "
-        "more is a 429 with `Retry-After`. Checked inside the signup's own script (see "
+        "more is a 429 with `Retry-After`. Checked inside the signup's commit script (see "
         "Security)",
     )
     rate_limit_failure: RateLimitFailure = setting(

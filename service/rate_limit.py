@@ -4,7 +4,7 @@ are in :mod:`pipeline.settings`.)
 
 The limit is a GCRA (a token bucket kept as one number): the client's key holds when its next
 signup is due, in Redis milliseconds; ``count`` signups may come at once, then one every
-``period/count``. It is checked inside the signup's own script (no extra round trip); each
+``period/count``. It is checked inside the signups' commit script (no extra round trip); each
 signup that reaches the script counts, a conflict too.
 """
 
@@ -17,10 +17,9 @@ from typing import Final
 from pipeline.scripts import Signature
 from pipeline.settings import RateLimit, RateLimitFailure
 
-#: The rate limit's part of a script's signature: the client's state, and the limit.
-SIGNATURE: Final = Signature(
-    keys=("rate_state",), args=("rate_count", "rate_period", "rate_failure")
-)
+#: The rate limit's part of a script's signature: the limit (each signup's client state is a
+#: key of the signup's own).
+SIGNATURE: Final = Signature(keys=(), args=("rate_count", "rate_period", "rate_failure"))
 
 
 def script_args(limit: RateLimit | None, failure: RateLimitFailure) -> dict[str, int | str]:
@@ -35,23 +34,47 @@ def script_args(limit: RateLimit | None, failure: RateLimitFailure) -> dict[str,
 
 
 #: The limit's part of a script whose signature includes :data:`SIGNATURE` (a template for
-#: :meth:`Signature.source`). It returns ``'retry <ms>'`` when the client is over its limit,
-#: ``'limiter'`` when the state cannot be read and the limit fails closed, and falls through
-#: (having counted the signup) otherwise.
+#: :meth:`Signature.source`), for a script that serves many signups in one call: two local
+#: functions. ``rate_admit(key)`` counts one signup against the client state at ``key`` and
+#: answers nil, or ``'retry <ms>'`` when the client is over its limit (nothing counted), or
+#: ``'limiter'`` when the state cannot be read and the limit fails closed. Each client's state
+#: is read once per call and its signups counted on in turn, as if each had a call of its
+#: own; ``rate_save()``, at the end, writes each state that moved, once.
 SCRIPT_PART: Final = """\
-local count = tonumber($rate_count)
-if count > 0 then
-  local stored = redis.pcall('GET', $rate_state)
-  if type(stored) == 'table' and stored.err then
+local rate_count, rate_period = tonumber($rate_count), tonumber($rate_period)
+local rate_due, rate_moved, rate_unreadable = {}, {}, {}
+local rate_now
+local function rate_admit(key)
+  if rate_count <= 0 then return nil end
+  local due = rate_due[key]
+  if due == nil and not rate_unreadable[key] then
+    local stored = redis.pcall('GET', key)
+    if type(stored) == 'table' and stored.err then
+      rate_unreadable[key] = true
+    else
+      if rate_now == nil then
+        local time = redis.call('TIME')
+        rate_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      end
+      due = math.max(tonumber(stored) or rate_now, rate_now)
+      rate_due[key] = due
+    end
+  end
+  if rate_unreadable[key] then
     if $rate_failure ~= 'open' then return 'limiter' end
-  else
-    local period = tonumber($rate_period)
-    local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    local due = math.max(tonumber(stored) or now, now) + period / count
-    if due - now > period then return 'retry ' .. math.ceil(due - now - period) end
-    local ttl = math.max(1, math.ceil(due - now))
-    redis.call('SET', $rate_state, string.format('%.0f', due), 'PX', ttl)
+    return nil
+  end
+  due = due + rate_period / rate_count
+  local over = due - rate_now - rate_period
+  if over > 0 then return 'retry ' .. math.ceil(over) end
+  rate_due[key] = due
+  rate_moved[key] = true
+  return nil
+end
+local function rate_save()
+  for key in pairs(rate_moved) do
+    local due = rate_due[key]
+    redis.call('SET', key, string.format('%.0f', due), 'PX', math.max(1, math.ceil(due - rate_now)))
   end
 end
 """

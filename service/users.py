@@ -2,7 +2,8 @@
 
 A signup's receivers push their jobs into a :class:`SignupJobs` unit of work; :meth:`UserStore.
 create` then writes the uniqueness claims, the user record and every job in ONE Lua script:
-all of it or none of it, in one round trip.
+all of it or none of it, in one round trip. The signups that commit together share that
+script's call (see _CREATE_USERS), each answered as if it had a call of its own.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
 
 from pipeline import tracing
-from pipeline.batching import ScriptBatcher
+from pipeline.batching import MergedScript
 from pipeline.errors import NotReplicatedError
 from pipeline.jobs import Job, is_id, new_job
 from pipeline.keys import RECEIVER_ERRORS, USERS, Keys
@@ -40,72 +41,139 @@ from service.rate_limit import script_args as rate_limit_args
 
 logger = logging.getLogger(__name__)
 
-# The signup: its keys and arguments by name (the rate limit brings its own), then one queue
-# key and one encoded job per job. "fingerprint" is "" without an Idempotency-Key (whose key
-# is then named but never read or written); "record_ttl" is the record's lifetime in ms and
-# "created" the 201's body.
+# The signups that reach their commit while the one before is out go to Redis in ONE call of
+# this script (a MergedScript): so its fixed cost, the claims' reads, the rate limit's state
+# and one push per queue are paid once per call, not per signup. Its named keys and arguments
+# are shared by every signup of the call (the rate limit brings its own); then come the
+# signups' keys (_SIGNUP_KEYS each), the queues their jobs go to, and the signups' arguments:
+# _SIGNUP_ARGS each, the last their count of jobs, then a (queue's number, job) pair per job.
+# "fingerprint" is "" without an Idempotency-Key (whose key is then named but never read or
+# written); "record_ttl" is the record's lifetime in ms and "created" the 201's body.
 _SIGNATURE = (
     Signature(
-        keys=("username_claims", "email_claims", "user", "stats", "idempotency"),
-        args=(
-            "username_claim",
-            "email_claim",
-            "user_id",
-            "username",
-            "email",
-            "created_at",
-            "receiver_errors",
-            "fingerprint",
-            "record_ttl",
-            "created",
-        ),
+        keys=("username_claims", "email_claims", "stats"),
+        args=("signups", "record_ttl"),
     )
     + RATE_LIMIT_SIGNATURE
 )
-# Returns "ok"; "replay <body>" when the idempotency key's record is there for this same
-# request (nothing is written); "reused" when it is there for another request; "retry <ms>"
-# when the client is over its limit; "limiter" when the limit's state cannot be read and the
-# limit fails closed; or the name of the field whose claim is taken. Only "ok" writes the
-# signup, and with it the idempotency key's record (its fingerprint, then the 201's body).
-# A replay does not count against the rate limit.
-_CREATE_USER = _SIGNATURE.source(
-    """
-if $fingerprint ~= '' then
-  local record = redis.call('GET', $idempotency)
-  if record then
-    if string.sub(record, 1, 64) == $fingerprint then return 'replay ' .. string.sub(record, 65) end
-    return 'reused'
+_SIGNUP_KEYS: Final = ("user", "rate_state", "idempotency")
+_SIGNUP_ARGS: Final = (
+    "username_claim",
+    "email_claim",
+    "user_id",
+    "username",
+    "email",
+    "created_at",
+    "receiver_errors",
+    "fingerprint",
+    "created",
+    "jobs",
+)
+# Returns one answer per signup, in order: "ok"; "replay <body>" when the idempotency key's
+# record is there for this same request (nothing is written); "reused" when it is there for
+# another request; "retry <ms>" when the client is over its limit; "limiter" when the limit's
+# state cannot be read and the limit fails closed; or the name of the field whose claim is
+# taken (by Redis, or by a signup before it in the call). Only "ok" writes the signup, and
+# with it the idempotency key's record (its fingerprint, then the 201's body). A replay does
+# not count against the rate limit. The signups are answered in order as if each had a call
+# of its own; the writes of a call are made at its end, the first of them after every check
+# (so a write refused for memory fails the call, and writes nothing).
+_CREATE_USERS = _SIGNATURE.source(
+    RATE_LIMIT_PART
+    + """\
+local n = tonumber($signups)
+-- Where each signup's arguments start; its claims, read for the whole call at once.
+local at, usernames, emails = {}, {}, {}
+local a = $named_args + 1
+for i = 1, n do
+  at[i] = a
+  usernames[i], emails[i] = ARGV[a + $username_claim], ARGV[a + $email_claim]
+  a = a + $signup_args + 2 * tonumber(ARGV[a + $jobs])
+end
+local held_u = redis.call('HMGET', $username_claims, unpack(usernames))
+local held_e = redis.call('HMGET', $email_claims, unpack(emails))
+local taken_u, taken_e = {}, {}
+for i = 1, n do
+  if held_u[i] then taken_u[usernames[i]] = true end
+  if held_e[i] then taken_e[emails[i]] = true end
+end
+local queues = $named_keys + $signup_keys * n
+local answers, users, claims_u, claims_e, pushes, records = {}, {}, {}, {}, {}, {}
+local receiver_errors = 0
+for i = 1, n do
+  local a, k = at[i], $named_keys + $signup_keys * (i - 1)
+  local fingerprint, record_key = ARGV[a + $fingerprint], KEYS[k + $idempotency]
+  local answer
+  if fingerprint ~= '' then
+    local record = records[record_key] or redis.call('GET', record_key)
+    if record then
+      if string.sub(record, 1, 64) == fingerprint then
+        answer = 'replay ' .. string.sub(record, 65)
+      else
+        answer = 'reused'
+      end
+    end
+  end
+  answer = answer or rate_admit(KEYS[k + $rate_state])
+  if answer == nil then
+    local username, email = usernames[i], emails[i]
+    if taken_u[username] then
+      answer = 'username'
+    elseif taken_e[email] then
+      answer = 'email'
+    else
+      answer = 'ok'
+      taken_u[username], taken_e[email] = true, true
+      local id = ARGV[a + $user_id]
+      claims_u[#claims_u + 1], claims_u[#claims_u + 2] = username, id
+      claims_e[#claims_e + 1], claims_e[#claims_e + 2] = email, id
+      users[#users + 1] = i
+      receiver_errors = receiver_errors + tonumber(ARGV[a + $receiver_errors])
+      for j = 1, tonumber(ARGV[a + $jobs]) do
+        local queue = tonumber(ARGV[a + $signup_args + 2 * j - 2])
+        local list = pushes[queue]
+        if list == nil then list = {}; pushes[queue] = list end
+        list[#list + 1] = ARGV[a + $signup_args + 2 * j - 1]
+      end
+      if fingerprint ~= '' then
+        records[record_key] = fingerprint .. ARGV[a + $created]
+      end
+    end
+  end
+  answers[i] = answer
+end
+rate_save()
+if #users > 0 then
+  redis.call('HSET', $username_claims, unpack(claims_u))
+  redis.call('HSET', $email_claims, unpack(claims_e))
+  for _, i in ipairs(users) do
+    local a = at[i]
+    redis.call('HSET', KEYS[$named_keys + $signup_keys * (i - 1) + $user], 'id',
+               ARGV[a + $user_id], 'username', ARGV[a + $username], 'email', ARGV[a + $email],
+               'created_at', ARGV[a + $created_at])
+  end
+  redis.call('HINCRBY', $stats, $USERS, #users)
+  if receiver_errors > 0 then
+    redis.call('HINCRBY', $stats, $RECEIVER_ERRORS, receiver_errors)
+  end
+  for queue, list in pairs(pushes) do
+    redis.call('LPUSH', KEYS[queues + queue], unpack(list))
+  end
+  for key, record in pairs(records) do
+    redis.call('SET', key, record, 'PX', $record_ttl)
   end
 end
-"""
-    + RATE_LIMIT_PART
-    + """\
-if redis.call('HSETNX', $username_claims, $username_claim, $user_id) == 0 then
-  return 'username'
-end
-if redis.call('HSETNX', $email_claims, $email_claim, $user_id) == 0 then
-  redis.call('HDEL', $username_claims, $username_claim)  -- its claim, just made: undone
-  return 'email'
-end
-redis.call('HSET', $user, 'id', $user_id, 'username', $username, 'email', $email,
-           'created_at', $created_at)
-redis.call('HINCRBY', $stats, $USERS, 1)
-if tonumber($receiver_errors) > 0 then
-  redis.call('HINCRBY', $stats, $RECEIVER_ERRORS, $receiver_errors)
-end
-for i = 1, #KEYS - $named_keys do
-  redis.call('LPUSH', KEYS[$named_keys + i], ARGV[$named_args + i])
-end
-if $fingerprint ~= '' then
-  redis.call('SET', $idempotency, $fingerprint .. $created, 'PX', $record_ttl)
-end
-return 'ok'
+return answers
 """,
     USERS=USERS,
     RECEIVER_ERRORS=RECEIVER_ERRORS,
+    signup_keys=len(_SIGNUP_KEYS),
+    signup_args=len(_SIGNUP_ARGS),
+    **{name: i for i, name in enumerate(_SIGNUP_KEYS, 1)},
+    **{name: i for i, name in enumerate(_SIGNUP_ARGS)},
 )
-#: The commit's span, with tracing on: one script (it shares its round trip with the other
-#: signups of the same loop tick).
+#: The commit's span, with tracing on: one script call (shared with the signups that commit
+#: together).
 _COMMIT_SPAN: Final = ("signup commit", {"db.system.name": "redis", "db.operation.name": "EVALSHA"})
 
 
@@ -128,6 +196,15 @@ class SignupJobs:
                 {"job.type": job.type, "job.id": job.id, "messaging.destination.name": queue},
             )
         return job
+
+
+class _Signup(NamedTuple):
+    """One signup's part of the commit script's call: its keys (_SIGNUP_KEYS), its arguments
+    (_SIGNUP_ARGS) and its jobs with their queues."""
+
+    keys: tuple[str, str, str]
+    args: tuple[Any, ...]
+    jobs: list[tuple[str, Job]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +249,11 @@ class UserStore:
         #: Where a signup the replicas did not confirm is noted (logged once per outage).
         self._outage = outage or Outage(logger, "answering 503", resuming="serving")
         self._keys = keys
-        # Signups that reach their commit in the same loop tick share one round trip, which
-        # ends with WAIT when replicas must confirm them.
-        self._create = ScriptBatcher(redis, _CREATE_USER, min_replicas, replica_timeout)
+        # Signups that reach their commit while the one before is out share one script call
+        # in one round trip, which ends with WAIT when replicas must confirm them.
+        self._create: MergedScript[_Signup] = MergedScript(
+            redis, _CREATE_USERS, self._call, min_replicas, replica_timeout
+        )
         self._idempotency_ttl_ms = round(idempotency_key_ttl * 1000)
         # A signup without an Idempotency-Key still names a key there (never read or written).
         self._unkeyed = keys.idempotency("")
@@ -215,36 +294,29 @@ class UserStore:
         """
         keys = self._keys
         created = user.created()
-        script_keys, args = _SIGNATURE.call(
-            {
-                "username_claims": keys.username_claims,
-                "email_claims": keys.email_claims,
-                "user": keys.user(user.user_id),
-                "stats": keys.stats,
-                "rate_state": keys.rate(client),
-                "idempotency": keys.idempotency(idempotency_key)
-                if idempotency_key is not None
-                else self._unkeyed,
-            },
-            {
-                "username_claim": user.username_claim,
-                "email_claim": user.email_claim,
-                "user_id": user.user_id,
-                "username": user.username,
-                "email": user.email,
-                "created_at": repr(user.created_at),
-                "receiver_errors": receiver_errors,
-                "fingerprint": user.fingerprint() if idempotency_key is not None else "",
-                "record_ttl": self._idempotency_ttl_ms,
-                "created": created,
-                **self._limit,
-            },
-            tail_keys=[keys.queue(queue) for queue, _ in jobs.queued],
-            tail_args=[job.encode() for _, job in jobs.queued],
+        signup = _Signup(
+            (
+                keys.user(user.user_id),
+                keys.rate(client),
+                keys.idempotency(idempotency_key) if idempotency_key is not None else self._unkeyed,
+            ),
+            (
+                user.username_claim,
+                user.email_claim,
+                user.user_id,
+                user.username,
+                user.email,
+                repr(user.created_at),
+                receiver_errors,
+                user.fingerprint() if idempotency_key is not None else "",
+                created,
+                len(jobs.queued),
+            ),
+            jobs.queued,
         )
         try:
             with tracing.span(*_COMMIT_SPAN):
-                result = bytes(await self._create(script_keys, args))
+                result = bytes(await self._create(signup))
         except NotReplicatedError as exc:
             logger.debug("signup %s not confirmed by replicas: %s", user.user_id, exc)
             self._outage.failed(exc)
@@ -263,6 +335,26 @@ class UserStore:
             logger.warning("the rate limit's state for %s cannot be read; failing closed", client)
             raise UnavailableError()
         raise ConflictError(result.decode())
+
+    def _call(self, signups: list[_Signup]) -> tuple[list[Any], list[Any]]:
+        """The commit script's KEYS and ARGV for ``signups`` (see _CREATE_USERS)."""
+        keys = self._keys
+        script_keys, args = _SIGNATURE.call(
+            {
+                "username_claims": keys.username_claims,
+                "email_claims": keys.email_claims,
+                "stats": keys.stats,
+            },
+            {"signups": len(signups), "record_ttl": self._idempotency_ttl_ms, **self._limit},
+        )
+        queues: dict[str, int] = {}  # each queue's number, from 1
+        for signup in signups:
+            script_keys += signup.keys
+            args += signup.args
+            for queue, job in signup.jobs:
+                args += (queues.setdefault(queue, len(queues) + 1), job.encode())
+        script_keys += map(keys.queue, queues)
+        return script_keys, args
 
     async def get(self, user_id: str, fields: Sequence[UserField] = ()) -> dict[str, Any] | None:
         """The user with the reactions' ``fields`` (each None while not yet written, like

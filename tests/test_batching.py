@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devtools.embedded_redis import free_port
-from pipeline.batching import AutoPipeline, ScriptBatcher
+from pipeline.batching import AutoPipeline, MergedScript, ScriptBatcher
 
 # Echo ARGV[1] after counting it under KEYS[1]; refuse 'bad'.
 ECHO = """
@@ -22,6 +22,26 @@ if ARGV[1] == 'bad' then return redis.error_reply('ERR refused ' .. ARGV[1]) end
 redis.call('INCR', KEYS[1])
 return ARGV[1]
 """
+
+
+# A script that serves many callers in one call: each ARGV is one caller's part, answered with
+# "<part>!" after counting the part under KEYS[1]; the call counts itself under KEYS[2].
+# "bad" fails the whole call; "short" answers one entry too few.
+MERGED = """
+for i = 1, #ARGV do
+  if ARGV[i] == 'bad' then return redis.error_reply('ERR refused bad') end
+end
+redis.call('INCR', KEYS[2])
+redis.call('INCRBY', KEYS[1], #ARGV)
+local answers = {}
+for i = 1, #ARGV do answers[i] = ARGV[i] .. '!' end
+if ARGV[1] == 'short' then answers[#answers] = nil end
+return answers
+"""
+
+
+def merged_parts(parts: list[str]) -> tuple[list[str], list[str]]:
+    return ["parts", "calls"], parts
 
 
 # Count KEYS[1] up by ARGV[1]; answer the new count.
@@ -234,3 +254,55 @@ async def test_a_consumer_process_takes_and_runs_effects_in_one_round_trip(
     )
     assert taken == [([b"email-1"], 0), ([b"marketing-1"], 0), b"x"]
     assert await reads() - before == 2  # the batch's read, and the INFO that counts it
+
+
+async def test_a_merged_script_serves_the_parts_of_a_tick_in_one_call_each_its_own_answer(
+    redis: aioredis.Redis,
+) -> None:
+    await redis.script_load(MERGED)
+    pipeline = HeldPipeline(redis)
+    merged: MergedScript[str] = MergedScript(redis, MERGED, merged_parts, pipeline=pipeline)
+    first = [merged(f"a{i}") for i in range(3)]  # one tick: one call
+    await pipeline.out.wait()  # that call is out, and held
+    later = []
+    for i in range(4):  # each in a tick of its own, while the first is out
+        later.append(merged(f"b{i}"))
+        await asyncio.sleep(0)
+    assert pipeline.sizes == [1]
+    pipeline.release.set()
+    assert await asyncio.gather(*first) == [b"a0!", b"a1!", b"a2!"]
+    assert await asyncio.gather(*later) == [b"b0!", b"b1!", b"b2!", b"b3!"]
+    assert pipeline.sizes == [1, 1]  # one command per round trip: the merged call
+    assert (await redis.get("calls"), await redis.get("parts")) == (b"2", b"7")
+
+
+async def test_a_merged_call_that_fails_fails_each_of_its_parts(redis: aioredis.Redis) -> None:
+    merged: MergedScript[str] = MergedScript(redis, MERGED, merged_parts)
+    refused = await asyncio.gather(merged("a"), merged("bad"), return_exceptions=True)
+    assert all(isinstance(r, ResponseError) and "refused bad" in str(r) for r in refused)
+    short = await asyncio.wait_for(
+        asyncio.gather(merged("short"), merged("b"), return_exceptions=True), 5
+    )
+    assert all(isinstance(r, ResponseError) and "2 parts" in str(r) for r in short), short
+    assert await asyncio.gather(merged("c"), merged("d")) == [b"c!", b"d!"]  # the next call
+
+
+async def test_a_merged_script_is_loaded_again_when_redis_lost_it(redis: aioredis.Redis) -> None:
+    merged: MergedScript[str] = MergedScript(redis, MERGED, merged_parts)
+    assert await merged("first") == b"first!"
+    await redis.script_flush()
+    assert await asyncio.gather(merged("x"), merged("y")) == [b"x!", b"y!"]
+    assert await redis.get("parts") == b"3"
+
+
+async def test_a_merged_call_whose_round_trip_fails_fails_its_parts_and_the_next_call_goes() -> (
+    None
+):
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    merged: MergedScript[str] = MergedScript(client, MERGED, merged_parts)
+    for _ in range(2):  # the first call's failure does not strand the parts of the next
+        results = await asyncio.wait_for(
+            asyncio.gather(merged("a"), merged("b"), return_exceptions=True), 5
+        )
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+    await client.aclose()

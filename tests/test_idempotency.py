@@ -1,5 +1,5 @@
 """``Idempotency-Key`` on POST /signup: a retry gets the original 201, another body a 422, a
-malformed key a 400; the key's record is written by the signup's own script."""
+malformed key a 400; the key's record is written by the signup's commit script."""
 
 from __future__ import annotations
 
