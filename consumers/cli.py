@@ -219,6 +219,7 @@ def consumer_parts(redis: aioredis.Redis, plan: Plan) -> tuple[Context, Broker]:
         dead_letter_max=settings.dead_letter_max,
         queues=plan.registry.queues,
         pipeline=ctx.pipeline,
+        done_ttl=settings.idempotency_ttl,
     )
     return ctx, broker
 

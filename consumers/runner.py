@@ -134,6 +134,8 @@ class Consumer:
         self._metrics = metrics if metrics is not None else ConsumerMetrics(plan.registry)
         self._handlers = handlers
         self._context = context
+        # A handler's done-marker for its own job goes with the job's settlement.
+        context.settle_marks()
         self._settings = plan.settings
         self._plan = plan
         self._concurrency = dict(plan.concurrency)
@@ -377,6 +379,7 @@ class Consumer:
         failure: tuple[str, BaseException] | None = None
         redis_down: Exception | None = None
         try:
+            self._context.running(job.id)
             await handler(self._context, job)
         except asyncio.CancelledError as exc:
             # The watchdog's cancellation, and no other (a stop's comes on top), is a timeout.
@@ -397,7 +400,9 @@ class Consumer:
             logger.warning(
                 "job %s (%s): Redis unavailable (%s); returning it", job.id, job.type, redis_down
             )
-            if not await self._settle(job.id, lambda: self._broker.return_job(queue, raw)):
+            mark = self._context.take_mark(job.id)
+            returning = functools.partial(self._broker.return_job, queue, raw, marker=mark)
+            if not await self._settle(job.id, returning):
                 return "unsettled", redis_down, None
             self._metrics.finished(job.type, "returned")
             return "returned", redis_down, None
@@ -407,7 +412,8 @@ class Consumer:
         self._finished(job.type, "succeeded")
         self._samples[queue].append((wait, run))
         # Counted when acknowledged (at-most-once too: the count goes with the next take).
-        self._acks[queue].append(Ack(raw, job.id, self._counters.get(job.type, "")))
+        counter = self._counters.get(job.type, "")
+        self._acks[queue].append(Ack(raw, job.id, counter, self._context.take_mark(job.id)))
         return "succeeded", None, None
 
     async def _failed(
@@ -449,7 +455,9 @@ class Consumer:
             # time).
             first_attempt=job.first_attempt or tracing.current_traceparent(),
         )
-        if not await self._settle(job.id, lambda: self._broker.retry(queue, raw, retried, delay)):
+        mark = self._context.take_mark(job.id)
+        retrying = functools.partial(self._broker.retry, queue, raw, retried, delay, marker=mark)
+        if not await self._settle(job.id, retrying):
             return "unsettled"
         self._finished(job.type, "retried")
         return "retried"
@@ -462,8 +470,9 @@ class Consumer:
         entry = DeadLetter.for_job(queue, raw, reason, job=job, error=error).encode()
         # An undecodable job's deliveries are counted under its delivery_id: clear that.
         job_id = job.id if job else delivery_id(raw)
+        mark = self._context.take_mark(job.id) if job else ""
         if not await self._settle(
-            job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id)
+            job_id, lambda: self._broker.dead_letter(queue, raw, entry, job_id, marker=mark)
         ):
             return False
         self._finished(job.type if job else None, "dead_lettered")
@@ -659,7 +668,8 @@ class Consumer:
 
     async def _return(self, job: _InFlight) -> None:
         # Past the deadline: one try (see _settle for what happens if it fails).
-        returning = functools.partial(self._broker.return_job, job.queue, job.raw)
+        mark = self._context.take_mark(delivery_id(job.raw))
+        returning = functools.partial(self._broker.return_job, job.queue, job.raw, marker=mark)
         if await self._settle(f"on {job.queue}", returning):
             logger.info("queue %s: returned an unfinished job to the queue", job.queue)
             self._metrics.finished(_type_of(job.raw), "returned")

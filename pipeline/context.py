@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 T = TypeVar("T")
+
+#: The id of the job the current task runs, set by the consumer for its handler.
+_running: ContextVar[str | None] = ContextVar("running_job", default=None)
 
 
 class Resource(Generic[T]):
@@ -60,6 +64,28 @@ class Context:
         self.pipeline = AutoPipeline(
             redis, settings.redis_min_replicas, settings.redis_replica_timeout
         )
+        #: Jobs whose handlers set their own done-marker, which is written with the job's
+        #: settlement; None: each marker is written at once (a context outside a consumer).
+        self._marked: set[str] | None = None
+
+    def settle_marks(self) -> None:
+        """Make a running job's own :meth:`mark_done` part of its settlement (the consumer
+        calls this): the consumer writes it with the job's acknowledgement, or with its retry,
+        dead letter or return, in the same script, rather than in a round trip of its own."""
+        self._marked = set()
+
+    def running(self, job_id: str) -> None:
+        """Note that the current task runs ``job_id`` (the consumer calls this for each job,
+        in the job's own task)."""
+        _running.set(job_id)
+
+    def take_mark(self, job_id: str) -> str:
+        """The done-marker key ``job_id``'s handler set, to write with its settlement, or ''
+        if it set none. Each mark is taken once."""
+        if self._marked is None or job_id not in self._marked:
+            return ""
+        self._marked.discard(job_id)
+        return self.keys.done(job_id)
 
     def settings_of(self, group: type[T]) -> T:
         """The settings a reaction declares as ``group`` (its ``Reaction.settings``), read
@@ -100,15 +126,35 @@ class Context:
         return self.pipeline.script(source)
 
     def is_done(self, job_id: str) -> asyncio.Future[Any]:
-        """Whether the done-marker of ``job_id`` is set (a :meth:`read`): for an effect that
-        cannot say itself whether it is done, such as an email."""
+        """Whether the done-marker of ``job_id`` is set (a :meth:`read`, answering 1 or 0):
+        for an effect that cannot say itself whether it is done, such as an email."""
+        if self._marked is not None and job_id in self._marked:
+            return _answered(1)  # marked here, its settlement not yet written
         return self.read("EXISTS", self.keys.done(job_id))
 
     def mark_done(self, job_id: str) -> asyncio.Future[Any]:
-        """Set the done-marker of ``job_id`` (a :meth:`write`), expiring after ``done_ttl``."""
+        """Set the done-marker of ``job_id``, expiring after ``done_ttl``.
+
+        In a consumer, a job's handler marking its own job is done at once (the future is
+        answered): the marker is written with the job's settlement, in the script that
+        acknowledges the job (or retries, dead-letters or returns it), whether or not the
+        handler then fails, and whether or not the job is still this consumer's (the effect
+        it marks happened). So marker and acknowledgement are one write: lost together or
+        kept together, and a job whose acknowledgement a failover loses runs again where its
+        marker was lost too, as one whose marker never reached a replica would. Any other
+        mark (another job's, or outside a consumer) is a :meth:`write`."""
+        if self._marked is not None and _running.get() == job_id:
+            self._marked.add(job_id)
+            return _answered(True)
         return self.write("SET", self.keys.done(job_id), "1", "NX", "EX", self.done_ttl)
 
     def read(self, *command: Any) -> asyncio.Future[Any]:
         """A read-only command (``"EXISTS", key``), sent with this tick's effects; its raw
         reply. Not confirmed by replicas (it writes nothing)."""
         return self.pipeline.read(*command)
+
+
+def _answered(value: Any) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

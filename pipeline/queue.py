@@ -36,7 +36,7 @@ from pipeline.jobs import Job, new_job
 from pipeline.keys import DEAD_LETTERS_DROPPED, Keys
 from pipeline.registry import JobType, Registry
 from pipeline.scripts import Signature
-from pipeline.settings import DEAD_LETTER_MAX, DeliveryMode
+from pipeline.settings import DEAD_LETTER_MAX, IDEMPOTENCY_TTL, DeliveryMode
 
 #: Latency samples kept per queue (the newest), for the percentiles in /stats.
 LATENCY_SAMPLES: Final = 1000
@@ -63,12 +63,14 @@ class JobSink(Protocol):
 
 class Ack(NamedTuple):
     """A job done, acknowledged with its fetch loop's next take: its bytes as fetched, its id
-    (whose deliveries are forgotten) and the stats counter its type keeps ('' for none), to
-    which the acknowledgement adds one."""
+    (whose deliveries are forgotten), the stats counter its type keeps ('' for none), to
+    which the acknowledgement adds one, and the done-marker its handler set ('' for none:
+    see :meth:`pipeline.context.Context.mark_done`), written with the acknowledgement."""
 
     raw: bytes
     job_id: str
     counter: str = ""
+    marker: str = ""
 
 
 class DirectQueue:
@@ -104,13 +106,21 @@ def new_consumer_id() -> str:
 # A dead letter beyond the newest DEAD_LETTER_MAX drops the oldest, counted in the stats hash.
 # "held": '1' at-least-once; "raw": the job's bytes as fetched; "put": the bytes to put at
 # "destination" (its queue, the delayed set or the dead list); "delay": a retry's, in s; "id":
-# the job id whose deliveries are forgotten ('' for none); "dead_max": most dead letters kept.
+# the job id whose deliveries are forgotten ('' for none); "dead_max": most dead letters kept;
+# "marker": the done-marker its handler set ('' for none), written first and whether or not the
+# job is still held (the effect it marks happened), for "marker_ttl" s.
 _SETTLE_SIGNATURE = Signature(
     keys=("processing", "destination", "deliveries", "stats", "dead_by_queue"),
-    args=("held", "raw", "action", "put", "delay", "id", "dead_max", "queue"),
-)
+    args=(
+        "held", "raw", "action", "put", "delay", "id", "dead_max", "queue", "marker",
+        "marker_ttl",
+    ),
+)  # fmt: skip
 _SETTLE = LUA_DEAD_COUNTS + _SETTLE_SIGNATURE.source(
     """
+if $marker ~= '' then
+  redis.call('SET', $marker, '1', 'EX', $marker_ttl)
+end
 local held = $held == '1'
 if held and not redis.call('LPOS', $processing, $raw, 'RANK', -1) then
   return 0
@@ -142,7 +152,9 @@ return 1
 )
 
 # Acknowledge finished jobs and take up to ARGV[1] more without blocking, in one step: under
-# load a consumer makes one round trip per batch, not two per job. Each ack that still finds
+# load a consumer makes one round trip per batch, not two per job. Each ack's done-marker
+# (if its handler set one) is written first, whether or not the ack still finds its job: the
+# effect it marks happened. Each ack that still finds
 # its job adds one to its type's counter (one HINCRBY per counter and batch): a job is
 # acknowledged once, however often it was delivered, so it counts once. The counts come
 # first, as if every ack found its job, and are taken back for any that did not (one whose
@@ -153,20 +165,23 @@ return 1
 # processing list's pop end. The copy comes before the trim, so an OOM refusal there (at
 # LPUSH) leaves the acks done and nothing taken.
 # KEYS: queue, processing list, deliveries hash, stats hash
-# ARGV: how many to take, how many acks n, then n job bytes, their n ids, their n counters
-# ('' for none)
+# ARGV: how many to take, how many acks n, the done-markers' lifetime in s, then n job bytes,
+# their n ids, their n counters ('' for none), their n done-marker keys ('' for none)
 # Returns {acks that found their job, taken job bytes...}
 _ACK_AND_TAKE = """
 local n = tonumber(ARGV[2])
+for i = 4 + 3 * n, 3 + 4 * n do
+  if ARGV[i] ~= '' then redis.call('SET', ARGV[i], '1', 'EX', ARGV[3]) end
+end
 local counted = {}
-for i = 3 + 2 * n, 2 + 3 * n do
+for i = 4 + 2 * n, 3 + 3 * n do
   if ARGV[i] ~= '' then counted[ARGV[i]] = (counted[ARGV[i]] or 0) + 1 end
 end
 for counter, k in pairs(counted) do
   redis.call('HINCRBY', KEYS[4], counter, k)
 end
 local removed = 0
-for i = 3, 2 + n do
+for i = 4, 3 + n do
   if redis.call('LREM', KEYS[2], -1, ARGV[i]) == 1 then
     removed = removed + 1
   elseif ARGV[i + 2 * n] ~= '' then
@@ -174,7 +189,7 @@ for i = 3, 2 + n do
   end
 end
 if n > 0 then
-  redis.call('HDEL', KEYS[3], unpack(ARGV, 3 + n, 2 + 2 * n))
+  redis.call('HDEL', KEYS[3], unpack(ARGV, 4 + n, 3 + 2 * n))
 end
 local count = tonumber(ARGV[1])
 if count < 1 then return {removed} end
@@ -330,6 +345,7 @@ class Broker:
         dead_letter_max: int = DEAD_LETTER_MAX,
         queues: Sequence[str],
         pipeline: AutoPipeline | None = None,
+        done_ttl: int = IDEMPOTENCY_TTL,
     ) -> None:
         self.redis = redis
         #: Every queue of the registry: what recovery looks for in a dead consumer's lists.
@@ -337,6 +353,8 @@ class Broker:
         self.keys = keys
         self.mode = mode
         self.dead_letter_max = dead_letter_max
+        #: How long the done-markers written with settlements live, in s (IDEMPOTENCY_TTL).
+        self.done_ttl = done_ttl
         self.consumer_id = consumer_id or new_consumer_id()
         self._held = mode == "at-least-once"
         #: Where takes go: shared with the handlers' effects (``Context.pipeline``), the
@@ -370,7 +388,8 @@ class Broker:
     async def take(
         self, queue: str, count: int, acks: Sequence[Ack] = ()
     ) -> tuple[list[bytes], int]:
-        """Acknowledge ``acks``, counting each under its counter, and take up to ``count``
+        """Acknowledge ``acks``, counting each under its counter and writing its done-marker,
+        and take up to ``count``
         more jobs of ``queue`` without blocking, in one round trip. Returns the jobs taken and
         how many acks still found their job (fewer: some were recovered from this consumer
         meanwhile, and are counted by the consumer that holds them now)."""
@@ -382,20 +401,27 @@ class Broker:
             self.keys.deliveries,
             self.keys.stats,
         ]
-        args: list[bytes | str | int] = [count, len(acks)]
+        args: list[bytes | str | int] = [count, len(acks), self.done_ttl]
         args += [ack.raw for ack in acks]
         args += [ack.job_id for ack in acks]
         args += [ack.counter for ack in acks]
+        args += [ack.marker for ack in acks]
         # Not confirmed by replicas: a take a failover loses is recovered like any delivery.
         removed, *taken = await self._ack_and_take(keys, args, confirmed=False)
         return [_bytes(raw) for raw in taken], int(removed)
 
     async def _pop(self, queue: str, count: int, acks: Sequence[Ack]) -> list[bytes]:
-        """At-most-once: count ``acks`` (one HINCRBY per counter) and pop up to ``count``
-        jobs, in one round trip. Nothing is held, so nothing is removed."""
+        """At-most-once: count ``acks`` (one HINCRBY per counter), write their done-markers
+        and pop up to ``count`` jobs, in one round trip. Nothing is held, so nothing is
+        removed."""
         counted = Counter(ack.counter for ack in acks if ack.counter)
         # Writes, but like a take not ones a WAIT need confirm.
         calls = [
+            self._pipeline.queue(("SET", ack.marker, "1", "EX", self.done_ttl), None, writes=False)
+            for ack in acks
+            if ack.marker
+        ]
+        calls += [
             self._pipeline.queue(("HINCRBY", self.keys.stats, name, k), None, writes=False)
             for name, k in counted.items()
         ]
@@ -413,11 +439,17 @@ class Broker:
         found = await self.redis.lrange(self.keys.processing(queue, self.consumer_id), 0, -1)
         return [_bytes(raw) for raw in found]
 
-    async def return_job(self, queue: str, raw: bytes) -> bool:
-        """Put an unfinished job back at the head of its queue, unchanged: it runs next."""
-        return await self._do_settle(queue, raw, "return", self.keys.queue(queue), put=raw)
+    # Each settlement writes ``marker``, the done-marker the job's handler set ('' for none).
 
-    async def retry(self, queue: str, raw: bytes, retried: Job, delay: float) -> bool:
+    async def return_job(self, queue: str, raw: bytes, *, marker: str = "") -> bool:
+        """Put an unfinished job back at the head of its queue, unchanged: it runs next."""
+        return await self._do_settle(
+            queue, raw, "return", self.keys.queue(queue), put=raw, marker=marker
+        )
+
+    async def retry(
+        self, queue: str, raw: bytes, retried: Job, delay: float, *, marker: str = ""
+    ) -> bool:
         """Schedule ``retried`` (the job with its next attempt) to run in ``delay`` seconds."""
         return await self._do_settle(
             queue,
@@ -427,12 +459,17 @@ class Broker:
             put=retried.encode(),
             delay=delay,
             job_id=retried.id,
+            marker=marker,
         )
 
-    async def dead_letter(self, queue: str, raw: bytes, entry: bytes, job_id: str = "") -> bool:
+    async def dead_letter(
+        self, queue: str, raw: bytes, entry: bytes, job_id: str = "", *, marker: str = ""
+    ) -> bool:
         """Move the job to the dead-letter list as ``entry`` (an encoded
         :class:`pipeline.dead.DeadLetter`)."""
-        return await self._do_settle(queue, raw, "dead", self.keys.dead, put=entry, job_id=job_id)
+        return await self._do_settle(
+            queue, raw, "dead", self.keys.dead, put=entry, job_id=job_id, marker=marker
+        )
 
     async def _do_settle(
         self,
@@ -444,6 +481,7 @@ class Broker:
         put: bytes = b"",
         delay: float = 0.0,
         job_id: str = "",
+        marker: str = "",
     ) -> bool:
         keys, args = _SETTLE_SIGNATURE.call(
             {
@@ -462,6 +500,8 @@ class Broker:
                 "id": job_id,
                 "dead_max": self.dead_letter_max,
                 "queue": queue,
+                "marker": marker,
+                "marker_ttl": self.done_ttl,
             },
         )
         return bool(await self._settle(keys=keys, args=args))

@@ -54,6 +54,8 @@ EVERY = "*"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
 #: How many dead letters are kept by default (the newest); older ones are dropped and counted.
 DEAD_LETTER_MAX = 10_000
+#: How long a job's done-marker is kept by default (``IDEMPOTENCY_TTL``), in seconds.
+IDEMPOTENCY_TTL = 24 * 3600
 #: Usernames nobody may take, so no one can pose as the service or its staff.
 RESERVED_USERNAMES: tuple[str, ...] = (
     "abuse", "admin", "administrator", "api", "billing", "help", "hostmaster", "info",
@@ -591,7 +593,7 @@ class Settings:
     idempotency_ttl: int = setting(
         "IDEMPOTENCY_TTL",
         integer(60, 365 * 86_400),
-        24 * 3600,
+        IDEMPOTENCY_TTL,
         kind="integer (seconds)",
         read_by="consumers",
         doc="seconds a job's done-marker (an effect outside Redis: the welcome email) is "

@@ -12,7 +12,6 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pipeline.context import Context
 from pipeline.jobs import new_job
@@ -277,33 +276,6 @@ async def test_headers_that_are_not_ascii_arrive_encoded_and_whole(
     assert str(message["Subject"]) == "Welcome, Łukasz_ü!"
     text = message.get_body(("plain",))
     assert text is not None and "Hello Łukasz_ü," in text.get_content()
-
-
-class FlakyMarkContext(Context):
-    """Redis fails twice right after the SMTP server accepted (our code; Redis is real): the
-    welcome email's done-marker write (the only write this test makes) fails before reaching
-    Redis."""
-
-    failures = 2
-
-    def write(self, *command: Any) -> asyncio.Future[Any]:
-        if self.failures:
-            self.failures -= 1
-            raise RedisConnectionError("Redis went away")
-        return super().write(*command)
-
-
-async def test_a_lost_done_marker_write_is_retried_not_sent_again(
-    redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
-) -> None:
-    settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
-    ctx = context_for(redis, keys, settings, FlakyMarkContext)
-    job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
-    await send_welcome_email(ctx, job)
-    await send_welcome_email(ctx, job)  # redelivered: the marker made it
-    assert isinstance(ctx, FlakyMarkContext) and ctx.failures == 0
-    assert smtp_server.recipients() == ["a@example.com"]
-    assert await redis.exists(keys.done(job.id)) == 1
 
 
 @pytest.mark.parametrize(

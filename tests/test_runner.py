@@ -720,6 +720,52 @@ async def test_an_ack_counts_its_job_once_however_often_it_is_sent(
     assert await redis.hgetall(keys.stats) == {b"emails_sent": b"1", b"other_jobs": b"1"}
 
 
+async def test_an_acks_done_marker_is_written_with_it_even_when_the_job_was_recovered(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1", done_ttl=600)
+    queue = DirectQueue(redis, keys, REGISTRY)
+    for i in range(2):
+        await queue.push("welcome_email", {"email": f"u{i}@example.com"})
+    taken, _ = await broker.take("email", 2)
+    ids = [decode(raw).id for raw in taken]
+    # The second was recovered from this consumer meanwhile: its ack finds no job, but the
+    # email it marks went out, so its marker is written all the same.
+    await redis.lrem(keys.processing("email", "c1"), 1, taken[1])
+    acks = [
+        Ack(raw, id_, "emails_sent", keys.done(id_)) for raw, id_ in zip(taken, ids, strict=True)
+    ]
+    acks.append(Ack(b"not held", "x" * 32, "emails_sent"))  # no marker: none written
+    assert await broker.take("email", 0, acks) == ([], 1)
+    for id_ in ids:
+        assert await redis.get(keys.done(id_)) == b"1"
+        assert 590 < await redis.ttl(keys.done(id_)) <= 600
+    assert not await redis.exists(keys.done("x" * 32))
+    assert await redis.hget(keys.stats, "emails_sent") == b"1"
+
+
+async def test_a_settlement_writes_the_done_marker_in_either_mode(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = DirectQueue(redis, keys, REGISTRY)
+    for mode in ("at-least-once", "at-most-once"):
+        broker = Broker(redis, keys, queues=REGISTRY.queues, mode=mode, done_ttl=600)  # type: ignore[arg-type]
+        jobs = [await queue.push("welcome_email", {"email": f"{mode}{i}@x.org"}) for i in range(4)]
+        taken, _ = await broker.take("email", 4)
+        retried = dataclasses.replace(decode(taken[0]), attempt=1)
+        assert await broker.retry("email", taken[0], retried, 60, marker=keys.done(jobs[0].id))
+        assert await broker.dead_letter(
+            "email", taken[1], b"{}", jobs[1].id, marker=keys.done(jobs[1].id)
+        )
+        assert await broker.return_job("email", taken[2], marker=keys.done(jobs[2].id))
+        # The last acknowledged: at-most-once, its marker goes with the next pop.
+        ack = Ack(taken[3], jobs[3].id, "", keys.done(jobs[3].id))
+        await broker.take("email", 0, [ack])
+        for job in jobs:
+            assert 590 < await redis.ttl(keys.done(job.id)) <= 600, (mode, job)
+        await redis.delete(keys.queue("email"))
+
+
 async def test_at_most_once_acks_count_with_the_next_pop(redis: aioredis.Redis, keys: Keys) -> None:
     broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1", mode="at-most-once")
     queue = DirectQueue(redis, keys, REGISTRY)
@@ -783,9 +829,11 @@ def test_each_scheme_keeps_its_kind_of_connection(url: str, expected: str) -> No
 class SlowSettlingBroker(Broker):
     """Settles a retry slowly, as through a Redis outage (the Redis is real)."""
 
-    async def retry(self, queue: str, raw: bytes, retried: Job, delay: float) -> bool:
+    async def retry(
+        self, queue: str, raw: bytes, retried: Job, delay: float, *, marker: str = ""
+    ) -> bool:
         await asyncio.sleep(0.5)
-        return await super().retry(queue, raw, retried, delay)
+        return await super().retry(queue, raw, retried, delay, marker=marker)
 
 
 async def test_settling_a_failed_job_is_not_cut_short_by_its_timeout(
@@ -1024,9 +1072,9 @@ async def test_a_take_failing_after_a_wake_still_runs_the_job_fetched(
             raise RedisConnectionError("Redis went away")
         return await real_take(queue, count, acks)
 
-    async def return_job(queue: str, raw: bytes) -> bool:
+    async def return_job(queue: str, raw: bytes, *, marker: str = "") -> bool:
         returned.append(raw)
-        return await real_return(queue, raw)
+        return await real_return(queue, raw, marker=marker)
 
     broker.take, broker.return_job = take, return_job
     await eventually(lambda: _blocked(redis, 1), what="the fetch loop blocking on its empty queue")
@@ -1037,3 +1085,71 @@ async def test_a_take_failing_after_a_wake_still_runs_the_job_fetched(
     await eventually(lambda: _llen(redis, held, 0), what="its acknowledgement")
     assert not failing[0]  # the take did fail
     assert ran == [job.id] and returned == []
+
+
+class RecordingEmail:
+    """An email backend that keeps what it was asked to send (the handler is the real one)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, message: Any) -> None:
+        self.sent.append(str(message["To"]))
+
+
+async def test_an_emails_done_marker_goes_with_its_ack_and_survives_a_failed_one(
+    start_consumer: Any, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """The welcome email's marker is written with the job's acknowledgement, not in a round
+    trip of its own. When that acknowledgement fails (Redis away), it is sent again with the
+    marker, and a redelivery of the job finds the email sent."""
+    running = await start_consumer(concurrency={"email": 4})
+    email = running.consumer._context[EMAIL] = RecordingEmail()
+    broker = running.consumer._broker
+    real_take, failed = broker.take, []
+
+    async def take(queue: str, count: int, acks: Any = ()) -> Any:
+        if any(ack.marker for ack in acks) and not failed:
+            failed.append([ack.marker for ack in acks])
+            raise RedisConnectionError("Redis went away")
+        return await real_take(queue, count, acks)
+
+    broker.take = take
+    job = await DirectQueue(redis, keys, REGISTRY).push(
+        "welcome_email", {"user_id": "1" * 32, "username": "ann", "email": "ann@example.com"}
+    )
+    held = keys.processing("email", running.consumer.consumer_id)
+
+    async def acknowledged() -> bool:
+        return bool(await redis.exists(keys.done(job.id))) and await _llen(redis, held, 0)
+
+    await eventually(acknowledged, what="its acknowledgement, with its marker")
+    assert failed == [[keys.done(job.id)]]  # the first ack carried the marker, and failed
+    assert email.sent == ["ann@example.com"]
+    # Delivered again (as after a crash): the marker says the email went out.
+    await redis.lpush(keys.queue("email"), job.encode())
+    await eventually(lambda: _llen(redis, keys.queue("email"), 0), what="the redelivery taken")
+    await eventually(lambda: _llen(redis, held, 0), what="the redelivery acknowledged")
+    assert email.sent == ["ann@example.com"]
+
+
+_marks: list[tuple[int, int]] = []
+
+
+async def marks_then_fails(ctx: Context, job: Job) -> None:
+    """Marks its job done, then fails: the first attempt only."""
+    _marks.append((job.attempt, await ctx.is_done(job.id)))
+    if job.attempt == 0:
+        await ctx.mark_done(job.id)
+        raise ValueError("failed after its effect")
+
+
+async def test_a_mark_set_before_the_handler_failed_goes_with_the_retry(
+    start_consumer: Any, redis: aioredis.Redis, keys: Keys
+) -> None:
+    _marks.clear()
+    await start_consumer({"welcome_email": marks_then_fails}, concurrency={"email": 2})
+    job = await DirectQueue(redis, keys, REGISTRY).push("welcome_email", {"email": "a@x.org"})
+    await eventually(lambda: len(_marks) == 2, what="the retry to run")
+    assert _marks == [(0, 0), (1, 1)]  # the retry found the mark its first attempt set
+    assert await redis.exists(keys.done(job.id)) == 1
