@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pipeline.context import Context
+from pipeline.errors import NotReplicatedError
 from pipeline.jobs import new_job
 from pipeline.keys import Keys
 from pipeline.plan import resolve
@@ -276,6 +278,64 @@ async def test_headers_that_are_not_ascii_arrive_encoded_and_whole(
     assert str(message["Subject"]) == "Welcome, Łukasz_ü!"
     text = message.get_body(("plain",))
     assert text is not None and "Hello Łukasz_ü," in text.get_content()
+
+
+class FlakyMarkContext(Context):
+    """Redis fails twice right after the SMTP server accepted (our code; Redis is real): the
+    welcome email's done-marker write (the only write this test makes) fails before reaching
+    Redis."""
+
+    failures = 2
+
+    def write(self, *command: Any) -> asyncio.Future[Any]:
+        if self.failures:
+            self.failures -= 1
+            raise RedisConnectionError("Redis went away")
+        return super().write(*command)
+
+
+async def test_a_lost_done_marker_write_is_retried_not_sent_again(
+    redis: aioredis.Redis, keys: Keys, make_settings: object, smtp_server: SmtpSink
+) -> None:
+    settings = make_settings({"SMTP_URL": smtp_server.url})  # type: ignore[operator]
+    ctx = context_for(redis, keys, settings, FlakyMarkContext)
+    job = new_job("welcome_email", {"user_id": "u1", "username": "alice", "email": "a@example.com"})
+    await send_welcome_email(ctx, job)
+    await send_welcome_email(ctx, job)  # redelivered: the marker made it
+    assert isinstance(ctx, FlakyMarkContext) and ctx.failures == 0
+    assert smtp_server.recipients() == ["a@example.com"]
+    assert await redis.exists(keys.done(job.id)) == 1
+
+
+async def test_a_mark_goes_with_the_settlement_unless_replicas_must_confirm_it(
+    redis: aioredis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """In a consumer a job's own mark is answered at once and handed to its settlement; with
+    REDIS_MIN_REPLICAS it is a write of its own, which WAIT confirms (here no replica does)."""
+    job_id = "a" * 32
+    for replicas in (0, 1):
+        ctx = Context(
+            redis,
+            dataclasses.replace(settings, redis_min_replicas=replicas, redis_replica_timeout=0.1),
+        )
+        ctx.settle_marks()  # as the consumer does
+
+        async def run_job(ctx: Context) -> tuple[asyncio.Future[Any], str]:
+            ctx.running(job_id)  # as the consumer does, in the job's task
+            marked = ctx.mark_done(job_id)
+            return marked, ctx.take_mark(job_id)
+
+        marked, settled = await asyncio.create_task(run_job(ctx))
+        if replicas == 0:
+            assert marked.done() and settled == keys.done(job_id)
+            assert ctx.take_mark(job_id) == ""  # taken once
+            assert not await redis.exists(keys.done(job_id))  # the settlement writes it
+        else:
+            assert settled == ""
+            with pytest.raises(NotReplicatedError):
+                await marked
+            assert await redis.exists(keys.done(job_id))  # written, not confirmed
+            await redis.delete(keys.done(job_id))
 
 
 @pytest.mark.parametrize(

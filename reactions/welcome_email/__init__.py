@@ -5,6 +5,7 @@ Its settings (``SMTP_*``, ``EMAIL_FROM``) are in :mod:`.settings`, its backends 
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 from email.header import Header
@@ -14,6 +15,7 @@ from email.mime.text import MIMEText
 from email.utils import formataddr, parseaddr
 from typing import Any, Final
 
+from pipeline.connections import REDIS_UNAVAILABLE
 from pipeline.context import Context, Resource
 from pipeline.handling import payload_text
 from pipeline.jobs import Job
@@ -28,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 #: Where welcome emails go: SMTP when ``SMTP_URL`` is set, else the log.
 EMAIL: Final = Resource[EmailBackend]("email")
+#: Waits between attempts to record that an email went out, when Redis fails right after the
+#: SMTP server accepted it (beyond the client's own retries): a lost marker means a second email.
+MARK_RETRY_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
 
 #: The stats counter of jobs done: emails sent.
 COUNTER: Final = "emails_sent"
@@ -69,10 +74,12 @@ def welcome_message(sender: str, to: str, username: str) -> Message:
 async def send_welcome_email(ctx: Context, job: Job) -> None:
     """Email the new user unless this job already did, then mark it done.
 
-    The marker is written with the job's acknowledgement (see ``Context.mark_done``), right
-    after the SMTP server accepts the message; a crash or a failover between the two is the
-    one window in which the email can go out twice. The consumer keeps sending the
-    acknowledgement through a Redis outage, as it does every acknowledgement."""
+    The marker is written right after the SMTP server accepts the message (by default with
+    the job's acknowledgement, see ``Context.mark_done``); a crash or a failover between the
+    two is the one window in which the email can go out twice. With ``REDIS_MIN_REPLICAS``
+    the marker is a write of its own, confirmed by replicas, and tried again here while Redis
+    fails (a failover under way), so that it lands on the new primary rather than the job
+    running again there."""
     if await ctx.is_done(job.id):
         logger.info("job %s: welcome email already sent; skipping", job.id)
         return
@@ -85,7 +92,15 @@ async def send_welcome_email(ctx: Context, job: Job) -> None:
         job.payload.get("user_id"),
         mask_email(email),
     )
-    await ctx.mark_done(job.id)
+    for delay in (*MARK_RETRY_DELAYS, None):
+        try:
+            await ctx.mark_done(job.id)
+            return
+        except REDIS_UNAVAILABLE:
+            if delay is None:
+                raise
+            logger.warning("job %s: email sent but not yet marked done; retrying", job.id)
+            await asyncio.sleep(delay)
 
 
 WELCOME_EMAIL: Final = JobType(
