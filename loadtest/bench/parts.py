@@ -44,17 +44,21 @@ def _build(level: str, redis_url: str) -> Any:
         return app
     from quart import Response, request
 
+    import pipeline.settings
     from pipeline.settings import Settings
     from service.app import create_app
     from service.deps import deps
     from service.validation import parse_body, validate_signup
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "RATE_LIMIT": "1000000/1"})
-    try:
-        from pipeline.plan import resolve
-    except ImportError:  # a checkout from before the plan (an A/B against an older commit)
+    # A checkout from before the plan (an A/B against an older commit) has no pipeline/plan.py.
+    # Asked by file, not by import: the development install's finder would import this
+    # checkout's plan into the older package.
+    if not Path(pipeline.settings.__file__).with_name("plan.py").exists():
         app = create_app(settings)  # type: ignore[arg-type]
     else:
+        from pipeline.plan import resolve
+
         app = create_app(resolve(settings))
 
     async def read() -> bytes:
