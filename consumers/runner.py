@@ -134,7 +134,8 @@ class Consumer:
         self._metrics = metrics if metrics is not None else ConsumerMetrics(plan.registry)
         self._handlers = handlers
         self._context = context
-        # A handler's done-marker for its own job goes with the job's settlement.
+        # A handler's done-marker for its own job goes with the job's settlement (unless
+        # replicas must confirm it: see Context.settle_marks).
         context.settle_marks()
         self._settings = plan.settings
         self._plan = plan

@@ -389,10 +389,10 @@ class Broker:
         self, queue: str, count: int, acks: Sequence[Ack] = ()
     ) -> tuple[list[bytes], int]:
         """Acknowledge ``acks``, counting each under its counter and writing its done-marker,
-        and take up to ``count``
-        more jobs of ``queue`` without blocking, in one round trip. Returns the jobs taken and
-        how many acks still found their job (fewer: some were recovered from this consumer
-        meanwhile, and are counted by the consumer that holds them now)."""
+        and take up to ``count`` more jobs of ``queue`` without blocking, in one round trip.
+        Returns the jobs taken and how many acks still found their job (fewer: some were
+        recovered from this consumer meanwhile, and are counted by the consumer that holds
+        them now)."""
         if not self._held:
             return await self._pop(queue, count, acks), len(acks)
         keys = [

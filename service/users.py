@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 # this script (a MergedScript): so its fixed cost, the claims' reads, the rate limit's state
 # and one push per queue are paid once per call, not per signup. Its named keys and arguments
 # are shared by every signup of the call (the rate limit brings its own); then come the
-# signups' keys (_SIGNUP_KEYS each), the queues their jobs go to, and the signups' arguments:
-# _SIGNUP_ARGS each, the last their count of jobs, then a (queue's number, job) pair per job.
+# signups' keys (_SIGNUP's each), the queues their jobs go to, and the signups' arguments:
+# _SIGNUP's each, the last their count of jobs, then a (queue's number, job) pair per job.
 # "fingerprint" is "" without an Idempotency-Key (whose key is then named but never read or
 # written); "record_ttl" is the record's lifetime in ms and "created" the 201's body.
 _SIGNATURE = (
@@ -56,18 +56,22 @@ _SIGNATURE = (
     )
     + RATE_LIMIT_SIGNATURE
 )
-_SIGNUP_KEYS: Final = ("user", "rate_state", "idempotency")
-_SIGNUP_ARGS: Final = (
-    "username_claim",
-    "email_claim",
-    "user_id",
-    "username",
-    "email",
-    "created_at",
-    "receiver_errors",
-    "fingerprint",
-    "created",
-    "jobs",
+# Each signup's own keys and arguments, by name as the rest (the script reads them at their
+# offset in the signup's block).
+_SIGNUP = Signature(
+    keys=("user", "rate_state", "idempotency"),
+    args=(
+        "username_claim",
+        "email_claim",
+        "user_id",
+        "username",
+        "email",
+        "created_at",
+        "receiver_errors",
+        "fingerprint",
+        "created",
+        "jobs",
+    ),
 )
 # Returns one answer per signup, in order: "ok"; "replay <body>" when the idempotency key's
 # record is there for this same request (nothing is written); "reused" when it is there for
@@ -167,10 +171,10 @@ return answers
 """,
     USERS=USERS,
     RECEIVER_ERRORS=RECEIVER_ERRORS,
-    signup_keys=len(_SIGNUP_KEYS),
-    signup_args=len(_SIGNUP_ARGS),
-    **{name: i for i, name in enumerate(_SIGNUP_KEYS, 1)},
-    **{name: i for i, name in enumerate(_SIGNUP_ARGS)},
+    signup_keys=len(_SIGNUP.keys),
+    signup_args=len(_SIGNUP.args),
+    **{name: i for i, name in enumerate(_SIGNUP.keys, 1)},
+    **{name: i for i, name in enumerate(_SIGNUP.args)},
 )
 #: The commit's span, with tracing on: one script call (shared with the signups that commit
 #: together).
@@ -199,11 +203,11 @@ class SignupJobs:
 
 
 class _Signup(NamedTuple):
-    """One signup's part of the commit script's call: its keys (_SIGNUP_KEYS), its arguments
-    (_SIGNUP_ARGS) and its jobs with their queues."""
+    """One signup's part of the commit script's call: its keys and arguments (_SIGNUP's, in
+    order) and its jobs with their queues."""
 
-    keys: tuple[str, str, str]
-    args: tuple[Any, ...]
+    keys: list[Any]
+    args: list[Any]
     jobs: list[tuple[str, Job]]
 
 
@@ -295,22 +299,26 @@ class UserStore:
         keys = self._keys
         created = user.created()
         signup = _Signup(
-            (
-                keys.user(user.user_id),
-                keys.rate(client),
-                keys.idempotency(idempotency_key) if idempotency_key is not None else self._unkeyed,
-            ),
-            (
-                user.username_claim,
-                user.email_claim,
-                user.user_id,
-                user.username,
-                user.email,
-                repr(user.created_at),
-                receiver_errors,
-                user.fingerprint() if idempotency_key is not None else "",
-                created,
-                len(jobs.queued),
+            *_SIGNUP.call(
+                {
+                    "user": keys.user(user.user_id),
+                    "rate_state": keys.rate(client),
+                    "idempotency": keys.idempotency(idempotency_key)
+                    if idempotency_key is not None
+                    else self._unkeyed,
+                },
+                {
+                    "username_claim": user.username_claim,
+                    "email_claim": user.email_claim,
+                    "user_id": user.user_id,
+                    "username": user.username,
+                    "email": user.email,
+                    "created_at": repr(user.created_at),
+                    "receiver_errors": receiver_errors,
+                    "fingerprint": user.fingerprint() if idempotency_key is not None else "",
+                    "created": created,
+                    "jobs": len(jobs.queued),
+                },
             ),
             jobs.queued,
         )
