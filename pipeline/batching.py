@@ -22,8 +22,8 @@ idle, a call goes at the end of its tick, as before.
 So a pipeline needs one connection at a time. It borrows one from the client's pool for a
 busy spell (its round trips back to back, while callers keep queueing) and gives it back
 when nothing is pending, rather than once per round trip, whose pool locks, timer and
-bookkeeping were a good part of its client work. A round trip's replies are read under one
-timeout (the connection's socket timeout), not a timer per reply.
+bookkeeping were a good part of its client work. A round trip is written and its replies
+read under one timeout (the connection's socket timeout), not a timer per reply.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -198,15 +199,20 @@ class AutoPipeline:
         that is an error is returned in its place, as a pipeline without a transaction
         does. (redis-py's Pipeline does the same with several times the CPU per command:
         command stacks, response callbacks and its retry and bookkeeping layers, which the
-        web client does not use: it never retries.) The replies are read under one timeout,
-        the connection's socket timeout (``math.inf`` asks redis-py 8.0.1 and later for no
-        timer of its own per reply; earlier ones arm one that never fires, as before). A
-        failure of the connection itself raises, and the connection is dropped rather than
-        left half-read: the next round trip connects again."""
+        web client does not use: it never retries.) The commands are written and the
+        replies read under one timeout, the connection's socket timeout (``math.inf`` asks
+        redis-py 8.0.1 and later for no timer of its own per reply; earlier ones arm one
+        that never fires, as before). A failure of the connection itself raises, and the
+        connection is dropped rather than left half-read: the next round trip connects
+        again."""
         try:
-            await connection.send_packed_command(connection.pack_commands(commands))
             results: list[Any] = []
             async with asyncio.timeout(connection.socket_timeout):
+                if not connection.is_connected:  # dropped by a failed round trip before
+                    await connection.connect()  # type: ignore[no-untyped-call]
+                # Written under the same timeout, not send_packed_command's own (a task and
+                # a timer of asyncio.wait_for's, about 10 us a round trip).
+                await connection._send_packed_command(connection.pack_commands(commands))
                 for _ in commands:
                     try:
                         results.append(await connection.read_response(timeout=math.inf))
@@ -216,6 +222,8 @@ class AutoPipeline:
             await connection.disconnect()
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError(f"Timeout reading from {_where(connection)}") from None
+            if isinstance(exc, OSError):  # a write refused (a reset): as send_packed_command
+                raise RedisConnectionError(f"Error writing to {_where(connection)}: {exc}") from exc
             raise
         return results
 

@@ -18,6 +18,7 @@ from pipeline.plan import Plan
 from service.clients import ClientResolver
 from service.deps import EXTENSION, Deps
 from service.errors import ApiError, UnavailableError
+from service.framework import ServiceQuart
 from service.health import health
 from service.metrics import EXTENSION as METRICS
 from service.metrics import WebMetrics, metrics_api
@@ -48,7 +49,7 @@ def create_app(plan: Plan) -> Quart:
     that no reaction declares, or one that may push an undeclared job type, raises
     :class:`ReactionError` here: the app does not start."""
     settings, registry = plan.settings, plan.registry
-    app = Quart(__name__)
+    app = ServiceQuart(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # A body that has not all arrived this long after the handler asked for it is a 408: a
     # client trickling its body (slowloris) holds a connection, never a worker, and not for long.

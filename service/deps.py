@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from quart import current_app, request
+from quart import Quart, Request, current_app, request
 
 from pipeline.keys import Keys
 from pipeline.outage import Outage
@@ -41,15 +41,26 @@ class Deps:
 
 def deps() -> Deps:
     """The current app's dependencies."""
-    found: Deps = current_app.extensions[EXTENSION]
+    return deps_of(current_app)
+
+
+def deps_of(app: Quart) -> Deps:
+    """``app``'s dependencies (the app itself, not the ``current_app`` proxy: a route on
+    the signup path looks each proxy up once)."""
+    found: Deps = app.extensions[EXTENSION]
     return found
 
 
 def _client() -> tuple[Address | None, str]:
     """The current request's client: its address and label (see :class:`ClientResolver`)."""
-    peer = request.scope.get("client")
-    headers = request.headers
-    return deps().clients.resolve(
+    return request_client(request, deps())
+
+
+def request_client(req: Request, current: Deps) -> tuple[Address | None, str]:
+    """``req``'s client: its address and label (see :class:`ClientResolver`)."""
+    peer = req.scope.get("client")
+    headers = req.headers
+    return current.clients.resolve(
         peer[0] if peer else None, lambda: headers.getlist("X-Forwarded-For")
     )
 

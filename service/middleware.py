@@ -9,7 +9,6 @@ sent, error handlers included.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from quart import Quart
 
 from pipeline import logs, tracing
+from pipeline.jobs import new_id
 
 logger = logging.getLogger("service.access")
 
@@ -31,8 +31,8 @@ UNMATCHED = "<unmatched>"
 
 
 def new_request_id() -> str:
-    """A fresh request id: 32 hex digits."""
-    return os.urandom(16).hex()
+    """A fresh request id: 32 hex digits (as job and user ids are made)."""
+    return new_id()
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:

@@ -35,8 +35,28 @@ def use_multiprocess_dir(base: str) -> str:
     directory.mkdir(exist_ok=True)
     # prometheus_client reads the directory from the environment when it opens its files.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    values.ValueClass = values.MultiProcessValue(  # type: ignore[no-untyped-call]
+        process_identifier=_pid
+    )
     return str(directory)
+
+
+#: This process's id, asked of the system once (and again in a forked child), not at every
+#: increment: prometheus_client checks it at each one to notice a fork, and a request makes
+#: four (``os.getpid`` is a system call, 0.26 us here).
+_this_pid = os.getpid()
+
+
+def _pid() -> int:
+    return _this_pid
+
+
+def _forked() -> None:
+    global _this_pid
+    _this_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _master_identity() -> str:

@@ -211,9 +211,10 @@ class _Signup(NamedTuple):
     jobs: list[tuple[str, Job]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewUser:
-    """What a signup writes."""
+    """What a signup writes. A value, as :class:`pipeline.jobs.Job` is (and not frozen for
+    the same reason)."""
 
     user_id: str
     username: str

@@ -186,3 +186,48 @@ def test_the_fast_path_takes_plain_addresses() -> None:
         assert plain_email(raw) == raw
     for raw in ("Alice@Example.COM", "user@localhost.test", '"quoted"@example.com'):
         assert plain_email(raw) is None
+
+
+def _full_claim_form(value: str) -> str:
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", value).casefold())
+
+
+@FUZZ
+@given(st.text(st.characters(max_codepoint=127), max_size=40) | tricky)
+@example("ADMIN")
+@example("Straße")
+def test_the_claim_form_fast_path_is_nfkc_casefold(text: str) -> None:
+    """ASCII takes a shortcut (its lowercase); it is the same form the full rule gives."""
+    assert claim_form(text) == _full_claim_form(text)
+
+
+def _username_rule(username: str) -> bool:
+    """The character rule without the ASCII shortcut: letters, digits, ``_ . -``, marks
+    after the first character."""
+    return all(
+        char in "_.-"
+        or unicodedata.category(char) == "Nd"
+        or unicodedata.category(char)[0] == "L"
+        or (unicodedata.category(char)[0] == "M" and position > 0)
+        for position, char in enumerate(username)
+    )
+
+
+@FUZZ
+@given(st.text(st.characters(max_codepoint=127), min_size=3, max_size=32) | tricky)
+@example("wrk_x_1_12345")
+@example("a b")
+@example("ab\x00")
+def test_the_username_fast_path_agrees_with_the_character_rule(raw: str) -> None:
+    """The usual username is decided by one pattern, not a loop over its characters: the
+    two accept the same names."""
+    try:
+        signup = validate_signup({"username": raw, "email": "a@example.com"})
+    except ValidationError as exc:
+        problem = exc.details["fields"].get("username")
+        assert problem is not None
+        name = unicodedata.normalize("NFKC", raw)
+        if raw.strip() and USERNAME_MIN <= len(name) <= USERNAME_MAX:
+            assert not _username_rule(name), problem
+        return
+    assert _username_rule(signup.username)

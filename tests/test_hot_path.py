@@ -1,0 +1,151 @@
+"""What the signup path does for less than the parts it stands in for, checked against them:
+the request's blueprint chain and the response's time limit (``service.framework``), ids
+from a buffer of random bytes, the worker's pid remembered for the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from quart import Blueprint, Quart, Response, request
+from quart.wrappers import Request
+
+from pipeline.jobs import is_id, new_id
+from service import multiprocess
+from service.framework import ServiceQuart
+
+
+def _nested_app(app: Quart, ran: list[str]) -> Quart:
+    """Routes at the top and in a blueprint within a blueprint, each answering its chain
+    as this app's request gives it and as Quart's own property does; each blueprint's
+    before-request hook notes its name in ``ran``."""
+    outer, inner = Blueprint("outer", __name__), Blueprint("inner", __name__)
+
+    def chains() -> dict[str, list[str]]:
+        quarts = Request.blueprints.fget(request)  # type: ignore[attr-defined]
+        return {"blueprints": request.blueprints, "quart": quarts}
+
+    @inner.get("/deep")
+    async def deep() -> dict[str, list[str]]:
+        return chains()
+
+    @app.get("/top")
+    async def top() -> dict[str, list[str]]:
+        return chains()
+
+    outer.before_request(lambda: ran.append("outer"))
+    inner.before_request(lambda: ran.append("outer.inner"))
+    outer.register_blueprint(inner, url_prefix="/inner")
+    app.register_blueprint(outer, url_prefix="/outer")
+    return app
+
+
+@pytest.mark.parametrize("path", ["/outer/inner/deep", "/top"])
+async def test_the_blueprint_chain_is_quarts(path: str) -> None:
+    """Worked out once per endpoint, the chain is the one Quart's own property gives, and
+    the nested blueprints' hooks run as they do under Quart."""
+    ran: list[str] = []
+    app = _nested_app(ServiceQuart(__name__), ran)
+    response = await app.test_client().get(path)
+    body = await response.get_json()
+    assert body["blueprints"] == body["quart"]
+    if path == "/top":
+        assert body["blueprints"] == [] and ran == []
+    else:
+        assert body["blueprints"] == ["outer.inner", "outer"]
+        assert ran == ["outer", "outer.inner"]
+
+
+async def test_an_unmatched_request_has_no_blueprints() -> None:
+    app = ServiceQuart(__name__)
+    seen: list[list[str]] = []
+
+    @app.errorhandler(404)
+    async def missing(_: Exception) -> tuple[str, int]:
+        seen.append(request.blueprints)
+        return "", 404
+
+    assert (await app.test_client().get("/nowhere")).status_code == 404
+    assert seen == [[]]
+
+
+async def test_a_response_still_sending_at_its_time_limit_is_dropped() -> None:
+    """Quart's response time limit holds with the send in the request's own task: a body
+    that stalls is cut off at the limit, and the request ends (rather than hanging)."""
+    app = ServiceQuart(__name__)
+    stalled = asyncio.Event()
+
+    @app.get("/stall")
+    async def stall() -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first"
+            stalled.set()
+            await asyncio.Event().wait()  # never set
+            yield b"never"
+
+        response = Response(body())
+        response.timeout = 0.2
+        return response
+
+    async with asyncio.timeout(10):
+        response = await app.test_client().get("/stall")
+        assert await response.get_data() == b"first"
+    assert stalled.is_set()
+
+
+def test_ids_are_unique_and_well_formed_across_threads() -> None:
+    found: list[list[str]] = []
+
+    def make() -> None:
+        found.append([new_id() for _ in range(5000)])  # more than a buffer's worth
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [i for batch in found for i in batch]
+    assert len(set(ids)) == len(ids) == 20000
+    assert all(is_id(i) for i in ids)
+
+
+def _in_child(task: str) -> str:
+    """``task`` run in a forked child (``os.fork``): what it printed."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write the answer, exit at once
+        try:
+            answer = new_id() if task == "id" else str(multiprocess._pid())
+            os.write(write, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+    if task == "pid":
+        return f"{answer} {pid}"
+    return answer
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    """A child does not reuse the random bytes its parent had buffered: the id it makes
+    next is not the one its parent makes next."""
+    new_id()  # the buffer is filled, with ids to come
+    child = _in_child("id")
+    assert is_id(child)
+    assert child != new_id()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_forked_child_knows_its_own_pid_for_the_metrics() -> None:
+    """The metrics' files are named for the process writing them: a forked child's pid is
+    its own, not the one remembered by its parent."""
+    told, actual = _in_child("pid").split()
+    assert told == actual != str(os.getpid())
