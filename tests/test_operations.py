@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,41 @@ def test_text_lines_show_the_request_id_and_cannot_be_split_by_input() -> None:
         logs.request_id.reset(token)
     assert line.endswith("WARNING some.logger: [req=r1] user eve\\nINFO forged line")
     assert "\n" not in line
+
+
+class _StdlibText(TextFormatter):
+    """The text line as logging.Formatter makes it from TEXT_FORMAT: what TextFormatter
+    writes in one step."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = logs.request_id.get()
+        record.ids = "" if rid is None else f" [req={rid}]"
+        return logging.Formatter.format(self, record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        return logging.Formatter.formatMessage(self, record)
+
+
+@pytest.mark.parametrize("request_id", [None, "r1"])
+@pytest.mark.parametrize("trouble", ["none", "exc", "stack", "both"])
+def test_text_lines_are_the_format_strings(request_id: str | None, trouble: str) -> None:
+    """The text formatter's line is TEXT_FORMAT's, traceback and stack included."""
+    try:
+        raise ValueError("boom\nline two")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = _record("user %s at %d", "eve\r\nforged", 3)
+    if trouble in ("exc", "both"):
+        record.exc_info = exc_info
+    if trouble in ("stack", "both"):
+        record.stack_info = "Stack (most recent call last):\n  here"
+    twin = logging.makeLogRecord(record.__dict__)
+    token = logs.request_id.set(request_id)
+    try:
+        assert TextFormatter().format(record) == _StdlibText().format(twin)
+    finally:
+        logs.request_id.reset(token)
 
 
 def test_mask_email() -> None:
