@@ -149,3 +149,83 @@ def test_a_forked_child_knows_its_own_pid_for_the_metrics() -> None:
     its own, not the one remembered by its parent."""
     told, actual = _in_child("pid").split()
     assert told == actual != str(os.getpid())
+
+
+def _scope(path: str) -> dict[str, object]:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        "headers": [(b"host", b"x")], "extensions": {},
+    }  # fmt: skip
+
+
+async def test_a_disconnect_cancels_the_handling_and_ends_the_request_quietly() -> None:
+    """As under Quart: the client going away cancels the view (its cleanup runs), and the
+    request ends without an error and without a response."""
+    app = ServiceQuart(__name__)
+    started, cleaned_up = asyncio.Event(), asyncio.Event()
+
+    @app.get("/wait")
+    async def wait() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned_up.set()
+        return "never"
+
+    messages = 0
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        nonlocal messages
+        messages += 1
+        if messages == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await app.startup()
+    try:
+        async with asyncio.timeout(10):
+            await app(_scope("/wait"), receive, send)  # type: ignore[arg-type]
+    finally:
+        await app.shutdown()
+    assert cleaned_up.is_set()
+    assert sent == []
+
+
+async def test_a_cancel_from_the_server_still_cancels_the_request() -> None:
+    """A cancellation from outside (the server's) is not taken for a disconnect: it goes on
+    out of the app."""
+    app = ServiceQuart(__name__)
+    started = asyncio.Event()
+
+    @app.get("/wait")
+    async def wait() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    async def receive() -> dict[str, object]:
+        await asyncio.Event().wait()  # no disconnect
+        raise AssertionError("unreachable")
+
+    async def send(_: dict[str, object]) -> None:
+        pass
+
+    await app.startup()
+    try:
+        task = asyncio.ensure_future(app(_scope("/wait"), receive, send))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await task
+    finally:
+        await app.shutdown()
