@@ -51,11 +51,6 @@ def deps_of(app: Quart) -> Deps:
     return found
 
 
-def _client() -> tuple[Address | None, str]:
-    """The current request's client: its address and label (see :class:`ClientResolver`)."""
-    return request_client(request, deps())
-
-
 def request_client(req: Request, current: Deps) -> tuple[Address | None, str]:
     """``req``'s client: its address and label (see :class:`ClientResolver`)."""
     peer = req.scope.get("client")
@@ -65,13 +60,9 @@ def request_client(req: Request, current: Deps) -> tuple[Address | None, str]:
     )
 
 
-def client() -> str:
-    """The current request's client, as a label (the rate limit's key)."""
-    return _client()[1]
-
-
 def operators_only() -> None:
     """A 404, as for a route that does not exist, unless the client is one ``OPS_ALLOW``
     lets read the operational routes (``/stats``, ``/metrics``)."""
-    if not allowed(_client()[0], deps().settings.ops_allow):
+    current = deps()
+    if not allowed(request_client(request, current)[0], current.settings.ops_allow):
         raise ApiError(404, "not_found", "no such resource")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
@@ -30,18 +30,23 @@ _HEADER = b"x-request-id"
 UNMATCHED = "<unmatched>"
 
 
-def new_request_id() -> str:
-    """A fresh request id: 32 hex digits (as job and user ids are made)."""
-    return new_id()
+def scope_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of the header ``name`` in an ASGI scope's ``headers`` (names there
+    are lowercase), decoded as Quart decodes it (latin-1); None without one. Cheaper than
+    werkzeug's lookup, which raises and catches an exception for a header not sent."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's ``X-Request-ID`` when it is a sensible id, else a new one."""
-    for name, value in headers:
-        if name == _HEADER:
-            text = value.decode("latin-1")
-            return text if _REQUEST_ID_RE.fullmatch(text) else new_request_id()
-    return new_request_id()
+    """The client's ``X-Request-ID`` when it is a sensible id, else a new one (32 hex
+    digits, as job and user ids are made)."""
+    text = scope_header(headers, _HEADER)
+    if text is not None and _REQUEST_ID_RE.fullmatch(text):
+        return text
+    return new_id()
 
 
 class Routes:

@@ -15,6 +15,7 @@ from pipeline.stats import read_stats
 from service.deps import deps, deps_of, operators_only, request_client
 from service.errors import ApiError
 from service.metrics import web_metrics
+from service.middleware import scope_header
 from service.openapi import (
     Conflict,
     Invalid,
@@ -65,7 +66,7 @@ async def signup() -> Response:
     current = deps_of(app)
     address = request_client(req, current)[1]
     current.users.admit(address)  # before reading the body
-    idempotency_key = parse_idempotency_key(_header(req, _IDEMPOTENCY_KEY))
+    idempotency_key = parse_idempotency_key(scope_header(req.scope["headers"], _IDEMPOTENCY_KEY))
     body = await _read_body(req)
     fields = validate_signup(
         parse_body(req.mimetype, req.mimetype_params.get("charset"), body), current.reserved
@@ -101,16 +102,6 @@ async def signup() -> Response:
 
 #: The header's name as the ASGI scope has it (lowercase).
 _IDEMPOTENCY_KEY = b"idempotency-key"
-
-
-def _header(req: Request, name: bytes) -> str | None:
-    """The first value of the header ``name`` (lowercase), as ``req.headers.get`` gives it,
-    read from the ASGI scope: werkzeug's lookup of a header that is not there (most signups
-    send no Idempotency-Key) raises and catches an exception, about a microsecond."""
-    for key, value in req.scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def _read_body(req: Request) -> bytes:
