@@ -1,5 +1,6 @@
 """What the signup path does for less than the parts it stands in for, checked against them:
-the request's blueprint chain and the response's time limit (``service.framework``), ids
+the request's blueprint chain, URL adapter, route match and length, and the response's time
+limit (``service.framework``), ids
 from a buffer of random bytes, the worker's pid remembered for the metrics."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 from quart import Blueprint, Quart, Response, request
 from quart.wrappers import Request
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import BadHost
 
 from pipeline.jobs import is_id, new_id
 from service import multiprocess
@@ -70,6 +73,103 @@ async def test_an_unmatched_request_has_no_blueprints() -> None:
 
     assert (await app.test_client().get("/nowhere")).status_code == 404
     assert seen == [[]]
+
+
+def _routed_app(app: Quart) -> Quart:
+    """Routes that answer what the request matched (rule, arguments, length), a route with a
+    trailing slash (a request without it is redirected), and one with an int argument."""
+
+    def matched() -> dict[str, object]:
+        args = dict(request.view_args or {})
+        request.view_args["seen"] = True  # type: ignore[index]  # the next match is not changed
+        return {"rule": str(request.url_rule), "args": args, "length": request.content_length}
+
+    @app.route("/things/<int:n>", methods=["GET", "POST"])
+    async def thing(n: int) -> dict[str, object]:
+        return matched()
+
+    @app.get("/folder/")
+    async def folder() -> dict[str, object]:
+        return matched()
+
+    @app.post("/signup")
+    async def signup() -> dict[str, object]:
+        return matched()
+
+    return app
+
+
+#: Requests whose answers (status, Location, body) the two apps must agree on, each sent
+#: twice: the second is answered from what the first left remembered.
+_REQUESTS: list[tuple[str, str, dict[str, str] | Headers]] = [
+    ("GET", "/things/7", {}),
+    ("POST", "/things/8?x=1", {"Content-Length": "3"}),
+    ("GET", "/things/seven", {}),
+    ("DELETE", "/things/7", {}),
+    ("GET", "/folder", {}),
+    ("GET", "/folder?q=1", {}),
+    ("GET", "/folder/", {"Host": "Example.COM:80"}),
+    ("GET", "/folder/", {"Host": "other.example:8080"}),
+    ("POST", "/signup", {"Content-Length": "12"}),
+    ("POST", "/signup", {"Content-Length": "twelve"}),
+    ("POST", "/signup", {"Content-Length": "-4"}),
+    ("POST", "/signup", {"Transfer-Encoding": "gzip, chunked", "Content-Length": "12"}),
+    ("POST", "/signup", {"Transfer-Encoding": "gzip"}),
+    ("POST", "/signup", {}),
+    ("POST", "/signup", Headers([("Content-Length", "3"), ("Content-Length", "5")])),
+    ("GET", "/nowhere", {}),
+]
+
+
+async def _answers(app: Quart) -> list[tuple[int, str | None, str | bytes]]:
+    client = app.test_client()
+    answers = []
+    for method, path, headers in _REQUESTS * 2:
+        response = await client.open(path, method=method, headers=headers)  # type: ignore[call-arg]
+        answers.append(
+            (response.status_code, response.headers.get("Location"), await response.get_data())
+        )
+    return answers
+
+
+async def test_routes_and_lengths_are_quarts() -> None:
+    """The remembered binding and match, and the length read from the scope, answer every
+    request as Quart does: the match and its arguments, 404, 405, the redirect to the
+    trailing slash (with the query), the host's port, and each Content-Length and
+    Transfer-Encoding werkzeug's way."""
+    ours = await _answers(_routed_app(ServiceQuart(__name__)))
+    assert ours == await _answers(_routed_app(Quart(__name__)))
+    assert {status for status, _, _ in ours} == {200, 308, 404, 405}
+
+
+async def test_a_host_not_the_server_name_is_still_warned_of() -> None:
+    """With SERVER_NAME set, a request to another host is bound as Quart binds it (an
+    invalid subdomain: no route matches) and warned of."""
+    answers = []
+    for app in (ServiceQuart(__name__), Quart(__name__)):
+        app.config["SERVER_NAME"] = "api.example"
+        client = _routed_app(app).test_client()
+        with pytest.warns(UserWarning, match="doesn't match configured server name"):
+            response = await client.get("/things/7", headers={"Host": "elsewhere.example"})
+        answers.append(response.status_code)
+        ok = await client.get("/things/7", headers={"Host": "api.example"})
+        answers.append(ok.status_code)
+    assert answers == [404, 200, 404, 200]
+
+
+async def test_a_bad_host_is_refused_each_time() -> None:
+    """A host that cannot be IDNA-encoded is refused every time (a binding that raised is
+    not remembered): by Quart with werkzeug's BadHost from the binding, before any error
+    handler (the server then answers 500); here as the request's routing failure, which
+    the app's error handlers answer (a 400), and the next good host is served."""
+    with pytest.raises(BadHost):
+        await _routed_app(Quart(__name__)).test_client().get("/", headers={"Host": "a..b"})
+    client = _routed_app(ServiceQuart(__name__)).test_client()
+    for host in ("a..b", "a..b", "x" * 64 + ".example"):
+        response = await client.get("/things/7", headers={"Host": host})
+        assert response.status_code == 400
+        assert "Host header" in await response.get_data(as_text=True)
+    assert (await client.get("/things/7", headers={"Host": "good.example"})).status_code == 200
 
 
 async def test_a_response_still_sending_at_its_time_limit_is_dropped() -> None:

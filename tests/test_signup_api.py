@@ -165,6 +165,22 @@ async def test_get_signup_is_405(client: QuartClient) -> None:
     assert "POST" in response.headers["Allow"]
 
 
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example.com"])
+async def test_a_host_header_that_is_no_host_name_is_a_json_400(
+    client: QuartClient, host: str
+) -> None:
+    """A Host header werkzeug cannot bind the routes to (not a valid international domain
+    name) is refused as bad input, not a 500."""
+    response = await client.post(
+        "/signup", json={"username": "alice", "email": "a@example.com"}, headers={"Host": host}
+    )
+    assert response.status_code == 400
+    assert await response.get_json() == {
+        "error": "bad_request",
+        "message": "the Host header is not a valid host name",
+    }
+
+
 async def test_unknown_route_is_json_404(client: QuartClient) -> None:
     response = await client.get("/nope")
     assert response.status_code == 404
