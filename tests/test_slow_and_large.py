@@ -1,6 +1,6 @@
 """Slow and oversized clients against a real hypercorn, over raw sockets: a trickled body is cut
 off with 408 without holding other requests back; huge headers (431) and bodies (413) are
-refused before they are read."""
+refused before they are read; a Host header that is no host name is a 400."""
 
 from __future__ import annotations
 
@@ -135,3 +135,28 @@ async def test_a_chunked_body_is_cut_off_with_413_once_it_passes_the_limit(
         assert answer is not None and answer.startswith(b"HTTP/1.1 413 ")
         assert sent <= 16 * 1024
         writer.close()
+
+
+async def test_a_host_header_that_is_no_host_name_gets_400_and_writes_nothing(
+    spawn: Any, redis_server: RedisServer, redis: aioredis.Redis, keys: Keys, asgi_server: str
+) -> None:
+    """A Host header the routes cannot be bound to (not a valid international domain name)
+    is bad input: a JSON 400 naming it, not a 500, and the signup is not written."""
+    body = orjson.dumps({"username": "badhost", "email": "badhost@example.com"})
+    async with web(spawn, child_env(redis_server), server=asgi_server) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /signup HTTP/1.1\r\nHost: a..b\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        status, answer = await read_response(reader)
+        writer.close()
+        assert status == 400
+        assert orjson.loads(answer) == {
+            "error": "bad_request",
+            "message": "the Host header is not a valid host name",
+        }
+        assert (await request(port, "GET", "/healthz"))[0] == 200
+    assert await redis.hget(keys.username_claims, "badhost") is None
