@@ -46,6 +46,8 @@ from werkzeug.exceptions import BadHost, HTTPException
 from werkzeug.routing import MapAdapter, Rule
 from werkzeug.sansio.utils import get_content_length
 
+from service.middleware import scope_header
+
 #: What a request whose Host header cannot be bound is told (with its 400).
 _BAD_HOST: Final = "the Host header is not a valid host name"
 #: How many bindings and matches each app remembers.
@@ -83,15 +85,9 @@ class ServiceRequest(Request):
         headers = self.scope.get("headers")
         if headers is None:  # a request made by hand, without the scope's headers
             return cast(int | None, Request.content_length.__get__(self))
-        length = encoding = None
-        for name, value in headers:
-            name = name.lower()
-            if name == b"content-length":
-                if length is None:
-                    length = value.decode("latin-1")
-            elif name == b"transfer-encoding" and encoding is None:
-                encoding = value.decode("latin-1")
-        return get_content_length(length, encoding)
+        return get_content_length(
+            scope_header(headers, b"content-length"), scope_header(headers, b"transfer-encoding")
+        )
 
     @property
     def blueprints(self) -> list[str]:
