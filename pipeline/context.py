@@ -70,8 +70,10 @@ class Context:
 
     def settle_marks(self) -> None:
         """Make a running job's own :meth:`mark_done` part of its settlement (the consumer
-        calls this): the consumer writes it with the job's acknowledgement, or with its retry,
-        dead letter or return, in the same script, rather than in a round trip of its own.
+        calls this): the consumer hands it to the script that acknowledges the job, or retries,
+        dead-letters or returns it, rather than writing it in a round trip of its own. An
+        acknowledgement that removes the job writes no marker, since nothing can deliver that
+        job again; every other settlement writes it.
 
         Not with ``REDIS_MIN_REPLICAS``: an acknowledgement is not confirmed by replicas (one
         a failover loses only runs the job again), but a marker must be, or the failover
@@ -144,11 +146,14 @@ class Context:
         """Set the done-marker of ``job_id``, expiring after ``done_ttl``.
 
         In a consumer (without ``REDIS_MIN_REPLICAS``: see :meth:`settle_marks`), a job's
-        handler marking its own job is done at once (the future is answered): the marker is
-        written with the job's settlement, in the script that acknowledges the job (or
-        retries, dead-letters or returns it), whether or not the handler then fails, and
-        whether or not the job is still this consumer's (the effect it marks happened). So
-        marker and acknowledgement are one write, kept or lost together: a job whose
+        handler marking its own job is done at once (the future is answered), and the mark
+        goes with the job's settlement, in one script, whether or not the handler then fails.
+        A retry, dead letter or return writes the marker, whether or not the job is still this
+        consumer's (the effect it marks happened). An acknowledgement writes it only when the
+        job is no longer this consumer's (recovered from it after its lease lapsed): for the
+        delivery that holds the job now. One that finds its job removes it, which ends the
+        job's deliveries, so the marker would never be read, and is not kept (no key a job
+        for ``done_ttl``). Marker and acknowledgement are kept or lost together: a job whose
         acknowledgement a failover loses runs again, as one whose marker never reached a
         replica would. Any other mark (another job's, with ``REDIS_MIN_REPLICAS``, or outside
         a consumer) is a :meth:`write`, confirmed by replicas when they must confirm."""

@@ -65,7 +65,8 @@ class Ack(NamedTuple):
     """A job done, acknowledged with its fetch loop's next take: its bytes as fetched, its id
     (whose deliveries are forgotten), the stats counter its type keeps ('' for none), to
     which the acknowledgement adds one, and the done-marker its handler set ('' for none:
-    see :meth:`pipeline.context.Context.mark_done`), written with the acknowledgement."""
+    see :meth:`pipeline.context.Context.mark_done`), written by the acknowledgement only if
+    the job is no longer this consumer's (see ``_ACK_AND_TAKE``)."""
 
     raw: bytes
     job_id: str
@@ -152,40 +153,51 @@ return 1
 )
 
 # Acknowledge finished jobs and take up to ARGV[1] more without blocking, in one step: under
-# load a consumer makes one round trip per batch, not two per job. Each ack's done-marker
-# (if its handler set one) is written first, whether or not the ack still finds its job: the
-# effect it marks happened. Each ack that still finds
-# its job adds one to its type's counter (one HINCRBY per counter and batch): a job is
-# acknowledged once, however often it was delivered, so it counts once. The counts come
-# first, as if every ack found its job, and are taken back for any that did not (one whose
-# job was recovered from this consumer: the consumer now holding it counts it): an OOM
-# refusal, which hits a script at its first memory-growing write, then refuses the whole
-# step. The batch moves as a whole (three commands, not an LMOVE per job), leaving both lists
-# as that many LMOVEs would: the head of the queue first in the reply and nearest the
-# processing list's pop end. The copy comes before the trim, so an OOM refusal there (at
-# LPUSH) leaves the acks done and nothing taken.
+# load a consumer makes one round trip per batch, not two per job. An ack that still finds its
+# job removes it, which ends the job's deliveries: nothing can run it again, so the done-marker
+# its handler set is not written (no key a job). An ack whose job is gone (recovered from this
+# consumer after its lease lapsed, and now another's) writes it, for the delivery that holds
+# the job now: the effect it marks happened. Each ack that finds its job adds one to its
+# type's counter (one HINCRBY per counter and batch): a job is acknowledged once, however
+# often it was delivered, so it counts once; the consumer now holding a gone job counts it.
+# Reads come first (which acks' jobs are gone, for those with a marker), then the writes that
+# grow memory (markers, counts: the counts as if every other ack found its job, taken back
+# for any that did not), then the removals: an OOM refusal, which hits a script at its first
+# memory-growing write, then refuses the whole step. The batch moves as a whole (three
+# commands, not an LMOVE per job), leaving both lists as that many LMOVEs would: the head of
+# the queue first in the reply and nearest the processing list's pop end. The copy comes
+# before the trim, so an OOM refusal there (at LPUSH) leaves the acks done and nothing taken.
 # KEYS: queue, processing list, deliveries hash, stats hash
 # ARGV: how many to take, how many acks n, the done-markers' lifetime in s, then n job bytes,
 # their n ids, their n counters ('' for none), their n done-marker keys ('' for none)
 # Returns {acks that found their job, taken job bytes...}
 _ACK_AND_TAKE = """
 local n = tonumber(ARGV[2])
-for i = 4 + 3 * n, 3 + 4 * n do
-  if ARGV[i] ~= '' then redis.call('SET', ARGV[i], '1', 'EX', ARGV[3]) end
+local gone = {}
+for i = 4, 3 + n do
+  if ARGV[i + 3 * n] ~= '' and not redis.call('LPOS', KEYS[2], ARGV[i], 'RANK', -1) then
+    gone[i] = true
+  end
+end
+for i in pairs(gone) do
+  redis.call('SET', ARGV[i + 3 * n], '1', 'EX', ARGV[3])
 end
 local counted = {}
-for i = 4 + 2 * n, 3 + 3 * n do
-  if ARGV[i] ~= '' then counted[ARGV[i]] = (counted[ARGV[i]] or 0) + 1 end
+for i = 4, 3 + n do
+  local counter = ARGV[i + 2 * n]
+  if counter ~= '' and not gone[i] then counted[counter] = (counted[counter] or 0) + 1 end
 end
 for counter, k in pairs(counted) do
   redis.call('HINCRBY', KEYS[4], counter, k)
 end
 local removed = 0
 for i = 4, 3 + n do
-  if redis.call('LREM', KEYS[2], -1, ARGV[i]) == 1 then
-    removed = removed + 1
-  elseif ARGV[i + 2 * n] ~= '' then
-    redis.call('HINCRBY', KEYS[4], ARGV[i + 2 * n], -1)
+  if not gone[i] then
+    if redis.call('LREM', KEYS[2], -1, ARGV[i]) == 1 then
+      removed = removed + 1
+    elseif ARGV[i + 2 * n] ~= '' then
+      redis.call('HINCRBY', KEYS[4], ARGV[i + 2 * n], -1)
+    end
   end
 end
 if n > 0 then
@@ -388,11 +400,12 @@ class Broker:
     async def take(
         self, queue: str, count: int, acks: Sequence[Ack] = ()
     ) -> tuple[list[bytes], int]:
-        """Acknowledge ``acks``, counting each under its counter and writing its done-marker,
-        and take up to ``count`` more jobs of ``queue`` without blocking, in one round trip.
-        Returns the jobs taken and how many acks still found their job (fewer: some were
-        recovered from this consumer meanwhile, and are counted by the consumer that holds
-        them now)."""
+        """Acknowledge ``acks``, counting each under its counter, and take up to ``count``
+        more jobs of ``queue`` without blocking, in one round trip. Returns the jobs taken and
+        how many acks still found their job (fewer: some were recovered from this consumer
+        meanwhile, and are counted by the consumer that holds them now, and their done-markers
+        written for it). An ack that finds its job, or any at-most-once (its job left Redis when
+        it was popped), writes no marker: nothing can deliver that job again."""
         if not self._held:
             return await self._pop(queue, count, acks), len(acks)
         keys = [
@@ -411,17 +424,12 @@ class Broker:
         return [_bytes(raw) for raw in taken], int(removed)
 
     async def _pop(self, queue: str, count: int, acks: Sequence[Ack]) -> list[bytes]:
-        """At-most-once: count ``acks`` (one HINCRBY per counter), write their done-markers
-        and pop up to ``count`` jobs, in one round trip. Nothing is held, so nothing is
-        removed."""
+        """At-most-once: count ``acks`` (one HINCRBY per counter) and pop up to ``count``
+        jobs, in one round trip. Nothing is held, so nothing is removed, and no marker is
+        written: a popped job is never delivered again."""
         counted = Counter(ack.counter for ack in acks if ack.counter)
         # Writes, but like a take not ones a WAIT need confirm.
         calls = [
-            self._pipeline.queue(("SET", ack.marker, "1", "EX", self.done_ttl), None, writes=False)
-            for ack in acks
-            if ack.marker
-        ]
-        calls += [
             self._pipeline.queue(("HINCRBY", self.keys.stats, name, k), None, writes=False)
             for name, k in counted.items()
         ]

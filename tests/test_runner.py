@@ -720,28 +720,30 @@ async def test_an_ack_counts_its_job_once_however_often_it_is_sent(
     assert await redis.hgetall(keys.stats) == {b"emails_sent": b"1", b"other_jobs": b"1"}
 
 
-async def test_an_acks_done_marker_is_written_with_it_even_when_the_job_was_recovered(
+async def test_an_ack_writes_its_done_marker_only_when_its_job_was_recovered(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
     broker = Broker(redis, keys, queues=REGISTRY.queues, consumer_id="c1", done_ttl=600)
     queue = DirectQueue(redis, keys, REGISTRY)
-    for i in range(2):
+    for i in range(3):
         await queue.push("welcome_email", {"email": f"u{i}@example.com"})
-    taken, _ = await broker.take("email", 2)
+    taken, _ = await broker.take("email", 3)
     ids = [decode(raw).id for raw in taken]
-    # The second was recovered from this consumer meanwhile: its ack finds no job, but the
-    # email it marks went out, so its marker is written all the same.
+    # The second was recovered from this consumer meanwhile and is another's now: its ack
+    # finds no job, but the email it marks went out, so its marker is written for the
+    # delivery that holds it. The others' acks remove their jobs, which ends their
+    # deliveries: no marker is kept for them.
     await redis.lrem(keys.processing("email", "c1"), 1, taken[1])
     acks = [
         Ack(raw, id_, "emails_sent", keys.done(id_)) for raw, id_ in zip(taken, ids, strict=True)
     ]
     acks.append(Ack(b"not held", "x" * 32, "emails_sent"))  # no marker: none written
-    assert await broker.take("email", 0, acks) == ([], 1)
-    for id_ in ids:
-        assert await redis.get(keys.done(id_)) == b"1"
-        assert 590 < await redis.ttl(keys.done(id_)) <= 600
-    assert not await redis.exists(keys.done("x" * 32))
-    assert await redis.hget(keys.stats, "emails_sent") == b"1"
+    assert await broker.take("email", 0, acks) == ([], 2)
+    assert await redis.get(keys.done(ids[1])) == b"1"
+    assert 590 < await redis.ttl(keys.done(ids[1])) <= 600
+    assert not await redis.exists(keys.done(ids[0]), keys.done(ids[2]), keys.done("x" * 32))
+    assert await redis.hget(keys.stats, "emails_sent") == b"2"
+    assert await redis.llen(keys.processing("email", "c1")) == 0
 
 
 async def test_a_settlement_writes_the_done_marker_in_either_mode(
@@ -758,11 +760,13 @@ async def test_a_settlement_writes_the_done_marker_in_either_mode(
             "email", taken[1], b"{}", jobs[1].id, marker=keys.done(jobs[1].id)
         )
         assert await broker.return_job("email", taken[2], marker=keys.done(jobs[2].id))
-        # The last acknowledged: at-most-once, its marker goes with the next pop.
+        # The last acknowledged: it is never delivered again (removed from this consumer's
+        # list, or popped), so no marker is kept for it.
         ack = Ack(taken[3], jobs[3].id, "", keys.done(jobs[3].id))
         await broker.take("email", 0, [ack])
-        for job in jobs:
+        for job in jobs[:3]:
             assert 590 < await redis.ttl(keys.done(job.id)) <= 600, (mode, job)
+        assert not await redis.exists(keys.done(jobs[3].id)), mode
         await redis.delete(keys.queue("email"))
 
 
@@ -1097,20 +1101,28 @@ class RecordingEmail:
         self.sent.append(str(message["To"]))
 
 
-async def test_an_emails_done_marker_goes_with_its_ack_and_survives_a_failed_one(
+async def test_an_emails_done_marker_is_written_when_its_job_was_recovered_meanwhile(
     start_consumer: Any, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    """The welcome email's marker is written with the job's acknowledgement, not in a round
-    trip of its own. When that acknowledgement fails (Redis away), it is sent again with the
-    marker, and a redelivery of the job finds the email sent."""
+    """The welcome email's marker goes with the job's acknowledgement, not in a round trip
+    of its own, and is kept only if the job is gone by then. Here the first acknowledgement
+    fails (Redis away) and, before it is sent again, the job is recovered from this consumer
+    (as after a lapsed lease) and queued again: the acknowledgement sent again writes the
+    marker, and the redelivery finds the email sent. The redelivery's own acknowledgement
+    removes its job and keeps no marker a second time (it is still there, for its
+    ``IDEMPOTENCY_TTL``)."""
     running = await start_consumer(concurrency={"email": 4})
     email = running.consumer._context[EMAIL] = RecordingEmail()
     broker = running.consumer._broker
+    held = keys.processing("email", running.consumer.consumer_id)
     real_take, failed = broker.take, []
 
     async def take(queue: str, count: int, acks: Any = ()) -> Any:
         if any(ack.marker for ack in acks) and not failed:
             failed.append([ack.marker for ack in acks])
+            for ack in acks:  # recovered meanwhile: back at the head of its queue
+                await redis.lrem(held, 1, ack.raw)
+                await redis.rpush(keys.queue("email"), ack.raw)
             raise RedisConnectionError("Redis went away")
         return await real_take(queue, count, acks)
 
@@ -1118,19 +1130,38 @@ async def test_an_emails_done_marker_goes_with_its_ack_and_survives_a_failed_one
     job = await DirectQueue(redis, keys, REGISTRY).push(
         "welcome_email", {"user_id": "1" * 32, "username": "ann", "email": "ann@example.com"}
     )
+
+    async def acknowledged() -> bool:
+        emails = await redis.hget(keys.stats, "emails_sent")
+        return emails == b"1" and await _llen(redis, held, 0)
+
+    await eventually(acknowledged, what="the redelivery acknowledged")
+    assert failed == [[keys.done(job.id)]]  # the first ack carried the marker, and failed
+    assert await _llen(redis, keys.queue("email"), 0)
+    assert email.sent == ["ann@example.com"]  # once: the redelivery found the marker
+    assert await redis.exists(keys.done(job.id)) == 1
+
+
+async def test_an_acknowledgement_that_removes_its_job_keeps_no_done_marker(
+    start_consumer: Any, redis: aioredis.Redis, keys: Keys
+) -> None:
+    running = await start_consumer(concurrency={"email": 4})
+    email = running.consumer._context[EMAIL] = RecordingEmail()
+    queue = DirectQueue(redis, keys, REGISTRY)
+    jobs = [
+        await queue.push("welcome_email", {"user_id": f"{i}" * 32, "username": f"u{i}",
+                                           "email": f"u{i}@example.com"})
+        for i in range(3)
+    ]  # fmt: skip
     held = keys.processing("email", running.consumer.consumer_id)
 
     async def acknowledged() -> bool:
-        return bool(await redis.exists(keys.done(job.id))) and await _llen(redis, held, 0)
+        emails = await redis.hget(keys.stats, "emails_sent")
+        return emails == b"3" and await _llen(redis, held, 0)
 
-    await eventually(acknowledged, what="its acknowledgement, with its marker")
-    assert failed == [[keys.done(job.id)]]  # the first ack carried the marker, and failed
-    assert email.sent == ["ann@example.com"]
-    # Delivered again (as after a crash): the marker says the email went out.
-    await redis.lpush(keys.queue("email"), job.encode())
-    await eventually(lambda: _llen(redis, keys.queue("email"), 0), what="the redelivery taken")
-    await eventually(lambda: _llen(redis, held, 0), what="the redelivery acknowledged")
-    assert email.sent == ["ann@example.com"]
+    await eventually(acknowledged, what="the three acknowledged")
+    assert sorted(email.sent) == ["u0@example.com", "u1@example.com", "u2@example.com"]
+    assert await redis.exists(*(keys.done(job.id) for job in jobs)) == 0
 
 
 _marks: list[tuple[int, int]] = []
