@@ -25,6 +25,19 @@ def test_parts_reports_each_part_of_a_signup(redis_server: RedisServer) -> None:
         assert f"\n  {level} " in report, report
 
 
+def test_redis_parts_reports_each_part_per_signup(redis_server: RedisServer) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench.redis_parts", "--rounds", "1", "--signups", "64",
+         "--redis-url", redis_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = done.stdout.split("Redis CPU per signup")[1]
+    for part in ("commit   x1 ", "commit   x12 ", "commit   x32 ", "takes    x12 ",
+                 "consumer x12 "):  # fmt: skip
+        assert f"\n  {part}" in report, report
+
+
 def _options() -> argparse.Namespace:
     return argparse.Namespace(
         threads=1, connections=32, duration=8.0, warmup=2.0, workers=1, rounds=2,
