@@ -13,26 +13,30 @@ from tests.helpers import RedisServer
 from tests.processes import ROOT
 
 
-def test_parts_reports_each_part_of_a_signup(redis_server: RedisServer) -> None:
+def _report(redis_server: RedisServer, tool: str, *args: str, heading: str) -> str:
+    """Run ``python -m loadtest.bench.<tool>`` on the suite's Redis; its report after
+    ``heading``."""
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench.parts", "--rounds", "1", "--requests", "320",
-         "--redis-url", redis_server.url],
+        [sys.executable, "-m", f"loadtest.bench.{tool}", *args, "--redis-url", redis_server.url],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    report = done.stdout.split("CPU per signup")[1]
+    return done.stdout.split(heading)[1]
+
+
+def test_parts_reports_each_part_of_a_signup(redis_server: RedisServer) -> None:
+    report = _report(
+        redis_server, "parts", "--rounds", "1", "--requests", "320", heading="CPU per signup"
+    )
     for level in ("bare", "app", "body", "valid", "signup", "own"):
         assert f"\n  {level} " in report, report
 
 
 def test_redis_parts_reports_each_part_per_signup(redis_server: RedisServer) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench.redis_parts", "--rounds", "1", "--signups", "64",
-         "--redis-url", redis_server.url],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    report = _report(
+        redis_server, "redis_parts", "--rounds", "1", "--signups", "64",
+        heading="Redis CPU per signup",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    report = done.stdout.split("Redis CPU per signup")[1]
     for part in ("commit   x1 ", "commit   x12 ", "commit   x32 ", "takes    x12 ",
                  "consumer x12 "):  # fmt: skip
         assert f"\n  {part}" in report, report
