@@ -278,3 +278,32 @@ async def test_an_ack_refused_for_memory_changes_nothing_and_counts_once_when_se
     assert await broker.take("email", 1, [ack]) == ([], 1)
     assert await admin.llen(keys.processing("email", "c1")) == 0
     assert await admin.hget(keys.stats, "emails_sent") == b"1"
+
+
+async def test_an_ack_whose_marker_is_refused_for_memory_removes_nothing(
+    scratch: Scratch, admin: aioredis.Redis
+) -> None:
+    # The done-marker of an ack whose job is gone (recovered from this consumer meanwhile) is
+    # the step's first memory-growing write, before any ack removes its job (the held one's
+    # type keeps no counter, so no count comes first): refused for memory, the step changes
+    # nothing, and sent again it removes the held job and writes the other's marker.
+    keys = Keys("signup")
+    broker = Broker(admin, keys, queues=REGISTRY.queues, consumer_id="c1")
+    queue = DirectQueue(admin, keys, REGISTRY)
+    for address in ("a@example.com", "b@example.com"):
+        await queue.push("welcome_email", {"email": address})
+    held, gone = (await broker.take("email", 2))[0]
+    await admin.lrem(keys.processing("email", "c1"), 1, gone)
+    gone_id = decode(gone).id
+    acks = [Ack(held, decode(held).id), Ack(gone, gone_id, "emails_sent", keys.done(gone_id))]
+    await _oom(scratch, admin)
+    with pytest.raises(OutOfMemoryError):
+        await broker.take("email", 1, acks)
+    assert await admin.lrange(keys.processing("email", "c1"), 0, -1) == [held]
+    assert not await admin.exists(keys.done(gone_id))
+    await _oom_lift(scratch, admin)
+    assert await broker.take("email", 1, acks) == ([], 1)
+    assert await admin.llen(keys.processing("email", "c1")) == 0
+    assert await admin.exists(keys.done(gone_id)) == 1
+    # The gone job is counted by the consumer that holds it now, not by this ack.
+    assert await admin.hget(keys.stats, "emails_sent") is None
