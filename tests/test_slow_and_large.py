@@ -5,6 +5,7 @@ refused before they are read; a Host header that is no host name is a 400."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -89,7 +90,10 @@ async def test_huge_headers_get_431_before_they_are_all_sent(
         writer.write(SIGNUP)
         for n in range(40):  # 40 headers of 1 KiB, never finished with a blank line
             writer.write(f"X-Padding-{n}: {'a' * 1000}\r\n".encode())
-        await writer.drain()
+        # The server may answer and close before taking the rest (a reset of the writes): its
+        # answer came first, and is what is checked next.
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 431 ")
         assert await closed(reader)
