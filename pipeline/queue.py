@@ -160,13 +160,14 @@ return 1
 # the job now: the effect it marks happened. Each ack that finds its job adds one to its
 # type's counter (one HINCRBY per counter and batch): a job is acknowledged once, however
 # often it was delivered, so it counts once; the consumer now holding a gone job counts it.
-# Reads come first (which acks' jobs are gone, for those with a marker), then the writes that
-# grow memory (markers, counts: the counts as if every other ack found its job, taken back
-# for any that did not), then the removals: an OOM refusal, which hits a script at its first
-# memory-growing write, then refuses the whole step. The batch moves as a whole (three
-# commands, not an LMOVE per job), leaving both lists as that many LMOVEs would: the head of
-# the queue first in the reply and nearest the processing list's pop end. The copy comes
-# before the trim, so an OOM refusal there (at LPUSH) leaves the acks done and nothing taken.
+# Before any removal come the lookups (which acks' jobs are gone, for those with a marker) and
+# the writes that grow memory (markers, counts: the counts as if every other ack found its
+# job, taken back for any that did not); the removals come last: an OOM refusal, which hits
+# a script at its first memory-growing write, then refuses the whole step. The batch moves as
+# a whole (three commands, not an LMOVE per job), leaving both lists as that many LMOVEs
+# would: the head of the queue first in the reply and nearest the processing list's pop end.
+# The copy comes before the trim, so an OOM refusal there (at LPUSH) leaves the acks done and
+# nothing taken.
 # KEYS: queue, processing list, deliveries hash, stats hash
 # ARGV: how many to take, how many acks n, the done-markers' lifetime in s, then n job bytes,
 # their n ids, their n counters ('' for none), their n done-marker keys ('' for none)
@@ -177,10 +178,8 @@ local gone = {}
 for i = 4, 3 + n do
   if ARGV[i + 3 * n] ~= '' and not redis.call('LPOS', KEYS[2], ARGV[i], 'RANK', -1) then
     gone[i] = true
+    redis.call('SET', ARGV[i + 3 * n], '1', 'EX', ARGV[3])
   end
-end
-for i in pairs(gone) do
-  redis.call('SET', ARGV[i + 3 * n], '1', 'EX', ARGV[3])
 end
 local counted = {}
 for i = 4, 3 + n do

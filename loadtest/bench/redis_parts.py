@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +55,6 @@ async def _measure(redis_url: str, rounds: int, signups: int) -> dict[tuple[str,
     client = aioredis.Redis.from_url(redis_url)
     store = UserStore(client, keys, RateLimit(1_000_000, 1.0))  # counted, never reached
     receivers = registry.receivers(user_signed_up)
-    counters = {name: t.counter or "" for name, t in registry.job_types.items()}
     handlers = registry.handlers()
     ctx, broker = consumer_parts(client, plan)
     ctx.settle_marks()  # as the consumer does: a handler's done-marker goes with its ack
@@ -77,52 +75,35 @@ async def _measure(redis_url: str, rounds: int, signups: int) -> dict[tuple[str,
                            email=email, created_at=user.created_at)  # fmt: skip
         await store.create(user, jobs, 0, "127.0.0.1")
 
-    async def commit(size: int) -> Callable[[], Awaitable[int]]:
-        async def calls() -> int:
-            for _ in range(max(1, signups // size)):
-                await asyncio.gather(*(sign_up() for _ in range(size)))
-            return max(1, signups // size) * size
-
-        return calls
-
-    async def ticks(size: int, handled: bool) -> Callable[[], Awaitable[int]]:
-        """Queue the signups first (not measured), then measure the ticks that take them."""
-        for _ in range(max(1, signups // size)):
+    async def commit(size: int) -> int:
+        """The round's signups, ``size`` to a commit call; how many."""
+        calls = max(1, signups // size)
+        for _ in range(calls):
             await asyncio.gather(*(sign_up() for _ in range(size)))
-        await broker.heartbeat(60.0, {"part": "redis_parts"})  # held jobs need a lease
-        acks: dict[str, list[Ack]] = {queue: [] for queue in registry.queues}
+        return calls * size
 
-        async def run(queue: str, raw: bytes) -> None:
-            job = decode(raw)
-            if handled:
-                ctx.running(job.id)
-                await handlers[job.type](ctx, job)
-            acks[queue].append(Ack(raw, job.id, counters[job.type], ctx.take_mark(job.id)))
+    async def run(raw: bytes, handled: bool) -> Ack:
+        job = decode(raw)
+        if handled:
+            ctx.running(job.id)
+            await handlers[job.type](ctx, job)
+        counter = registry.job_types[job.type].counter or ""
+        return Ack(raw, job.id, counter, ctx.take_mark(job.id))
 
-        async def calls() -> int:
-            taken = True
-            while taken:
-                done = {queue: acks[queue] for queue in acks}
-                for queue in acks:
-                    acks[queue] = []
-                replies = await asyncio.gather(
-                    *(broker.take(queue, size, done[queue]) for queue in registry.queues)
-                )
-                runs = [
-                    run(queue, raw)
-                    for queue, (raws, _) in zip(registry.queues, replies, strict=True)
-                    for raw in raws
-                ]
-                taken = bool(runs)
-                await asyncio.gather(*runs)  # as the consumer's tasks: one round trip
-            await asyncio.gather(*(broker.take(queue, 0, acks[queue]) for queue in acks))
-            served = max(1, signups // size) * size
-            counted = await client.hmget(keys.stats, sorted({c for c in counters.values() if c}))
-            if any(int(value or 0) != served for value in counted):
-                raise RuntimeError(f"{served} signups' jobs, counted {counted}")
-            return served
-
-        return calls
+    async def ticks(size: int, handled: bool) -> None:
+        """Take the queued jobs, ``size`` a queue and tick, each tick acknowledging the
+        jobs of the one before, as a consumer's fetch loops do under load."""
+        acks: list[list[Ack]] = [[] for _ in registry.queues]
+        while True:
+            replies = await asyncio.gather(
+                *(broker.take(q, size, a) for q, a in zip(registry.queues, acks, strict=True))
+            )
+            runs = [[run(raw, handled) for raw in raws] for raws, _ in replies]
+            if not any(runs):
+                return
+            # Each queue's jobs at once, as the consumer's tasks: one round trip of effects.
+            done = await asyncio.gather(*(asyncio.gather(*queue) for queue in runs))
+            acks = [list(queue) for queue in done]
 
     results: dict[tuple[str, int], list[float]] = {part: [] for part in PARTS}
     async with registry.resources(ctx):
@@ -131,12 +112,19 @@ async def _measure(redis_url: str, rounds: int, signups: int) -> dict[tuple[str,
                 name, size = part
                 info.execute_command("FLUSHALL", "SYNC")  # type: ignore[no-untyped-call]
                 if name == "commit":
-                    calls = await commit(size)
+                    before = redis_cpu()
+                    served = await commit(size)
+                    used = redis_cpu() - before
                 else:
-                    calls = await ticks(size, handled=name == "consumer")
-                before = redis_cpu()
-                served = await calls()
-                figure = (redis_cpu() - before) / served * 1e6
+                    served = await commit(size)  # queued first, not measured
+                    await broker.heartbeat(60.0, {"part": "redis_parts"})  # held jobs: a lease
+                    before = redis_cpu()
+                    await ticks(size, handled=name == "consumer")
+                    used = redis_cpu() - before
+                    counted = await client.hmget(keys.stats, registry.effect_counters)
+                    if any(int(value or 0) != served for value in counted):
+                        raise RuntimeError(f"{served} signups' jobs, counted {counted}")
+                figure = used / served * 1e6
                 results[part].append(figure)
                 print(f"round {index + 1}  {name:<8} x{size:<3} {figure:6.1f} us", flush=True)
     await client.aclose()
@@ -161,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds at least 1, --signups at least 32")
     sys.path.insert(0, str(options.root.resolve()))
     from devtools.embedded_redis import scratch_server
+    from loadtest.bench.__main__ import Cores
 
     logging.basicConfig(level=logging.WARNING)  # the console email's lines are not the part's
-    cores = sorted(os.sched_getaffinity(0))
-    server_core, others = {cores[-1]}, set(cores[:-1]) or {cores[-1]}
-    os.sched_setaffinity(0, server_core)
+    cores = Cores.of_this_machine()
+    print(f"cores: {cores.describe().replace('wrk and Redis', 'Redis')}", flush=True)
+    if cores.server is not None:
+        os.sched_setaffinity(0, cores.server)  # this process: the "server" of the calls
     if options.redis_url:
         results = asyncio.run(_measure(options.redis_url, options.rounds, options.signups))
     else:
-        with scratch_server(cores=others) as redis_url:
+        with scratch_server(cores=cores.load) as redis_url:
             results = asyncio.run(_measure(redis_url, options.rounds, options.signups))
     print(f"\n{options.root}: Redis CPU per signup, median of {options.rounds} rounds")
     for (name, size), figures in results.items():
