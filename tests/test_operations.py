@@ -29,6 +29,7 @@ from pipeline.plan import resolve
 from pipeline.settings import Settings
 from service.app import create_app
 from service.metrics import WorkersCollector
+from service.middleware import AccessLine, AccessLines
 from service.multiprocess import use_multiprocess_dir
 from tests.helpers import RedisServer, Samples, eventually, parse_metrics, scrape
 from tests.processes import (
@@ -286,6 +287,34 @@ async def test_the_access_line_names_the_request_and_can_be_turned_off(
         )
         fields = (record.method, record.path, record.status)  # type: ignore[attr-defined]
         assert fields == ("GET", "/users/nobody?x=%0Aforged", 404)
+
+
+async def test_the_access_lines_of_one_loop_turn_are_logged_at_its_end_with_their_ids() -> None:
+    logged: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(self.format(record))
+
+    handler = Lines()
+    handler.setFormatter(TextFormatter())
+    access = logging.getLogger("service.access")
+    access.addHandler(handler)
+    level, access.level = access.level, logging.INFO
+    try:
+        lines = AccessLines()
+        lines.add(AccessLine("first-id", "10.0.0.1", "POST", "/signup", 201, 0.0021))
+        lines.add(AccessLine("second-id", "10.0.0.2", "GET", "/users/x?y=1", 404, 0.0004))
+        assert logged == []  # the turn has not ended
+        await asyncio.sleep(0)  # it ends before this task goes on
+    finally:
+        access.removeHandler(handler)
+        access.level = level
+    assert [line.split(" ", 3)[3] for line in logged] == [
+        'service.access: [req=first-id] 10.0.0.1 "POST /signup" 201 2.1 ms',
+        'service.access: [req=second-id] 10.0.0.2 "GET /users/x?y=1" 404 0.4 ms',
+    ]
+    assert logs.request_id.get() is None  # each id set only for its line
 
 
 # --- metrics --------------------------------------------------------------------------------
