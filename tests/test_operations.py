@@ -441,13 +441,16 @@ async def test_a_request_in_flight_at_sigterm_still_gets_its_201(
     asgi_server: str,
 ) -> None:
     """SIGTERM to hypercorn's master (docker stop), or to every process of the group (Heroku,
-    systemd), while a signup waits on Redis in one of two workers: it is answered 201."""
+    systemd), while a signup waits on Redis in one of two workers: it is answered 201, and
+    its access line is written before the worker exits."""
     async with web(spawn, child_env(redis_server), workers=2, server=asgi_server) as (port, server):
         # Hold writes for 0.8 s (below the web client's 1 s socket timeout): the signup's
         # commit waits in Redis while SIGTERM arrives.
         await redis.execute_command("CLIENT", "PAUSE", 800, "WRITE")
         body = {"username": "inflight", "email": "inflight@example.com"}
-        answer = asyncio.create_task(request(port, "POST", "/signup", body))
+        answer = asyncio.create_task(
+            request(port, "POST", "/signup", body, headers={"X-Request-ID": "at-sigterm"})
+        )
 
         async def commit_waiting() -> bool:
             return int((await redis.info("clients"))["blocked_clients"]) >= 1
@@ -460,6 +463,7 @@ async def test_a_request_in_flight_at_sigterm_still_gets_its_201(
         status, _, created = await asyncio.wait_for(answer, 10)
         assert status == 201, created
         assert await server.wait(30) == 0
+        assert re.search(r'\[req=at-sigterm\] \S+ "POST /signup" 201 ', server.output())
     assert await redis.hget(keys.user(created["user_id"]), "username") == b"inflight"
 
 
