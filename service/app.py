@@ -101,15 +101,9 @@ def create_app(plan: Plan) -> Quart:
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(redis_errors.RedisError, _render_redis_error)
     app.register_error_handler(Exception, _render_unexpected)
-    observer = RequestObserver(
+    app.asgi_app = RequestObserver(  # type: ignore[method-assign]
         app, app.asgi_app, access_log=settings.access_log, observe=metrics.observe
     )
-    app.asgi_app = observer  # type: ignore[method-assign]
-
-    @app.after_serving
-    async def log_the_last_access_lines() -> None:
-        observer.access_lines.flush()
-
     return app
 
 

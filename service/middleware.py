@@ -151,13 +151,15 @@ class RequestObserver:
         self._access_log = access_log
         self._observe = observe
         #: The access lines waiting for the end of this loop turn.
-        self.access_lines = AccessLines()
+        self._access_lines = AccessLines()
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] != "http":
             await self._asgi_app(scope, receive, send)
+            if scope["type"] == "lifespan":  # the app has shut down: what waits goes out
+                self._access_lines.flush()
             return
         rid = request_id_of(scope["headers"])  # type: ignore[arg-type]
         token = logs.request_id.set(rid)
@@ -191,7 +193,7 @@ class RequestObserver:
                 client = scope.get("client")
                 line = AccessLine(rid, client[0] if client else "-", method, path, status, seconds)
                 if span is None:
-                    self.access_lines.add(line)
+                    self._access_lines.add(line)
                 else:  # inside the span, whose ids the line carries
                     line.log()
             if span is not None:

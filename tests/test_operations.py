@@ -300,7 +300,8 @@ async def test_the_access_lines_of_one_loop_turn_are_logged_at_its_end_with_thei
     handler.setFormatter(TextFormatter())
     access = logging.getLogger("service.access")
     access.addHandler(handler)
-    level, access.level = access.level, logging.INFO
+    level = access.level
+    access.setLevel(logging.INFO)  # setLevel, not .level: the loggers' cached levels go too
     try:
         lines = AccessLines()
         lines.add(AccessLine("first-id", "10.0.0.1", "POST", "/signup", 201, 0.0021))
@@ -309,7 +310,7 @@ async def test_the_access_lines_of_one_loop_turn_are_logged_at_its_end_with_thei
         await asyncio.sleep(0)  # it ends before this task goes on
     finally:
         access.removeHandler(handler)
-        access.level = level
+        access.setLevel(level)
     assert [line.split(" ", 3)[3] for line in logged] == [
         'service.access: [req=first-id] 10.0.0.1 "POST /signup" 201 2.1 ms',
         'service.access: [req=second-id] 10.0.0.2 "GET /users/x?y=1" 404 0.4 ms',
